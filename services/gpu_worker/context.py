@@ -1,0 +1,51 @@
+"""What a task's code sees while it runs in the worker's child process."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ProgressSink = Callable[[float, str, dict[str, float]], None]
+
+
+@dataclass
+class TaskContext:
+    """Run-time facilities handed to a task's ``run(config, ctx)``.
+
+    Attributes:
+        task_id: the task's id.
+        attempt: 1 for the first run, 2+ for a retry.
+        artifact_dir: the task's own folder (exists); everything written here is the task's output.
+        checkpoint_path: where the task may save a checkpoint to resume from.
+        tracking_uri: MLflow tracking URI to log the run to.
+        git_commit: the commit the task was submitted from, if known (MLflow tag).
+        requested_device: ``auto``/``cuda``/``cpu`` as configured; the task resolves it in the child.
+    """
+
+    task_id: str
+    attempt: int
+    artifact_dir: Path
+    checkpoint_path: Path
+    tracking_uri: str
+    git_commit: str | None = None
+    _progress_sink: ProgressSink | None = field(default=None, repr=False)
+    _stop_requested: bool = field(default=False, repr=False)
+
+    def report_progress(
+        self, fraction: float, message: str = "", metrics: dict[str, float] | None = None
+    ) -> None:
+        """Tell the worker how far the task is (0.0-1.0), with a short message and metrics.
+
+        The worker throttles what it forwards, so calling this every batch is fine.
+        """
+        if self._progress_sink is not None:
+            self._progress_sink(min(max(fraction, 0.0), 1.0), message, dict(metrics or {}))
+
+    def request_stop(self) -> None:
+        """Mark the task as asked to stop (the child's SIGTERM handler calls this)."""
+        self._stop_requested = True
+
+    def should_stop(self) -> bool:
+        """True once the worker asked the task to stop; a task checks it between steps."""
+        return self._stop_requested

@@ -1,0 +1,14 @@
+"""Task implementations, one module per type, each exposing ``run(config, ctx) -> dict``.
+
+Looked up by name so the worker's own process never imports task code (or torch).
+"""
+
+from __future__ import annotations
+
+#: task type -> "module:function" run in the child process.
+TASK_ENTRYPOINTS: dict[str, str] = {
+    "train_model": "services.gpu_worker.tasks.train_model:run",
+}
+
+#: Modules the forkserver imports once so each child starts warm (never initialises CUDA).
+PRELOAD_MODULES: tuple[str, ...] = ("torch", "pandas", "services.gpu_worker.tasks.train_model")

@@ -1,0 +1,143 @@
+"""RabbitMQ access shared by every process: robust connection, confirmed persistent publishes.
+
+One ``Broker`` per process owns a robust connection (aio-pika reconnects and re-declares after a
+broker restart) and a publisher-confirms channel; consumers get their own channels so a consumer's
+prefetch never limits publishing.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractRobustConnection,
+    DeliveryMode,
+)
+
+from shared.constants import PUBLISH_CONFIRM_TIMEOUT_S, ROUTE_SUBMIT
+from shared.errors import BrokerError, NotConnectedError
+from shared.messages import TaskEvent, TaskSubmission, encode
+from shared.settings import Settings
+from shared.topology import DeclaredTopology, Topology, declare
+
+log = structlog.get_logger(__name__)
+
+#: Header carrying the reason a message was dead-lettered.
+REASON_HEADER = "x-tp-reason"
+
+
+class Broker:
+    """A process's connection to RabbitMQ.
+
+    Args:
+        settings: ``amqp_url`` (credentials inside), TLS files, ``namespace``.
+        name: connection name shown in the RabbitMQ management UI (``scheduler``, ``worker:host``).
+    """
+
+    def __init__(self, settings: Settings, *, name: str) -> None:
+        self.settings = settings
+        self.topology = Topology(settings.namespace)
+        self._name = name
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._declared: DeclaredTopology | None = None
+
+    async def start(self, *, timeout_s: float = 10.0) -> None:
+        """Connect, open a confirming channel and declare the topology.
+
+        Raises:
+            BrokerError: the broker cannot be reached within ``timeout_s`` (URL redacted).
+        """
+        s = self.settings
+        try:
+            self._connection = await aio_pika.connect_robust(
+                s.amqp_url,
+                ssl_context=s.amqp_ssl_context(),
+                timeout=timeout_s,
+                client_properties={"connection_name": f"{self._name}@{socket.gethostname()}"},
+            )
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            self._declared = await declare(self._channel, self.topology)
+        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as e:
+            await self.stop()
+            raise BrokerError(f"broker unreachable at {s.redact(s.amqp_url)}: {e}") from e
+
+    async def stop(self) -> None:
+        """Close the connection (idempotent)."""
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = self._declared = None
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        """The robust connection (``NotConnectedError`` before ``start``)."""
+        if self._connection is None:
+            raise NotConnectedError("broker used before start()")
+        return self._connection
+
+    @property
+    def declared(self) -> DeclaredTopology:
+        """Exchanges and queues as declared on the publishing channel."""
+        if self._declared is None:
+            raise NotConnectedError("broker used before start()")
+        return self._declared
+
+    async def consumer_channel(self, prefetch: int) -> AbstractChannel:
+        """A new channel with ``prefetch`` unacked deliveries at most (basic.qos)."""
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        return channel
+
+    async def publish_submission(self, submission: TaskSubmission, route: str = ROUTE_SUBMIT) -> None:
+        """Publish a task to ``route`` (intake by default), persistent, with its priority, confirmed.
+
+        Raises:
+            BrokerError: the broker did not confirm within the timeout.
+        """
+        await self._publish(
+            self.declared.tasks, route, encode(submission),
+            priority=submission.priority, message_id=submission.task_id,
+        )
+
+    async def publish_event(self, event: TaskEvent) -> None:
+        """Publish a task event on the events exchange (confirmed, transient: news, not truth)."""
+        await self._publish(
+            self.declared.events, event.routing_key, encode(event), persistent=False,
+            message_id=event.task_id,
+        )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
+        """Copy ``message`` to the dead-letter queue with ``reason`` in its headers.
+
+        The caller acks the original afterwards; a plain nack would lose the reason.
+        """
+        headers: dict[str, Any] = dict(message.headers or {})
+        headers[REASON_HEADER] = reason[:1000]
+        headers["x-tp-source-queue"] = message.routing_key or ""
+        await self._publish(
+            self.declared.dead_letter, "", message.body, headers=headers,
+            message_id=message.message_id,
+        )
+
+    async def _publish(
+        self, exchange: aio_pika.abc.AbstractExchange, routing_key: str, body: bytes, *,
+        priority: int | None = None, persistent: bool = True, message_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            delivery_mode=DeliveryMode.PERSISTENT if persistent else DeliveryMode.NOT_PERSISTENT,
+            priority=priority,
+            message_id=message_id,
+            headers=headers,
+        )
+        try:
+            await exchange.publish(message, routing_key, timeout=PUBLISH_CONFIRM_TIMEOUT_S)
+        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as e:
+            raise BrokerError(f"publish to {exchange.name}/{routing_key} failed: {e}") from e

@@ -1,0 +1,37 @@
+"""The Redis key schema, in one place. Every key starts with the namespace (``TP_NAMESPACE``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Builds Redis key names for one namespace.
+
+    Layout:
+        ``<ns>:task:<id>``          hash: spec, state, ``<state>_at`` timestamps, attempts, worker,
+                                    lease_until, progress, result, error, traceback
+        ``<ns>:task:<id>:history``  list of JSON transitions ``{from, to, ts, by}``
+        ``<ns>:tasks``              sorted set of task ids by submit time (listing)
+    """
+
+    namespace: str
+
+    def task(self, task_id: str) -> str:
+        """Hash holding one task's record."""
+        return f"{self.namespace}:task:{task_id}"
+
+    def history(self, task_id: str) -> str:
+        """List of the task's state transitions, oldest first."""
+        return f"{self.namespace}:task:{task_id}:history"
+
+    @property
+    def task_index(self) -> str:
+        """Sorted set of all task ids, scored by submit time (Unix s)."""
+        return f"{self.namespace}:tasks"
+
+    @property
+    def pattern(self) -> str:
+        """Glob matching every key of this namespace (tests use it to clean up)."""
+        return f"{self.namespace}:*"

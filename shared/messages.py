@@ -1,0 +1,143 @@
+"""Wire messages: every body on RabbitMQ is one of these pydantic models as JSON (never pickle).
+
+Each carries ``schema_version``; ``decode`` refuses oversize bodies, non-JSON and schema mismatches
+with a ``DecodeError`` whose message is the reason the dead-letter queue records.
+"""
+
+from __future__ import annotations
+
+import uuid
+from enum import StrEnum
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY, SCHEMA_VERSION
+from shared.errors import DecodeError, MessageTooLargeError, SchemaError
+
+#: Task ids go into Redis keys, routing keys and folder names: keep them to a safe alphabet.
+TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+TASK_TYPE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+
+#: uuid5 namespace that turns an idempotency key into a task id (fixed forever: changing it would
+#: give existing keys new ids).
+IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c0c52-6a43-4b8e-9a55-0f1b1f0a7e21")
+
+
+class TaskState(StrEnum):
+    """Task lifecycle states (see docs/architecture.md for the transitions)."""
+
+    SUBMITTED = "submitted"
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for states a task never leaves."""
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CANCELLED})
+
+
+class WireModel(BaseModel):
+    """Base of every message: explicit fields only, immutable, versioned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class TaskSubmission(WireModel):
+    """A task as the client submits it and as the scheduler dispatches it to a work queue.
+
+    ``config`` stays a plain mapping on the wire; the scheduler and the CLI validate it against the
+    task type's config model (``shared.task_types``).
+    """
+
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    task_type: str = Field(pattern=TASK_TYPE_PATTERN)
+    config: dict[str, Any] = Field(default_factory=dict)
+    priority: int = Field(DEFAULT_PRIORITY, ge=0, le=MAX_PRIORITY)
+    submitted_at: float = Field(ge=0, description="Unix time (s) on the submitting machine.")
+    submitted_by: str = Field("", max_length=200)
+    idempotency_key: str | None = Field(None, max_length=200)
+    git_commit: str | None = Field(None, pattern=r"^[0-9a-f]{7,64}$")
+    timeout_s: float | None = Field(None, gt=0, description="Maximum run time (s).")
+
+
+class EventKind(StrEnum):
+    """What a ``TaskEvent`` reports."""
+
+    STATE = "state"
+    PROGRESS = "progress"
+
+
+class TaskEvent(WireModel):
+    """News about a task on ``<ns>.events`` with routing key ``task.<state|progress>.<task_id>``."""
+
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    kind: EventKind
+    state: TaskState
+    ts: float
+    worker: str | None = None
+    progress: float | None = Field(None, ge=0.0, le=1.0)
+    message: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def routing_key(self) -> str:
+        """Topic routing key: followers bind ``task.*.<id>`` for one task or ``task.#`` for all."""
+        part = self.kind.value if self.kind is EventKind.PROGRESS else self.state.value
+        return f"task.{part}.{self.task_id}"
+
+
+M = TypeVar("M", bound=WireModel)
+
+
+def encode(message: WireModel) -> bytes:
+    """Serialise a wire model to UTF-8 JSON bytes."""
+    return message.model_dump_json().encode()
+
+
+def decode(body: bytes, model: type[M], *, max_bytes: int) -> M:
+    """Parse ``body`` into ``model``.
+
+    Args:
+        body: raw message body.
+        model: the wire model expected on this queue.
+        max_bytes: size limit; larger bodies are refused unread.
+
+    Raises:
+        MessageTooLargeError: ``len(body) > max_bytes``.
+        DecodeError: not UTF-8 JSON.
+        SchemaError: JSON that does not match ``model`` (the reason lists the fields).
+    """
+    if len(body) > max_bytes:
+        raise MessageTooLargeError(f"message of {len(body)} bytes exceeds limit of {max_bytes}")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        if any(err["type"] == "json_invalid" for err in e.errors()):
+            raise DecodeError(f"undecodable body: {e.errors()[0]['msg']}") from e
+        raise SchemaError(f"invalid {model.__name__}: {describe_validation_error(e)}") from e
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"undecodable body: {e}") from e
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line naming each failing field: ``epochs: Input should be greater than 0; ...``."""
+    parts = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def task_id_for_key(idempotency_key: str) -> str:
+    """Deterministic task id for an idempotency key (uuid5), so a retried submit names one task."""
+    return str(uuid.uuid5(IDEMPOTENCY_NAMESPACE, idempotency_key))

@@ -1,0 +1,123 @@
+"""Settings for every process, read once at start-up from the environment (prefix ``TP_``) and ``.env``.
+
+Every field here is documented in the README's settings table; a bad value is refused at start-up
+with the variable's name (pydantic's ``ValidationError``), before anything is queued.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.constants import DEFAULT_MAX_MESSAGE_BYTES
+
+
+class Settings(BaseSettings):
+    """Platform settings. Env var = ``TP_`` + field name in upper case (``TP_AMQP_URL``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TP_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    amqp_url: str = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        description="RabbitMQ URL with credentials; amqps:// turns TLS on.",
+    )
+    amqp_ca_file: Path | None = Field(None, description="CA bundle to verify the broker (TLS).")
+    amqp_cert_file: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    amqp_key_file: Path | None = Field(None, description="Client key (mutual TLS).")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Redis URL with credentials; rediss:// turns TLS on."
+    )
+    redis_ca_file: Path | None = Field(None, description="CA bundle to verify Redis (TLS).")
+    redis_cert_file: Path | None = Field(None, description="Client certificate for Redis (mTLS).")
+    redis_key_file: Path | None = Field(None, description="Client key for Redis (mutual TLS).")
+    namespace: str = Field(
+        "tp",
+        pattern=r"^[a-z][a-z0-9_-]{0,39}$",
+        description="Prefix of every exchange, queue and Redis key; one platform per namespace.",
+    )
+    data_dir: Path = Field(Path("data"), description="Task folders, MLflow SQLite store, logs.")
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI; default sqlite:///<data_dir>/mlflow.db."
+    )
+    worker_name: str = Field(
+        default_factory=socket.gethostname, description="This worker's name in records and events."
+    )
+    worker_gpu_slots: int = Field(1, ge=0, le=16, description="Tasks run at once from the gpu queue.")
+    worker_cpu_slots: int = Field(1, ge=0, le=64, description="Tasks run at once from the cpu queue.")
+    task_timeout_s: float = Field(
+        6 * 3600.0, gt=0, description="Default maximum run time of a task (s)."
+    )
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="Largest message body accepted (bytes)."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a TTY, JSON otherwise."
+    )
+    socket_timeout_s: float = Field(
+        10.0, gt=0, description="Redis socket timeout, so no call hangs on a dead socket (s)."
+    )
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in {"amqp", "amqps"}:
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @model_validator(mode="after")
+    def _check_tls_files(self) -> Settings:
+        for name in ("amqp_ca_file", "amqp_cert_file", "amqp_key_file", "redis_ca_file",
+                     "redis_cert_file", "redis_key_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"TP_{name.upper()}: no such file: {path}")
+        return self
+
+    @property
+    def tracking_uri(self) -> str:
+        """MLflow tracking URI: the setting, else SQLite under ``data_dir`` (MLflow 3 refuses files)."""
+        if self.mlflow_tracking_uri:
+            return self.mlflow_tracking_uri
+        return f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def tasks_dir(self) -> Path:
+        """Folder that holds one sub-folder per task (artifacts, checkpoints)."""
+        return self.data_dir / "tasks"
+
+    def amqp_ssl_context(self) -> ssl.SSLContext | None:
+        """TLS context for ``amqps://`` (verifying with ``amqp_ca_file`` if set), else ``None``."""
+        if urlsplit(self.amqp_url).scheme != "amqps":
+            return None
+        context = ssl.create_default_context(
+            cafile=str(self.amqp_ca_file) if self.amqp_ca_file else None
+        )
+        if self.amqp_cert_file:
+            context.load_cert_chain(
+                str(self.amqp_cert_file), str(self.amqp_key_file) if self.amqp_key_file else None
+            )
+        return context
+
+    def redact(self, url: str) -> str:
+        """``url`` with its password replaced by ``***``, for logs and error messages."""
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+        return parts._replace(netloc=netloc).geturl()

@@ -1,0 +1,290 @@
+"""The Redis status store: the truth about every task.
+
+Every state change is one atomic compare-and-set in Lua: the script reads the current state, moves
+it only if it is one of the expected states, stamps ``<state>_at`` with the Redis server's clock
+(one clock for laptop and desktop) and appends the transition to the task's history. Two parties
+can therefore never both move a task from ``queued`` to ``running``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
+
+from shared.constants import FINISHED_TASK_TTL_S
+from shared.errors import NotConnectedError, StoreError, TaskNotFoundError
+from shared.keys import Keys
+from shared.messages import TaskState, TaskSubmission
+from shared.settings import Settings
+
+# KEYS: task hash, history list, index zset. ARGV: spec fields as name/value pairs.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('HSET', KEYS[1], 'state', 'submitted', 'submitted_at', now, 'updated_at', now,
+           'attempts', 0)
+for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[3], now, redis.call('HGET', KEYS[1], 'task_id'))
+redis.call('RPUSH', KEYS[2], cjson.encode({to = 'submitted', ts = now}))
+return 1
+"""
+
+# KEYS: task hash, history list. ARGV: new state, by, ttl seconds (0 = keep), n expected,
+# expected states..., then field/value pairs; a field named '+x' increments x by the value.
+# Returns {1 or 0, state before}; state before is '' when the task does not exist.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return {0, ''} end
+local n = tonumber(ARGV[4])
+local ok = false
+for i = 1, n do if ARGV[4 + i] == cur then ok = true end end
+if not ok then return {0, cur} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local new = ARGV[1]
+redis.call('HSET', KEYS[1], 'state', new, new .. '_at', now, 'updated_at', now)
+for i = 5 + n, #ARGV, 2 do
+  local f = ARGV[i]
+  if string.sub(f, 1, 1) == '+' then
+    redis.call('HINCRBY', KEYS[1], string.sub(f, 2), ARGV[i + 1])
+  else
+    redis.call('HSET', KEYS[1], f, ARGV[i + 1])
+  end
+end
+redis.call('RPUSH', KEYS[2], cjson.encode({from = cur, to = new, ts = now, by = ARGV[2]}))
+local ttl = tonumber(ARGV[3])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return {1, cur}
+"""
+
+# KEYS: task hash. ARGV: n expected, expected states..., then field/value pairs.
+# Updates fields (progress, lease) only while the task is in one of the expected states.
+_UPDATE_IF = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return 0 end
+local n = tonumber(ARGV[1])
+local ok = false
+for i = 1, n do if ARGV[1 + i] == cur then ok = true end end
+if not ok then return 0 end
+for i = 2 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+return 1
+"""
+
+
+class TaskRecord(BaseModel):
+    """A task as Redis holds it. Timestamps are Unix seconds from the Redis server's clock."""
+
+    task_id: str
+    task_type: str
+    state: TaskState
+    priority: int
+    config: dict[str, Any] = Field(default_factory=dict)
+    submitted_by: str = ""
+    git_commit: str | None = None
+    timeout_s: float | None = None
+    attempts: int = 0
+    worker: str | None = None
+    submitted_at: float | None = None
+    queued_at: float | None = None
+    running_at: float | None = None
+    completed_at: float | None = None
+    failed_at: float | None = None
+    cancelled_at: float | None = None
+    updated_at: float | None = None
+    lease_until: float | None = None
+    progress: float | None = None
+    progress_message: str = ""
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    traceback: str | None = None
+
+    @property
+    def finished_at(self) -> float | None:
+        """When the task reached its terminal state, if it has."""
+        return self.completed_at or self.failed_at or self.cancelled_at
+
+    @classmethod
+    def from_hash(cls, raw: Mapping[str, str]) -> TaskRecord:
+        """Build from the Redis hash; JSON fields (config, result) are decoded."""
+        data: dict[str, Any] = {k: v for k, v in raw.items() if v != ""}
+        for field in ("config", "result"):
+            if field in data:
+                data[field] = json.loads(data[field])
+        return cls.model_validate(data)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """Outcome of a compare-and-set: whether it applied and the state found before it."""
+
+    applied: bool
+    previous: TaskState | None
+
+
+class StatusStore:
+    """Async access to task records in Redis.
+
+    Args:
+        settings: ``redis_url`` (credentials inside), TLS files, ``namespace``, socket timeout.
+
+    The client uses a ``BlockingConnectionPool`` so callers wait for a free connection under load
+    instead of failing, and socket timeouts so no call hangs on a dead socket.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.keys = Keys(settings.namespace)
+        self._redis: aioredis.Redis | None = None
+
+    async def start(self) -> None:
+        """Connect and check the server answers.
+
+        Raises:
+            StoreError: Redis cannot be reached (the message names the redacted URL).
+        """
+        s = self._settings
+        kwargs: dict[str, Any] = {
+            "decode_responses": True,
+            "socket_timeout": s.socket_timeout_s,
+            "socket_connect_timeout": s.socket_timeout_s,
+            "health_check_interval": 15,
+            "max_connections": 32,
+            "timeout": s.socket_timeout_s,
+        }
+        if s.redis_url.startswith("rediss://"):
+            kwargs["connection_class"] = aioredis.SSLConnection
+            if s.redis_ca_file:
+                kwargs["ssl_ca_certs"] = str(s.redis_ca_file)
+            if s.redis_cert_file:
+                kwargs["ssl_certfile"] = str(s.redis_cert_file)
+                kwargs["ssl_keyfile"] = str(s.redis_key_file) if s.redis_key_file else None
+        pool = aioredis.BlockingConnectionPool.from_url(s.redis_url, **kwargs)
+        self._redis = aioredis.Redis(connection_pool=pool)
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as e:
+            await self.stop()
+            raise StoreError(f"Redis unreachable at {s.redact(s.redis_url)}: {e}") from e
+        self._create = self._redis.register_script(_CREATE)
+        self._transition = self._redis.register_script(_TRANSITION)
+        self._update_if = self._redis.register_script(_UPDATE_IF)
+
+    async def stop(self) -> None:
+        """Close the connection pool."""
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The underlying client (raises ``NotConnectedError`` before ``start``)."""
+        if self._redis is None:
+            raise NotConnectedError("status store used before start()")
+        return self._redis
+
+    async def create(self, submission: TaskSubmission) -> bool:
+        """Record a new task in state ``submitted`` unless one with this id exists.
+
+        Returns:
+            True if created, False if the id was already known (idempotent submit).
+        """
+        self.redis  # noqa: B018 - raises NotConnectedError before start
+        fields = {
+            "task_id": submission.task_id,
+            "task_type": submission.task_type,
+            "priority": str(submission.priority),
+            "config": json.dumps(submission.config),
+            "submitted_by": submission.submitted_by,
+            "git_commit": submission.git_commit or "",
+            "timeout_s": "" if submission.timeout_s is None else str(submission.timeout_s),
+        }
+        keys = [self.keys.task(submission.task_id), self.keys.history(submission.task_id),
+                self.keys.task_index]
+        args = [x for pair in fields.items() for x in pair]
+        return bool(await self._call(self._create, keys, args))
+
+    async def transition(
+        self,
+        task_id: str,
+        expected: Iterable[TaskState],
+        new: TaskState,
+        *,
+        by: str = "",
+        fields: Mapping[str, str | int | float] | None = None,
+    ) -> Transition:
+        """Atomically move a task to ``new`` if its state is one of ``expected``.
+
+        Args:
+            task_id: the task.
+            expected: states from which the move is allowed.
+            new: target state; ``<new>_at`` is stamped with the Redis clock.
+            by: who made the move (worker name, ``scheduler``, ``client``), kept in history.
+            fields: extra hash fields set in the same step; a name starting with ``+`` is added
+                to (``{"+attempts": 1}``).
+
+        Returns:
+            ``Transition(applied, previous)``; ``previous`` is None when the task does not exist.
+        """
+        expected = [s.value for s in expected]
+        pairs = [str(x) for pair in (fields or {}).items() for x in pair]
+        ttl = FINISHED_TASK_TTL_S if new.is_terminal else 0
+        args = [new.value, by, str(ttl), str(len(expected)), *expected, *pairs]
+        applied, before = await self._call(
+            self._transition, [self.keys.task(task_id), self.keys.history(task_id)], args
+        )
+        return Transition(bool(applied), TaskState(before) if before else None)
+
+    async def update_if(
+        self, task_id: str, states: Iterable[TaskState], fields: Mapping[str, str | int | float]
+    ) -> bool:
+        """Set ``fields`` only while the task is in one of ``states`` (progress, lease renewal)."""
+        states = [s.value for s in states]
+        pairs = [str(x) for pair in fields.items() for x in pair]
+        return bool(
+            await self._call(self._update_if, [self.keys.task(task_id)],
+                             [str(len(states)), *states, *pairs])
+        )
+
+    async def get(self, task_id: str) -> TaskRecord:
+        """The task's record.
+
+        Raises:
+            TaskNotFoundError: no such task (never submitted, or expired after 30 days).
+        """
+        try:
+            raw = await self.redis.hgetall(self.keys.task(task_id))
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis read failed: {e}") from e
+        if not raw:
+            raise TaskNotFoundError(f"no task {task_id!r}", task_id=task_id)
+        return TaskRecord.from_hash(raw)
+
+    async def history(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's transitions, oldest first: ``[{"from", "to", "ts", "by"}, ...]``."""
+        items = await self.redis.lrange(self.keys.history(task_id), 0, -1)
+        return [json.loads(i) for i in items]
+
+    async def list_recent(self, limit: int = 50) -> list[TaskRecord]:
+        """The ``limit`` most recently submitted tasks that still exist, newest first."""
+        ids = await self.redis.zrevrange(self.keys.task_index, 0, limit - 1)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.hgetall(self.keys.task(task_id))
+            rows = await pipe.execute()
+        return [TaskRecord.from_hash(r) for r in rows if r]
+
+    async def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis script failed: {e}") from e

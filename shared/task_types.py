@@ -1,0 +1,108 @@
+"""Task types the platform knows: their config models and the queue each is routed to.
+
+Config models live here, not with the task code, so the CLI and the scheduler validate a config
+without importing torch. The task code (``services/gpu_worker/tasks/<type>.py``) imports its model
+from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from shared.constants import ROUTE_CPU, ROUTE_GPU
+from shared.errors import TaskConfigError, UnknownTaskTypeError
+
+#: OHLCV samples the ``backtesting`` package ships (``backtesting.test``).
+BUNDLED_DATASETS = ("GOOG", "EURUSD", "BTCUSD")
+
+
+class TaskConfig(BaseModel):
+    """Base of task configs: unknown keys are refused, so a typo names its field."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainModelConfig(TaskConfig):
+    """Config of ``train_model``: a PyTorch model predicting the next bar's direction.
+
+    ``dataset`` is a bundled sample name (``GOOG`` daily 2004-2013, ``EURUSD`` hourly 2017-2018,
+    ``BTCUSD`` monthly) or a path on the desktop to a CSV/Parquet file with Open, High, Low, Close,
+    Volume columns and a date index/column.
+    """
+
+    dataset: str = Field("GOOG", min_length=1)
+    feature_window: int = Field(16, ge=2, le=512, description="Bars of history per sample.")
+    model: Literal["mlp", "lstm"] = "mlp"
+    hidden_size: int = Field(64, ge=4, le=4096)
+    num_layers: int = Field(2, ge=1, le=8)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65_536)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0)
+    validation_fraction: float = Field(0.2, ge=0.05, le=0.5)
+    seed: int = Field(42, ge=0)
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+    @field_validator("dataset")
+    @classmethod
+    def _check_dataset(cls, value: str) -> str:
+        if value.upper() in BUNDLED_DATASETS:
+            return value.upper()
+        if not value.lower().endswith((".csv", ".parquet", ".pq")):
+            raise ValueError(
+                f"must be one of {', '.join(BUNDLED_DATASETS)} or a .csv/.parquet path"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """A task type: its name, config model and default queue route (``gpu`` or ``cpu``)."""
+
+    name: str
+    config_model: type[TaskConfig]
+    route: str
+
+
+TASK_TYPES: dict[str, TaskType] = {
+    "train_model": TaskType("train_model", TrainModelConfig, ROUTE_GPU),
+}
+
+# ``cpu`` is a valid route for types added later (backtest); referenced so the set is explicit.
+ROUTES = (ROUTE_GPU, ROUTE_CPU)
+
+
+def get_task_type(name: str) -> TaskType:
+    """The registered type called ``name``.
+
+    Raises:
+        UnknownTaskTypeError: not registered (the message lists the known types).
+    """
+    try:
+        return TASK_TYPES[name]
+    except KeyError:
+        known = ", ".join(sorted(TASK_TYPES))
+        raise UnknownTaskTypeError(
+            f"unknown task type {name!r} (known: {known})", task_type=name
+        ) from None
+
+
+def validate_config(task_type: str, config: dict[str, Any]) -> TaskConfig:
+    """Validate ``config`` for ``task_type`` and return the parsed model (defaults filled in).
+
+    Raises:
+        UnknownTaskTypeError: the type is not registered.
+        TaskConfigError: a field is invalid; the message names each field, e.g.
+            ``invalid train_model config: epochs: Input should be greater than or equal to 1``.
+    """
+    model = get_task_type(task_type).config_model
+    try:
+        return model.model_validate(config)
+    except ValidationError as e:
+        errors = [(".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
+        detail = "; ".join(f"{loc}: {msg}" for loc, msg in errors)
+        raise TaskConfigError(f"invalid {task_type} config: {detail}", errors=errors) from e
