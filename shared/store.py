@@ -102,6 +102,7 @@ class TaskRecord(BaseModel):
     cancelled_at: float | None = None
     updated_at: float | None = None
     lease_until: float | None = None
+    child_pid: int | None = None
     progress: float | None = None
     progress_message: str = ""
     result: dict[str, Any] | None = None

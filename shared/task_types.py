@@ -59,6 +59,20 @@ class TrainModelConfig(TaskConfig):
         return value
 
 
+class ProbeConfig(TaskConfig):
+    """Config of ``probe``: a task that does nothing heavy, for health checks, tests and benchmarks.
+
+    It sleeps ``sleep_s`` in ``steps`` steps (reporting progress after each), then raises
+    ``RuntimeError(fail_with)`` if set, or kills its own process with SIGKILL if ``crash``.
+    """
+
+    sleep_s: float = Field(0.0, ge=0.0, le=24 * 3600)
+    steps: int = Field(1, ge=1, le=100_000)
+    fail_with: str | None = Field(None, max_length=1000)
+    crash: bool = False
+    needs_gpu: bool = Field(False, description="Route to the gpu queue instead of cpu.")
+
+
 @dataclass(frozen=True)
 class TaskType:
     """A task type: its name, config model and default queue route (``gpu`` or ``cpu``)."""
@@ -67,13 +81,17 @@ class TaskType:
     config_model: type[TaskConfig]
     route: str
 
+    def route_for(self, config: TaskConfig) -> str:
+        """Queue route for this config: the type's route, unless a probe asks for the GPU."""
+        if isinstance(config, ProbeConfig):
+            return ROUTE_GPU if config.needs_gpu else ROUTE_CPU
+        return self.route
+
 
 TASK_TYPES: dict[str, TaskType] = {
     "train_model": TaskType("train_model", TrainModelConfig, ROUTE_GPU),
+    "probe": TaskType("probe", ProbeConfig, ROUTE_CPU),
 }
-
-# ``cpu`` is a valid route for types added later (backtest); referenced so the set is explicit.
-ROUTES = (ROUTE_GPU, ROUTE_CPU)
 
 
 def get_task_type(name: str) -> TaskType:

@@ -8,6 +8,7 @@ from __future__ import annotations
 #: task type -> "module:function" run in the child process.
 TASK_ENTRYPOINTS: dict[str, str] = {
     "train_model": "services.gpu_worker.tasks.train_model:run",
+    "probe": "services.gpu_worker.tasks.probe:run",
 }
 
 #: Modules the forkserver imports once so each child starts warm (never initialises CUDA).

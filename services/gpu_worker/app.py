@@ -1,0 +1,71 @@
+"""Worker wiring: a lane per queue it serves, a warm forkserver, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from services.gpu_worker import runner
+from services.gpu_worker.lane import Lane
+from shared.broker import Broker
+from shared.constants import ROUTE_CPU, ROUTE_GPU
+from shared.messages import TaskState
+from shared.settings import Settings
+from shared.store import StatusStore
+
+log = structlog.get_logger(__name__)
+
+#: On stop, how long running tasks get to finish before they are handed back to the queue (s).
+STOP_GRACE_S = 5.0
+
+
+class Worker:
+    """The gpu-worker service: ``worker_gpu_slots`` on the gpu queue, ``worker_cpu_slots`` on cpu."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.name = settings.worker_name
+        self.store = StatusStore(settings)
+        self.broker = Broker(settings, name=f"worker:{self.name}")
+        self.lanes: list[Lane] = []
+
+    async def start(self) -> None:
+        await asyncio.to_thread(runner.warm_up)
+        await self.store.start()
+        await self.broker.start()
+        for route, slots in ((ROUTE_GPU, self.settings.worker_gpu_slots),
+                             (ROUTE_CPU, self.settings.worker_cpu_slots)):
+            if slots > 0:
+                lane = Lane(route, slots, settings=self.settings, store=self.store,
+                            broker=self.broker, worker=self.name)
+                await lane.start()
+                self.lanes.append(lane)
+        log.info("worker_ready", worker=self.name, lanes={ln.route: ln.slots for ln in self.lanes})
+
+    async def stop(self) -> None:
+        """Stop consuming; give running tasks ``STOP_GRACE_S``, then hand them back to the queue."""
+        for lane in self.lanes:
+            await lane.stop()
+        idle = asyncio.gather(*(lane.wait_idle() for lane in self.lanes))
+        try:
+            await asyncio.wait_for(asyncio.shield(idle), STOP_GRACE_S)
+        except TimeoutError:
+            await self._hand_back()
+            await idle
+        for lane in self.lanes:
+            await lane.close()
+        await self.broker.stop()
+        await self.store.stop()
+
+    async def _hand_back(self) -> None:
+        for lane in self.lanes:
+            for task_id, execution in list(lane.running.items()):
+                moved = await self.store.transition(
+                    task_id, [TaskState.RUNNING], TaskState.QUEUED, by=self.name,
+                    fields={"+attempts": -1, "worker": ""},
+                )
+                execution.child.kill()
+                if moved.applied:
+                    await self.broker.publish_submission(execution.submission, lane.route)
+                    log.info("task_handed_back", task_id=task_id)

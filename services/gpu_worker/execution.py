@@ -1,0 +1,107 @@
+"""One claimed task from start to end: run the child, relay progress, record the outcome."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import structlog
+
+from services.gpu_worker.runner import ChildJob, ChildOutcome, ChildProcess
+from shared.broker import Broker
+from shared.constants import PROGRESS_MIN_INTERVAL_S
+from shared.errors import BrokerError, StoreError
+from shared.events import progress_event, state_event
+from shared.messages import TaskState, TaskSubmission
+from shared.settings import Settings
+from shared.store import StatusStore
+
+log = structlog.get_logger(__name__)
+
+
+class TaskExecution:
+    """Runs a task the worker has claimed (state ``running``) and records how it ended.
+
+    Args:
+        submission: the task as dispatched.
+        attempt: this run's attempt number (1 = first).
+    """
+
+    def __init__(
+        self, submission: TaskSubmission, attempt: int, *, settings: Settings,
+        store: StatusStore, broker: Broker, worker: str,
+    ) -> None:
+        self.submission = submission
+        self.attempt = attempt
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self.worker = worker
+        self._last_progress = 0.0
+        task_dir = settings.tasks_dir / submission.task_id
+        self.child = ChildProcess(
+            ChildJob(
+                task_id=submission.task_id, task_type=submission.task_type,
+                config=submission.config, attempt=attempt, artifact_dir=task_dir / "artifacts",
+                checkpoint_path=task_dir / "checkpoints" / "last.pt",
+                tracking_uri=settings.tracking_uri, git_commit=submission.git_commit,
+            ),
+            self.on_progress,
+        )
+
+    async def run(self) -> TaskState:
+        """Run the child to its end; returns the terminal state recorded."""
+        timeout = self.submission.timeout_s or self.settings.task_timeout_s
+        log.info("task_started", attempt=self.attempt, timeout_s=timeout)
+        outcome = await self.child.run(timeout, on_started=self.on_child_started)
+        return await self.finish(outcome, timeout)
+
+    async def on_child_started(self, pid: int) -> None:
+        try:
+            await self.store.update_if(
+                self.submission.task_id, [TaskState.RUNNING], {"child_pid": pid}
+            )
+        except StoreError as e:
+            log.warning("child_pid_not_recorded", error=str(e))
+
+    async def on_progress(self, fraction: float, message: str, metrics: dict[str, float]) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_MIN_INTERVAL_S and fraction < 1.0:
+            return
+        self._last_progress = now
+        fields = {"progress": fraction, "progress_message": message}
+        try:
+            await self.store.update_if(self.submission.task_id, [TaskState.RUNNING], fields)
+            await self.broker.publish_event(progress_event(
+                self.submission.task_id, worker=self.worker, progress=fraction, message=message,
+                metrics={k: float(v) for k, v in metrics.items()},
+            ))
+        except (StoreError, BrokerError) as e:  # progress is news; the task goes on
+            log.warning("progress_not_relayed", error=str(e))
+
+    async def finish(self, outcome: ChildOutcome, timeout_s: float) -> TaskState:
+        failure = outcome.failure
+        if outcome.timed_out:
+            failure = f"timed out after {timeout_s:g} s"
+        if failure is None:
+            state, fields = TaskState.COMPLETED, {
+                "result": json.dumps(outcome.result), "progress": 1.0
+            }
+        else:
+            state, fields = TaskState.FAILED, {
+                "error": failure, "traceback": outcome.traceback or ""
+            }
+        moved = await self.store.transition(
+            self.submission.task_id, [TaskState.RUNNING, TaskState.CANCELLING], state,
+            by=self.worker, fields=fields,
+        )
+        if not moved.applied:
+            log.warning("task_outcome_not_recorded", found=moved.previous, outcome=state)
+            return moved.previous or state
+        metrics = (outcome.result or {}).get("metrics", {}) if failure is None else {}
+        await self.broker.publish_event(state_event(
+            self.submission.task_id, state, worker=self.worker, error=failure,
+            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+        ))
+        log.info("task_" + state.value, error=failure, exitcode=outcome.exitcode)
+        return state

@@ -1,0 +1,200 @@
+"""Runs one task in a child process forked from a warm forkserver.
+
+The worker's own process never imports task code, torch or CUDA: the forkserver preloads the heavy
+modules once (without touching CUDA, since a process that initialised CUDA cannot fork) and each
+task gets a fresh child from it. A crash, CUDA out-of-memory or leak dies with the child.
+
+Child -> parent messages over a one-way pipe (picklable tuples, our own processes only):
+    ("progress", fraction, message, metrics)
+    ("result", result_dict)
+    ("error", error_text, traceback_text)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import multiprocessing
+import os
+import signal
+import threading
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from services.gpu_worker.context import TaskContext
+from services.gpu_worker.tasks import PRELOAD_MODULES, TASK_ENTRYPOINTS
+from shared.constants import CHILD_EXIT_GRACE_S, TRACEBACK_SUMMARY_CHARS
+
+_context: multiprocessing.context.ForkServerContext | None = None
+
+
+def forkserver() -> multiprocessing.context.ForkServerContext:
+    """The process-wide forkserver context, preloading the task modules (started lazily)."""
+    global _context  # noqa: PLW0603 - one forkserver per process is the point
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(list(PRELOAD_MODULES))
+    return _context
+
+
+def warm_up() -> None:
+    """Start the forkserver now (imports torch there, ~1-3 s) so the first task starts fast."""
+    from multiprocessing import forkserver as fs
+
+    forkserver()
+    fs.ensure_running()
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    """What the child needs to run one task (picklable)."""
+
+    task_id: str
+    task_type: str
+    config: dict[str, Any]
+    attempt: int
+    artifact_dir: Path
+    checkpoint_path: Path
+    tracking_uri: str
+    git_commit: str | None = None
+
+
+@dataclass
+class ChildOutcome:
+    """How the child ended: a result, an error, or neither (it died)."""
+
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    traceback: str | None = None
+    exitcode: int | None = None
+    timed_out: bool = False
+    progress_count: int = field(default=0)
+
+    @property
+    def failure(self) -> str | None:
+        """The error to record, or None when the task succeeded."""
+        if self.timed_out:
+            return "timed out"
+        if self.error is not None:
+            return self.error
+        if self.result is None:
+            return f"child process died: {describe_exit(self.exitcode)}"
+        return None
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``exit code 3`` or ``killed by SIGKILL`` (multiprocessing reports signals as -signum)."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit code {exitcode}"
+
+
+def child_main(job: ChildJob, conn: Connection) -> None:
+    """Body of the child process: run the task's entry point and send back what happened."""
+    ctx = TaskContext(
+        task_id=job.task_id, attempt=job.attempt, artifact_dir=job.artifact_dir,
+        checkpoint_path=job.checkpoint_path, tracking_uri=job.tracking_uri,
+        git_commit=job.git_commit,
+        _progress_sink=lambda f, m, metrics: conn.send(("progress", f, m, metrics)),
+    )
+    signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
+    try:
+        from shared.task_types import validate_config
+
+        config = validate_config(job.task_type, job.config)
+        module_name, func_name = TASK_ENTRYPOINTS[job.task_type].split(":")
+        run = getattr(importlib.import_module(module_name), func_name)
+        conn.send(("result", run(config, ctx)))
+    except BaseException as e:  # everything the task raises is reported, then the child exits
+        tb = traceback.format_exc()[-TRACEBACK_SUMMARY_CHARS:]
+        conn.send(("error", f"{type(e).__name__}: {e}", tb))
+    finally:
+        conn.close()
+
+
+class ChildProcess:
+    """A task's child process as the worker's event loop sees it.
+
+    Args:
+        job: what to run.
+        on_progress: called in the event loop for each progress message
+            ``(fraction, message, metrics)``.
+    """
+
+    def __init__(self, job: ChildJob, on_progress: Any) -> None:
+        self.job = job
+        self._on_progress = on_progress
+        self._process: multiprocessing.process.BaseProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid once started."""
+        return None if self._process is None else self._process.pid
+
+    async def run(
+        self, timeout_s: float, on_started: Callable[[int], Awaitable[None]] | None = None
+    ) -> ChildOutcome:
+        """Start the child, relay its messages, and return how it ended.
+
+        The child is killed (SIGKILL) when ``timeout_s`` passes; ``outcome.timed_out`` is then set.
+        """
+        self.job.artifact_dir.mkdir(parents=True, exist_ok=True)
+        self.job.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        mp = forkserver()
+        receiver, sender = mp.Pipe(duplex=False)
+        process = mp.Process(target=child_main, args=(self.job, sender), daemon=True)
+        await asyncio.to_thread(process.start)  # blocks until the forkserver forked
+        self._process = process
+        sender.close()  # the child holds the only write end: EOF means it is gone
+        outcome = ChildOutcome()
+        try:
+            if on_started is not None and process.pid is not None:
+                await on_started(process.pid)
+            await asyncio.wait_for(self._relay(receiver, outcome), timeout_s)
+        except TimeoutError:
+            outcome.timed_out = True
+            self.kill()
+        finally:
+            receiver.close()
+        await asyncio.to_thread(process.join, CHILD_EXIT_GRACE_S)
+        if process.exitcode is None:
+            self.kill()
+            await asyncio.to_thread(process.join)
+        outcome.exitcode = process.exitcode
+        return outcome
+
+    def kill(self) -> None:
+        """SIGKILL the child (no-op if it already exited)."""
+        if self._process is not None and self._process.pid is not None:
+            try:
+                os.kill(self._process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    async def _relay(self, receiver: Connection, outcome: ChildOutcome) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+
+        def pump() -> None:  # blocking reads stay off the event loop
+            try:
+                while True:
+                    loop.call_soon_threadsafe(queue.put_nowait, receiver.recv())
+            except (EOFError, OSError):
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+
+        threading.Thread(target=pump, name=f"relay-{self.job.task_id}", daemon=True).start()
+        while (item := await queue.get()) is not None:
+            kind = item[0]
+            if kind == "progress":
+                outcome.progress_count += 1
+                await self._on_progress(item[1], item[2], item[3])
+            elif kind == "result":
+                outcome.result = item[1]
+            elif kind == "error":
+                outcome.error, outcome.traceback = item[1], item[2]

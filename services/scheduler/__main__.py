@@ -1,0 +1,4 @@
+from services.scheduler.app import Scheduler
+from shared.service import main
+
+main("scheduler", Scheduler)

@@ -1,0 +1,86 @@
+"""Scheduler wiring: consume the intake queue, validate, record ``queued``, route by type."""
+
+from __future__ import annotations
+
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+
+from services.scheduler.intake import IntakeDecision, decide
+from shared.broker import Broker
+from shared.constants import ROUTE_SUBMIT, SCHEDULER_PREFETCH
+from shared.errors import BrokerError, StoreError
+from shared.events import state_event
+from shared.messages import TaskState
+from shared.settings import Settings
+from shared.store import StatusStore
+
+log = structlog.get_logger(__name__)
+
+
+class Scheduler:
+    """The scheduler service.
+
+    Ack policy: a delivery is acked only after its outcome is durable (task recorded and routed
+    with a confirmed publish, or dead-lettered with its reason). A Redis or broker error nacks it
+    back to the queue so nothing is lost; the scheduler never dies of a message.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.broker = Broker(settings, name="scheduler")
+        self.store = StatusStore(settings)
+        self._channel: AbstractChannel | None = None
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self.broker.start()
+        self._channel = await self.broker.consumer_channel(SCHEDULER_PREFETCH)
+        queue = await self._channel.get_queue(self.broker.topology.queue(ROUTE_SUBMIT))
+        await queue.consume(self.on_message)
+
+    async def stop(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        await self.broker.stop()
+        await self.store.stop()
+
+    async def on_message(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await self._handle(message)
+        except (StoreError, BrokerError) as e:
+            log.warning("intake_deferred", error=str(e), message_id=message.message_id)
+            await message.nack(requeue=True)
+        except Exception:  # a service never dies of a message
+            log.exception("intake_crashed", message_id=message.message_id)
+            await self.broker.dead_letter(message, "scheduler error while handling message")
+            await message.ack()
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        decision = await decide(message, self.settings, self.store)
+        if decision.dead_letter_reason is not None:
+            log.warning("message_dead_lettered", reason=decision.dead_letter_reason)
+            await self.broker.dead_letter(message, decision.dead_letter_reason)
+        elif decision.route is not None and decision.submission is not None:
+            await self.broker.publish_submission(decision.submission, decision.route)
+            if decision.moved_to is not None:
+                await self._announce(decision)
+        elif decision.moved_to is not None:
+            await self._announce(decision)
+        await message.ack()
+
+    async def _announce(self, decision: IntakeDecision) -> None:
+        assert decision.submission is not None and decision.moved_to is not None
+        event = state_event(
+            decision.submission.task_id, decision.moved_to, error=decision.error
+        )
+        await self.broker.publish_event(event)
+        log.info(
+            "task_" + decision.moved_to.value,
+            task_id=decision.submission.task_id,
+            task_type=decision.submission.task_type,
+            route=decision.route,
+            error=decision.error,
+        )
+
+
+__all__ = ["Scheduler", "TaskState"]

@@ -1,0 +1,247 @@
+"""The client library: submit tasks, follow them by events, read their records.
+
+``DistributedClient`` is async; ``SyncClient`` wraps it for scripts and notebooks::
+
+    with SyncClient() as client:
+        record = client.submit_and_wait("train_model", {"dataset": "GOOG", "epochs": 5})
+        print(record.state, record.result["metrics"])
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractQueue
+
+from shared.broker import Broker
+from shared.constants import DEFAULT_PRIORITY
+from shared.errors import DecodeError
+from shared.messages import TaskEvent, TaskState, TaskSubmission, decode, task_id_for_key
+from shared.settings import Settings
+from shared.store import StatusStore, TaskRecord
+from shared.task_types import validate_config
+
+log = structlog.get_logger(__name__)
+
+EventCallback = Callable[[TaskEvent], Awaitable[None] | None]
+
+#: While following events, the record is also re-read this often (s): a safety net for an event
+#: lost to a broker reconnect, not the way results arrive.
+SAFETY_RECHECK_S = 15.0
+
+T = TypeVar("T")
+
+
+class DistributedClient:
+    """Async client for the laptop and scripts.
+
+    Args:
+        settings: connection settings; default ``Settings()`` (env ``TP_*`` and ``.env``).
+        name: connection name shown in the RabbitMQ management UI.
+
+    Use as ``async with DistributedClient() as client: ...``.
+    """
+
+    def __init__(self, settings: Settings | None = None, *, name: str = "client") -> None:
+        self.settings = settings or Settings()
+        self.store = StatusStore(self.settings)
+        self.broker = Broker(self.settings, name=name)
+
+    async def __aenter__(self) -> DistributedClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect to Redis and RabbitMQ.
+
+        Raises:
+            StoreError: Redis unreachable.
+            BrokerError: RabbitMQ unreachable.
+        """
+        await self.store.start()
+        await self.broker.start()
+
+    async def close(self) -> None:
+        """Close both connections."""
+        await self.broker.stop()
+        await self.store.stop()
+
+    async def submit(
+        self, task_type: str, config: dict[str, Any] | None = None, *,
+        priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
+        idempotency_key: str | None = None, git_commit: str | None = None,
+        timeout_s: float | None = None,
+    ) -> TaskRecord:
+        """Validate and submit a task; idempotent per task id.
+
+        Args:
+            task_type: a registered type (``train_model``).
+            config: the type's config; validated here, before anything is queued.
+            priority: 0 (lowest) to 9 (highest).
+            task_id: choose the id (any ``[A-Za-z0-9_.-]`` up to 128); default a new UUID4.
+            idempotency_key: derive the id from this key (uuid5) so a retried submit is one task.
+            git_commit: the commit the task's code is at (recorded, tagged in MLflow).
+            timeout_s: maximum run time (s); default ``TP_TASK_TIMEOUT_S``.
+
+        Returns:
+            The task's record right after the submit (``submitted``, or further on when the id
+            was already known).
+
+        Raises:
+            UnknownTaskTypeError, TaskConfigError: refused, nothing queued.
+            pydantic.ValidationError: a bad id or priority.
+            StoreError, BrokerError: Redis or RabbitMQ failed.
+        """
+        config = dict(config or {})
+        validate_config(task_type, config)
+        if task_id is None:
+            task_id = task_id_for_key(idempotency_key) if idempotency_key else str(uuid.uuid4())
+        submission = TaskSubmission(
+            task_id=task_id, task_type=task_type, config=config, priority=priority,
+            submitted_at=time.time(), submitted_by=socket.gethostname(),
+            idempotency_key=idempotency_key, git_commit=git_commit, timeout_s=timeout_s,
+        )
+        created = await self.store.create(submission)
+        record = await self.store.get(task_id)
+        # A known id is published again only while still ``submitted``: an earlier publish may
+        # have been lost; the scheduler drops the duplicate if both arrive.
+        if created or record.state is TaskState.SUBMITTED:
+            await self.broker.publish_submission(submission)
+        log.debug("task_submitted", task_id=task_id, created=created)
+        return record
+
+    async def status(self, task_id: str) -> TaskRecord:
+        """The task's current record (raises ``TaskNotFoundError``)."""
+        return await self.store.get(task_id)
+
+    async def list_tasks(self, limit: int = 50) -> list[TaskRecord]:
+        """The most recent tasks, newest first."""
+        return await self.store.list_recent(limit)
+
+    async def history(self, task_id: str) -> list[dict[str, Any]]:
+        """The task's state transitions, oldest first."""
+        return await self.store.history(task_id)
+
+    async def wait(
+        self, task_id: str, *, timeout_s: float | None = None, on_event: EventCallback | None = None
+    ) -> TaskRecord:
+        """Wait for the task to end, following its events pushed over the broker.
+
+        Subscribes first, then reads the record, so an end that happens in between is not missed.
+
+        Args:
+            task_id: the task.
+            timeout_s: give up after this long (s); None waits for ever.
+            on_event: called with each of the task's events (progress, state changes).
+
+        Returns:
+            The final record (``completed``, ``failed`` or ``cancelled``).
+
+        Raises:
+            TimeoutError: ``timeout_s`` passed first.
+        """
+        channel = await self.broker.connection.channel()
+        try:
+            queue = await self._follow(channel, f"task.*.{task_id}")
+            async with asyncio.timeout(timeout_s):
+                return await self._wait_on(queue, task_id, on_event)
+        finally:
+            await channel.close()
+
+    async def _follow(self, channel: AbstractChannel, binding: str) -> AbstractQueue:
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        events = await channel.get_exchange(self.broker.topology.events_exchange)
+        await queue.bind(events, routing_key=binding)
+        return queue
+
+    async def _wait_on(
+        self, queue: AbstractQueue, task_id: str, on_event: EventCallback | None
+    ) -> TaskRecord:
+        record = await self.store.get(task_id)
+        async with queue.iterator() as messages:
+            while not record.state.is_terminal:
+                try:
+                    message = await asyncio.wait_for(anext(messages), SAFETY_RECHECK_S)
+                except TimeoutError:
+                    record = await self.store.get(task_id)
+                    continue
+                await message.ack()
+                event = _decode_event(message, self.settings.max_message_bytes)
+                if event is None:
+                    continue
+                if on_event is not None:
+                    maybe = on_event(event)
+                    if maybe is not None:
+                        await maybe
+                if event.kind.value == "state":
+                    record = await self.store.get(task_id)
+        return record
+
+
+def _decode_event(message: aio_pika.abc.AbstractIncomingMessage, max_bytes: int) -> TaskEvent | None:
+    try:
+        return decode(message.body, TaskEvent, max_bytes=max_bytes)
+    except DecodeError as e:
+        log.warning("event_undecodable", error=str(e))
+        return None
+
+
+class SyncClient:
+    """Blocking facade over ``DistributedClient`` for scripts: same methods, no ``await``.
+
+    Runs its own event loop; use as a context manager (``with SyncClient() as client: ...``).
+    """
+
+    def __init__(self, settings: Settings | None = None, *, name: str = "sync-client") -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = DistributedClient(settings, name=name)
+
+    def __enter__(self) -> SyncClient:
+        self._run(self._client.connect())
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close connections and the loop."""
+        if not self._loop.is_closed():
+            self._run(self._client.close())
+            self._loop.close()
+
+    def submit(self, task_type: str, config: dict[str, Any] | None = None, **kw: Any) -> TaskRecord:
+        """See ``DistributedClient.submit``."""
+        return self._run(self._client.submit(task_type, config, **kw))
+
+    def status(self, task_id: str) -> TaskRecord:
+        """See ``DistributedClient.status``."""
+        return self._run(self._client.status(task_id))
+
+    def wait(self, task_id: str, *, timeout_s: float | None = None) -> TaskRecord:
+        """See ``DistributedClient.wait`` (no event callback)."""
+        return self._run(self._client.wait(task_id, timeout_s=timeout_s))
+
+    def submit_and_wait(
+        self, task_type: str, config: dict[str, Any] | None = None, *,
+        timeout_s: float | None = None, **kw: Any,
+    ) -> TaskRecord:
+        """Submit, then wait for the end; returns the final record."""
+        record = self.submit(task_type, config, **kw)
+        return self.wait(record.task_id, timeout_s=timeout_s)
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._loop.run_until_complete(coro)
