@@ -103,6 +103,11 @@ class Lane:
             await message.ack()
             return
         task_id = submission.task_id
+        if len(self.running) >= self.slots:
+            # Only a delivery already in flight when the consumer was cancelled lands here: hand it
+            # back unclaimed so it keeps its place by priority.
+            await message.nack(requeue=True)
+            return
         claim = await self.store.transition(
             task_id, [TaskState.QUEUED], TaskState.RUNNING, by=self.worker,
             fields={"worker": self.worker, "+attempts": 1, "lease_until": time.time() + LEASE_S},

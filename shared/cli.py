@@ -1,0 +1,274 @@
+"""``tradectl``: the laptop's command line (typer + rich).
+
+Exit codes: 0 success; 1 the task failed or was cancelled; 2 bad input (unknown type, bad
+config, bad option), nothing queued; 3 the broker or Redis cannot be reached; 4 no such task;
+124 ``--wait`` timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import structlog
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from shared.client import DistributedClient
+from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY
+from shared.errors import BrokerError, StoreError, TaskError, TaskNotFoundError
+from shared.messages import EventKind, TaskEvent, describe_validation_error
+from shared.settings import Settings
+from shared.store import TaskRecord
+
+app = typer.Typer(help="Submit and follow trading-research tasks on the desktop.",
+                  no_args_is_help=True)
+task_app = typer.Typer(help="Submit, follow and inspect tasks.", no_args_is_help=True)
+app.add_typer(task_app, name="task")
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print ``message`` on stderr and exit with ``code``."""
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or exit 2 naming the bad variable."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        fail(f"bad settings: {describe_validation_error(e)}", 2)
+
+
+def with_client(body: Any) -> T:
+    """Run ``body(client)`` in a fresh event loop with a connected client; map errors to exits."""
+
+    async def main() -> T:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        async with DistributedClient(load_settings(), name="tradectl") as client:
+            result: T = await body(client)
+            return result
+
+    try:
+        return run(main())
+    except TaskNotFoundError as e:
+        fail(str(e), 4)
+    except (StoreError, BrokerError) as e:
+        fail(str(e), 3)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` for the CLI."""
+    return asyncio.run(coro)
+
+
+def parse_config(config_file: Path | None, assignments: list[str]) -> dict[str, Any]:
+    """Read ``--config FILE`` (YAML or JSON mapping) and apply ``--set key=value`` on top.
+
+    Values in ``--set`` are parsed as YAML scalars (``epochs=5`` is an int, ``model=lstm`` a
+    string); dotted keys set nested values.
+    """
+    config: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            fail(f"cannot read config {config_file}: {e}", 2)
+        if loaded is not None and not isinstance(loaded, dict):
+            fail(f"config {config_file} must be a mapping of field: value", 2)
+        config = loaded or {}
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            fail(f"--set expects key=value, got {item!r}", 2)
+        target = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = yaml.safe_load(raw) if raw else ""
+    return config
+
+
+def record_json(record: TaskRecord) -> str:
+    """The record as JSON, with ``finished_at`` spelled out."""
+    data = record.model_dump(mode="json")
+    data["finished_at"] = record.finished_at
+    return json.dumps(data, indent=2)
+
+
+def print_record(record: TaskRecord, *, as_json: bool) -> None:
+    """Print a record as JSON or as a short rich summary with its metrics."""
+    if as_json:
+        print(record_json(record))
+        return
+    colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(record.state, "cyan")
+    out.print(f"task [bold]{record.task_id}[/bold] ({record.task_type}) "
+              f"[{colour}]{record.state}[/{colour}] attempts={record.attempts} "
+              f"worker={record.worker or '-'}", highlight=False)
+    for name in ("submitted_at", "queued_at", "running_at", "completed_at", "failed_at",
+                 "cancelled_at"):
+        value = getattr(record, name)
+        if value:
+            out.print(f"  {name:<13} {format_ts(value)}", highlight=False)
+    if record.error:
+        out.print(f"  [red]error[/red] {record.error}", highlight=False)
+    metrics = (record.result or {}).get("metrics") or {}
+    if metrics:
+        table = Table("metric", "value", title="metrics")
+        for key, value in metrics.items():
+            table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+        out.print(table)
+
+
+def format_ts(ts: float) -> str:
+    """Unix seconds as local ISO time with milliseconds."""
+    from datetime import datetime
+
+    return datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds")
+
+
+@task_app.command("submit")
+def submit(
+    task_type: Annotated[str, typer.Argument(help="Task type, e.g. train_model.")],
+    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON config.")]
+    = None,
+    assignments: Annotated[list[str] | None, typer.Option("--set", "-s", help="key=value")] = None,
+    priority: Annotated[int, typer.Option(min=0, max=MAX_PRIORITY, help="0 low .. 9 high")]
+    = DEFAULT_PRIORITY,
+    wait: Annotated[bool, typer.Option("--wait", "-w", help="Follow until the task ends.")] = False,
+    timeout: Annotated[float | None, typer.Option(help="--wait gives up after this (s).")] = None,
+    task_id: Annotated[str | None, typer.Option("--task-id", help="Choose the task id.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Same key, same task.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate and submit a task; with --wait follow its progress and print its metrics."""
+    config = parse_config(config_file, assignments or [])
+
+    async def body(client: DistributedClient) -> TaskRecord:
+        record = await client.submit(task_type, config, priority=priority, task_id=task_id,
+                                     idempotency_key=idempotency_key)
+        if not wait:
+            return record
+        if not as_json:
+            out.print(f"submitted {record.task_id}", highlight=False)
+        return await follow(client, record.task_id, timeout, quiet=as_json)
+
+    try:
+        record = with_client(body)
+    except TaskError as e:
+        fail(str(e), 2)
+    except ValidationError as e:
+        fail(describe_validation_error(e), 2)
+    except TimeoutError:
+        fail(f"task still running after {timeout} s", 124)
+    if wait:
+        print_record(record, as_json=as_json)
+        raise typer.Exit(0 if record.state == "completed" else 1)
+    if as_json:
+        print(record_json(record))
+    else:
+        out.print(record.task_id, highlight=False)
+
+
+async def follow(
+    client: DistributedClient, task_id: str, timeout: float | None, *, quiet: bool
+) -> TaskRecord:
+    """Wait for the task, drawing a progress bar from its pushed events (none when quiet)."""
+    if quiet or not sys.stderr.isatty():
+        return await client.wait(task_id, timeout_s=timeout,
+                                 on_event=None if quiet else print_event)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=err) as bar:
+        handle = bar.add_task("queued", total=1.0)
+
+        def on_event(event: TaskEvent) -> None:
+            if event.kind is EventKind.PROGRESS:
+                bar.update(handle, completed=event.progress or 0.0,
+                           description=event.message or "running")
+            else:
+                bar.update(handle, description=event.state.value)
+
+        return await client.wait(task_id, timeout_s=timeout, on_event=on_event)
+
+
+def print_event(event: TaskEvent) -> None:
+    """One line per event when stderr is not a terminal (logs, CI)."""
+    if event.kind is EventKind.PROGRESS:
+        pct = f"{(event.progress or 0) * 100:.0f}%"
+        metrics = " ".join(f"{k}={v:.4g}" for k, v in event.metrics.items())
+        err.print(f"{pct:>4} {event.message} {metrics}", highlight=False)
+    else:
+        err.print(f"state {event.state.value}" + (f": {event.error}" if event.error else ""),
+                  highlight=False)
+
+
+@task_app.command("status")
+def status(task_id: str, as_json: JsonOpt = False) -> None:
+    """Show a task's state, timestamps and progress."""
+    record: TaskRecord = with_client(lambda c: c.status(task_id))
+    print_record(record, as_json=as_json)
+    if record.progress is not None and not as_json and not record.state.is_terminal:
+        out.print(f"  progress {record.progress:.0%} {record.progress_message}", highlight=False)
+
+
+@task_app.command("result")
+def result(task_id: str, as_json: JsonOpt = False) -> None:
+    """Show a finished task's result and metrics (exit 1 if it failed)."""
+    record: TaskRecord = with_client(lambda c: c.status(task_id))
+    if as_json:
+        print(json.dumps({"task_id": record.task_id, "state": record.state,
+                          "result": record.result, "error": record.error,
+                          "finished_at": record.finished_at}, indent=2))
+    else:
+        print_record(record, as_json=False)
+        if record.result:
+            artifacts = record.result.get("artifacts")
+            if artifacts:
+                out.print(f"  artifacts {', '.join(map(str, artifacts))}", highlight=False)
+            if record.result.get("mlflow_run_id"):
+                out.print(f"  mlflow run {record.result['mlflow_run_id']}", highlight=False)
+        if not record.state.is_terminal:
+            out.print("  (not finished yet)")
+    if record.state in ("failed", "cancelled"):
+        raise typer.Exit(1)
+
+
+@task_app.command("list")
+def list_tasks(
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 20,
+    state: Annotated[str | None, typer.Option(help="Only tasks in this state.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List recent tasks, newest first."""
+    records: list[TaskRecord] = with_client(lambda c: c.list_tasks(limit))
+    if state:
+        records = [r for r in records if r.state == state]
+    if as_json:
+        print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+        return
+    table = Table("task id", "type", "state", "prio", "progress", "submitted", "worker")
+    for r in records:
+        progress = "" if r.progress is None else f"{r.progress:.0%}"
+        table.add_row(r.task_id, r.task_type, r.state.value, str(r.priority), progress,
+                      format_ts(r.submitted_at) if r.submitted_at else "", r.worker or "")
+    out.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,202 @@
+"""Fixtures: real RabbitMQ and Redis, one namespace per test, services as real processes.
+
+A test that needs RabbitMQ or Redis and cannot reach them fails under ``CI=true`` and is skipped
+otherwise (dramatiq's ``check_rabbitmq`` pattern).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aio_pika
+import pytest
+import redis
+
+from shared.client import DistributedClient
+from shared.settings import Settings
+from shared.topology import Topology
+
+ROOT = Path(__file__).resolve().parent.parent
+AMQP_URL = os.environ.get("TP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("TP_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _reachable(url: str, default_port: int) -> bool:
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 2):
+            return True
+    except OSError:
+        return False
+
+
+def require(name: str, url: str, port: int) -> None:
+    """Fail under CI, skip elsewhere, when a required server is not listening."""
+    if _reachable(url, port):
+        return
+    message = f"{name} not reachable at {url}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(namespace: str, tmp_path: Path) -> Iterator[Settings]:
+    require("RabbitMQ", AMQP_URL, 5672)
+    require("Redis", REDIS_URL, 6379)
+    s = Settings(
+        amqp_url=AMQP_URL, redis_url=REDIS_URL, namespace=namespace, data_dir=tmp_path / "data",
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", worker_name="test-worker",
+        _env_file=None,
+    )
+    yield s
+    cleanup(s)
+
+
+def cleanup(s: Settings) -> None:
+    """Delete the namespace's queues, exchanges and Redis keys."""
+    r = redis.Redis.from_url(s.redis_url)
+    keys = list(r.scan_iter(match=f"{s.namespace}:*", count=1000))
+    if keys:
+        r.delete(*keys)
+    r.close()
+
+    async def drop() -> None:
+        connection = await aio_pika.connect(s.amqp_url)
+        async with connection:
+            topology = Topology(s.namespace)
+            for name in topology.all_queues:
+                channel = await connection.channel()
+                await channel.queue_delete(name)
+            for name in topology.all_exchanges:
+                channel = await connection.channel()
+                await channel.exchange_delete(name)
+
+    asyncio.run(drop())
+
+
+def service_env(s: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a service process using the test's namespace and folders."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+    env.update({
+        "TP_AMQP_URL": s.amqp_url, "TP_REDIS_URL": s.redis_url, "TP_NAMESPACE": s.namespace,
+        "TP_DATA_DIR": str(s.data_dir), "TP_MLFLOW_TRACKING_URI": s.tracking_uri,
+        "TP_WORKER_NAME": s.worker_name, "TP_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+class ServiceProcess:
+    """A service started as ``python -m services.<module>`` with its log in a file."""
+
+    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
+        self.module = module
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", f"services.{module}"], cwd=ROOT, env=env,
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+async def wait_for_consumers(s: Settings, queues: dict[str, int], timeout: float = 60) -> None:
+    """Wait until each named queue has at least the given number of consumers."""
+    connection = await aio_pika.connect(s.amqp_url)
+    deadline = time.monotonic() + timeout
+    async with connection:
+        while True:
+            channel = await connection.channel()
+            counts = {}
+            for name in queues:
+                try:
+                    q = await channel.declare_queue(name, passive=True)
+                    counts[name] = q.declaration_result.consumer_count
+                except aio_pika.exceptions.ChannelClosed:
+                    channel = await connection.channel()
+                    counts[name] = 0
+            await channel.close()
+            if all(counts[n] >= want for n, want in queues.items()):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"consumers not ready: {counts}")
+            await asyncio.sleep(0.2)
+
+
+class Platform:
+    """Scheduler and worker processes for one test."""
+
+    def __init__(self, s: Settings, tmp: Path) -> None:
+        self.settings = s
+        self.tmp = tmp
+        self.procs: dict[str, ServiceProcess] = {}
+
+    def start(self, module: str, **env: str) -> ServiceProcess:
+        proc = ServiceProcess(module, service_env(self.settings, **env), self.tmp / f"{module}.log")
+        self.procs[module] = proc
+        return proc
+
+    async def start_all(self, **worker_env: str) -> None:
+        self.start("scheduler")
+        self.start("gpu_worker", **worker_env)
+        t = Topology(self.settings.namespace)
+        want = {t.queue("submit"): 1}
+        if worker_env.get("TP_WORKER_GPU_SLOTS", "1") != "0":
+            want[t.queue("gpu")] = 1
+        if worker_env.get("TP_WORKER_CPU_SLOTS", "1") != "0":
+            want[t.queue("cpu")] = 1
+        try:
+            await wait_for_consumers(self.settings, want)
+        except TimeoutError:
+            for p in self.procs.values():
+                print(p.module, p.log_text()[-3000:])
+            raise
+
+    def stop_all(self) -> dict[str, int]:
+        return {name: p.stop() for name, p in self.procs.items()}
+
+
+@pytest.fixture
+async def platform(settings: Settings, tmp_path: Path) -> AsyncIterator[Platform]:
+    p = Platform(settings, tmp_path)
+    yield p
+    codes = p.stop_all()
+    for name, code in codes.items():
+        if code not in (0, -15):
+            print(f"{name} exited {code}:\n{p.procs[name].log_text()[-3000:]}")
+
+
+@pytest.fixture
+async def client(settings: Settings) -> AsyncIterator[DistributedClient]:
+    c = DistributedClient(settings, name="test-client")
+    await c.connect()
+    yield c
+    await c.close()

@@ -1,0 +1,216 @@
+"""End to end through real processes: scheduler and worker against the real RabbitMQ and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import aio_pika
+import pytest
+
+from shared.broker import REASON_HEADER
+from shared.client import DistributedClient
+from shared.messages import TaskState
+from shared.topology import Topology
+from tests.conftest import ROOT, Platform, service_env
+
+WAIT_S = 60
+
+
+async def wait_state(client: DistributedClient, task_id: str, state: TaskState, timeout=30):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        record = await client.status(task_id)
+        if record.state is state:
+            return record
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{task_id} still {record.state}, wanted {state}")
+        await asyncio.sleep(0.05)
+
+
+async def test_lifecycle_timestamps_and_cli_result(platform: Platform, client: DistributedClient):
+    await platform.start_all()
+    submitted = await client.submit("probe", {"sleep_s": 0.3, "steps": 3})
+    assert submitted.state is TaskState.SUBMITTED
+    record = await client.wait(submitted.task_id, timeout_s=WAIT_S)
+
+    assert record.state is TaskState.COMPLETED
+    assert record.submitted_at < record.queued_at < record.running_at < record.completed_at
+    assert record.result["metrics"]["steps"] == 3.0
+    history = await client.history(record.task_id)
+    assert [h["to"] for h in history] == ["submitted", "queued", "running", "completed"]
+    assert record.worker == "test-worker" and record.attempts == 1
+
+    cli = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "task", "result", record.task_id],
+        env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert record.task_id in cli.stdout and "completed" in cli.stdout and "slept_s" in cli.stdout
+    as_json = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "task", "result", record.task_id, "--json"],
+        env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert json.loads(as_json.stdout)["state"] == "completed"
+
+
+async def test_priority_9_runs_before_earlier_priority_1(
+    platform: Platform, client: DistributedClient
+):
+    await platform.start_all(TP_WORKER_CPU_SLOTS="0")
+    blocker = await client.submit("probe", {"sleep_s": 2.0, "steps": 4, "needs_gpu": True})
+    await wait_state(client, blocker.task_id, TaskState.RUNNING)
+    low = [
+        (await client.submit("probe", {"sleep_s": 0.05, "needs_gpu": True}, priority=1)).task_id
+        for _ in range(5)
+    ]
+    # Let the scheduler route all five before the urgent one is even submitted.
+    for task_id in low:
+        await wait_state(client, task_id, TaskState.QUEUED)
+    urgent = (await client.submit("probe", {"sleep_s": 0.05, "needs_gpu": True}, priority=9))
+    records = [await client.wait(t, timeout_s=WAIT_S) for t in [urgent.task_id, *low]]
+
+    assert all(r.state is TaskState.COMPLETED for r in records)
+    started = sorted(records, key=lambda r: r.running_at)
+    assert started[0].task_id == urgent.task_id, [r.priority for r in started]
+    # The broker sees the worker's real prefetch: one per free GPU slot.
+    assert consumer_prefetch(Topology(platform.settings.namespace).queue("gpu")) == [1]
+
+
+def consumer_prefetch(queue: str) -> list[int]:
+    """prefetch_count of each consumer on ``queue`` as RabbitMQ reports it."""
+    out = subprocess.run(
+        ["rabbitmqctl", "list_consumers", "-q", "--no-table-headers", "queue_name",
+         "prefetch_count"], capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    return [int(line.split()[1]) for line in out.splitlines() if line.split()[:1] == [queue]]
+
+
+async def test_same_task_id_twice_is_one_task_one_run(
+    platform: Platform, client: DistributedClient
+):
+    await platform.start_all()
+    first = await client.submit("probe", {"sleep_s": 0.2}, task_id="dup-task-1")
+    second = await client.submit("probe", {"sleep_s": 0.2}, task_id="dup-task-1")
+    # The same submission also published twice straight to the intake queue.
+    raw = json.dumps({"task_id": "dup-task-1", "task_type": "probe", "config": {"sleep_s": 0.2},
+                      "priority": 5, "submitted_at": 1.0}).encode()
+    for _ in range(2):
+        await client.broker.declared.tasks.publish(aio_pika.Message(raw), "submit")
+    record = await client.wait("dup-task-1", timeout_s=WAIT_S)
+    await asyncio.sleep(1.0)  # give any duplicate delivery the time to (wrongly) run
+
+    assert first.task_id == second.task_id == "dup-task-1"
+    history = await client.history("dup-task-1")
+    assert [h["to"] for h in history].count("running") == 1
+    assert record.attempts == 1
+    assert (await client.status("dup-task-1")).state is TaskState.COMPLETED
+    key_twice = [
+        await client.submit("probe", {}, idempotency_key="nightly-2026-11-29") for _ in range(2)
+    ]
+    assert key_twice[0].task_id == key_twice[1].task_id
+
+
+async def test_bad_messages_are_dead_lettered_and_scheduler_keeps_serving(
+    platform: Platform, client: DistributedClient
+):
+    await platform.start_all()
+    tasks = client.broker.declared.tasks
+    await tasks.publish(aio_pika.Message(b"\xff\xfe not json at all"), "submit")
+    await tasks.publish(aio_pika.Message(json.dumps({"task_type": "probe"}).encode()), "submit")
+    record = await client.wait((await client.submit("probe", {})).task_id, timeout_s=WAIT_S)
+    assert record.state is TaskState.COMPLETED
+
+    dead = await dead_letters(client, 2)
+    reasons = sorted(m.headers[REASON_HEADER] for m in dead)
+    assert reasons[0].startswith("invalid TaskSubmission: task_id: Field required"), reasons
+    assert reasons[1].startswith("undecodable body"), reasons
+    assert platform.procs["scheduler"].proc.poll() is None
+
+
+async def dead_letters(client: DistributedClient, n: int, timeout: float = 10):
+    queue = client.broker.declared.queues[Topology(client.settings.namespace).dead_letter_queue]
+    found = []
+    deadline = asyncio.get_running_loop().time() + timeout
+    while len(found) < n and asyncio.get_running_loop().time() < deadline:
+        message = await queue.get(fail=False)
+        if message is None:
+            await asyncio.sleep(0.1)
+            continue
+        await message.ack()
+        found.append(message)
+    assert len(found) == n, f"expected {n} dead letters, got {len(found)}"
+    return found
+
+
+async def test_unknown_type_or_invalid_config_from_raw_publish_fails_the_task(
+    platform: Platform, client: DistributedClient
+):
+    await platform.start_all()
+    tasks = client.broker.declared.tasks
+    for task_id, task_type, config in [("bad-type", "train_modle", {}),
+                                       ("bad-cfg", "train_model", {"epochs": -3})]:
+        body = json.dumps({"task_id": task_id, "task_type": task_type, "config": config,
+                           "submitted_at": 1.0}).encode()
+        await tasks.publish(aio_pika.Message(body), "submit")
+    bad_type = await client.wait("bad-type", timeout_s=WAIT_S)
+    bad_cfg = await client.wait("bad-cfg", timeout_s=WAIT_S)
+    assert bad_type.state is TaskState.FAILED and "unknown task type 'train_modle'" in bad_type.error
+    assert bad_cfg.state is TaskState.FAILED and "epochs" in bad_cfg.error
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [(["train_modle"], "unknown task type 'train_modle'"),
+     (["train_model", "--set", "epochs=0"], "epochs"),
+     (["train_model", "--set", "learning_rate=fast"], "learning_rate"),
+     (["train_model", "--set", "dataset=prices.xlsx"], "dataset")],
+)
+async def test_cli_refuses_bad_input_and_queues_nothing(settings, client, args, needle):
+    cli = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "task", "submit", *args],
+        env=service_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert cli.returncode == 2, cli.stdout + cli.stderr
+    assert needle in " ".join(cli.stderr.split())
+    intake = client.broker.declared.queues[Topology(settings.namespace).queue("submit")]
+    assert (await intake.channel.declare_queue(intake.name, passive=True)) \
+        .declaration_result.message_count == 0
+    assert await client.list_tasks() == []
+
+
+async def test_raising_task_fails_with_its_error(platform: Platform, client: DistributedClient):
+    await platform.start_all()
+    record = await client.wait(
+        (await client.submit("probe", {"fail_with": "model exploded"})).task_id, timeout_s=WAIT_S
+    )
+    assert record.state is TaskState.FAILED
+    assert record.error == "RuntimeError: model exploded"
+    assert "raise RuntimeError(config.fail_with)" in record.traceback
+
+
+async def test_sigkilled_child_fails_and_worker_serves_next(
+    platform: Platform, client: DistributedClient
+):
+    await platform.start_all()
+    long = await client.submit("probe", {"sleep_s": 60, "steps": 600})
+    running = await wait_state(client, long.task_id, TaskState.RUNNING)
+    for _ in range(100):
+        running = await client.status(long.task_id)
+        if running.child_pid:
+            break
+        await asyncio.sleep(0.05)
+    worker_pid = platform.procs["gpu_worker"].proc.pid
+    assert running.child_pid and running.child_pid != worker_pid
+    os.kill(running.child_pid, signal.SIGKILL)
+
+    record = await client.wait(long.task_id, timeout_s=WAIT_S)
+    assert record.state is TaskState.FAILED
+    assert record.error == "child process died: killed by SIGKILL"
+    following = await client.wait((await client.submit("probe", {})).task_id, timeout_s=WAIT_S)
+    assert following.state is TaskState.COMPLETED
+    assert platform.procs["gpu_worker"].proc.poll() is None
