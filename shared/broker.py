@@ -93,21 +93,29 @@ class Broker:
         await channel.set_qos(prefetch_count=prefetch)
         return channel
 
-    async def publish_submission(self, submission: TaskSubmission, route: str = ROUTE_SUBMIT) -> None:
-        """Publish a task to ``route`` (intake by default), persistent, with its priority, confirmed.
+    async def publish_submission(
+        self, submission: TaskSubmission, route: str = ROUTE_SUBMIT
+    ) -> None:
+        """Publish a task to ``route`` (default intake): persistent, prioritised, confirmed.
 
         Raises:
             BrokerError: the broker did not confirm within the timeout.
         """
         await self._publish(
-            self.declared.tasks, route, encode(submission),
-            priority=submission.priority, message_id=submission.task_id,
+            self.declared.tasks,
+            route,
+            encode(submission),
+            priority=submission.priority,
+            message_id=submission.task_id,
         )
 
     async def publish_event(self, event: TaskEvent) -> None:
         """Publish a task event on the events exchange (confirmed, transient: news, not truth)."""
         await self._publish(
-            self.declared.events, event.routing_key, encode(event), persistent=False,
+            self.declared.events,
+            event.routing_key,
+            encode(event),
+            persistent=False,
             message_id=event.task_id,
         )
 
@@ -120,13 +128,22 @@ class Broker:
         headers[REASON_HEADER] = reason[:1000]
         headers["x-tp-source-queue"] = message.routing_key or ""
         await self._publish(
-            self.declared.dead_letter, "", message.body, headers=headers,
+            self.declared.dead_letter,
+            "",
+            message.body,
+            headers=headers,
             message_id=message.message_id,
         )
 
     async def _publish(
-        self, exchange: aio_pika.abc.AbstractExchange, routing_key: str, body: bytes, *,
-        priority: int | None = None, persistent: bool = True, message_id: str | None = None,
+        self,
+        exchange: aio_pika.abc.AbstractExchange,
+        routing_key: str,
+        body: bytes,
+        *,
+        priority: int | None = None,
+        persistent: bool = True,
+        message_id: str | None = None,
         headers: dict[str, Any] | None = None,
     ) -> None:
         message = aio_pika.Message(

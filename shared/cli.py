@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
@@ -30,8 +30,9 @@ from shared.messages import EventKind, TaskEvent, describe_validation_error
 from shared.settings import Settings
 from shared.store import TaskRecord
 
-app = typer.Typer(help="Submit and follow trading-research tasks on the desktop.",
-                  no_args_is_help=True)
+app = typer.Typer(
+    help="Submit and follow trading-research tasks on the desktop.", no_args_is_help=True
+)
 task_app = typer.Typer(help="Submit, follow and inspect tasks.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 
@@ -56,7 +57,7 @@ def load_settings() -> Settings:
         fail(f"bad settings: {describe_validation_error(e)}", 2)
 
 
-def with_client(body: Any) -> T:
+def with_client(body: Callable[[DistributedClient], Awaitable[T]]) -> T:
     """Run ``body(client)`` in a fresh event loop with a connected client; map errors to exits."""
 
     async def main() -> T:
@@ -117,12 +118,23 @@ def print_record(record: TaskRecord, *, as_json: bool) -> None:
     if as_json:
         print(record_json(record))
         return
-    colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(record.state, "cyan")
-    out.print(f"task [bold]{record.task_id}[/bold] ({record.task_type}) "
-              f"[{colour}]{record.state}[/{colour}] attempts={record.attempts} "
-              f"worker={record.worker or '-'}", highlight=False)
-    for name in ("submitted_at", "queued_at", "running_at", "completed_at", "failed_at",
-                 "cancelled_at"):
+    colour = {"completed": "green", "failed": "red", "cancelled": "yellow"}.get(
+        record.state, "cyan"
+    )
+    out.print(
+        f"task [bold]{record.task_id}[/bold] ({record.task_type}) "
+        f"[{colour}]{record.state}[/{colour}] attempts={record.attempts} "
+        f"worker={record.worker or '-'}",
+        highlight=False,
+    )
+    for name in (
+        "submitted_at",
+        "queued_at",
+        "running_at",
+        "completed_at",
+        "failed_at",
+        "cancelled_at",
+    ):
         value = getattr(record, name)
         if value:
             out.print(f"  {name:<13} {format_ts(value)}", highlight=False)
@@ -146,11 +158,13 @@ def format_ts(ts: float) -> str:
 @task_app.command("submit")
 def submit(
     task_type: Annotated[str, typer.Argument(help="Task type, e.g. train_model.")],
-    config_file: Annotated[Path | None, typer.Option("--config", "-c", help="YAML/JSON config.")]
-    = None,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML/JSON config.")
+    ] = None,
     assignments: Annotated[list[str] | None, typer.Option("--set", "-s", help="key=value")] = None,
-    priority: Annotated[int, typer.Option(min=0, max=MAX_PRIORITY, help="0 low .. 9 high")]
-    = DEFAULT_PRIORITY,
+    priority: Annotated[
+        int, typer.Option(min=0, max=MAX_PRIORITY, help="0 low .. 9 high")
+    ] = DEFAULT_PRIORITY,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Follow until the task ends.")] = False,
     timeout: Annotated[float | None, typer.Option(help="--wait gives up after this (s).")] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", help="Choose the task id.")] = None,
@@ -161,8 +175,9 @@ def submit(
     config = parse_config(config_file, assignments or [])
 
     async def body(client: DistributedClient) -> TaskRecord:
-        record = await client.submit(task_type, config, priority=priority, task_id=task_id,
-                                     idempotency_key=idempotency_key)
+        record = await client.submit(
+            task_type, config, priority=priority, task_id=task_id, idempotency_key=idempotency_key
+        )
         if not wait:
             return record
         if not as_json:
@@ -170,7 +185,7 @@ def submit(
         return await follow(client, record.task_id, timeout, quiet=as_json)
 
     try:
-        record = with_client(body)
+        record: TaskRecord = with_client(body)
     except TaskError as e:
         fail(str(e), 2)
     except ValidationError as e:
@@ -191,16 +206,23 @@ async def follow(
 ) -> TaskRecord:
     """Wait for the task, drawing a progress bar from its pushed events (none when quiet)."""
     if quiet or not sys.stderr.isatty():
-        return await client.wait(task_id, timeout_s=timeout,
-                                 on_event=None if quiet else print_event)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=err) as bar:
+        return await client.wait(
+            task_id, timeout_s=timeout, on_event=None if quiet else print_event
+        )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as bar:
         handle = bar.add_task("queued", total=1.0)
 
         def on_event(event: TaskEvent) -> None:
             if event.kind is EventKind.PROGRESS:
-                bar.update(handle, completed=event.progress or 0.0,
-                           description=event.message or "running")
+                bar.update(
+                    handle, completed=event.progress or 0.0, description=event.message or "running"
+                )
             else:
                 bar.update(handle, description=event.state.value)
 
@@ -214,8 +236,10 @@ def print_event(event: TaskEvent) -> None:
         metrics = " ".join(f"{k}={v:.4g}" for k, v in event.metrics.items())
         err.print(f"{pct:>4} {event.message} {metrics}", highlight=False)
     else:
-        err.print(f"state {event.state.value}" + (f": {event.error}" if event.error else ""),
-                  highlight=False)
+        err.print(
+            f"state {event.state.value}" + (f": {event.error}" if event.error else ""),
+            highlight=False,
+        )
 
 
 @task_app.command("status")
@@ -232,9 +256,18 @@ def result(task_id: str, as_json: JsonOpt = False) -> None:
     """Show a finished task's result and metrics (exit 1 if it failed)."""
     record: TaskRecord = with_client(lambda c: c.status(task_id))
     if as_json:
-        print(json.dumps({"task_id": record.task_id, "state": record.state,
-                          "result": record.result, "error": record.error,
-                          "finished_at": record.finished_at}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "task_id": record.task_id,
+                    "state": record.state,
+                    "result": record.result,
+                    "error": record.error,
+                    "finished_at": record.finished_at,
+                },
+                indent=2,
+            )
+        )
     else:
         print_record(record, as_json=False)
         if record.result:
@@ -265,8 +298,15 @@ def list_tasks(
     table = Table("task id", "type", "state", "prio", "progress", "submitted", "worker")
     for r in records:
         progress = "" if r.progress is None else f"{r.progress:.0%}"
-        table.add_row(r.task_id, r.task_type, r.state.value, str(r.priority), progress,
-                      format_ts(r.submitted_at) if r.submitted_at else "", r.worker or "")
+        table.add_row(
+            r.task_id,
+            r.task_type,
+            r.state.value,
+            str(r.priority),
+            progress,
+            format_ts(r.submitted_at) if r.submitted_at else "",
+            r.worker or "",
+        )
     out.print(table)
 
 

@@ -78,9 +78,14 @@ class DistributedClient:
         await self.store.stop()
 
     async def submit(
-        self, task_type: str, config: dict[str, Any] | None = None, *,
-        priority: int = DEFAULT_PRIORITY, task_id: str | None = None,
-        idempotency_key: str | None = None, git_commit: str | None = None,
+        self,
+        task_type: str,
+        config: dict[str, Any] | None = None,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        task_id: str | None = None,
+        idempotency_key: str | None = None,
+        git_commit: str | None = None,
         timeout_s: float | None = None,
     ) -> TaskRecord:
         """Validate and submit a task; idempotent per task id.
@@ -108,9 +113,15 @@ class DistributedClient:
         if task_id is None:
             task_id = task_id_for_key(idempotency_key) if idempotency_key else str(uuid.uuid4())
         submission = TaskSubmission(
-            task_id=task_id, task_type=task_type, config=config, priority=priority,
-            submitted_at=time.time(), submitted_by=socket.gethostname(),
-            idempotency_key=idempotency_key, git_commit=git_commit, timeout_s=timeout_s,
+            task_id=task_id,
+            task_type=task_type,
+            config=config,
+            priority=priority,
+            submitted_at=time.time(),
+            submitted_by=socket.gethostname(),
+            idempotency_key=idempotency_key,
+            git_commit=git_commit,
+            timeout_s=timeout_s,
         )
         created = await self.store.create(submission)
         record = await self.store.get(task_id)
@@ -189,7 +200,9 @@ class DistributedClient:
         return record
 
 
-def _decode_event(message: aio_pika.abc.AbstractIncomingMessage, max_bytes: int) -> TaskEvent | None:
+def _decode_event(
+    message: aio_pika.abc.AbstractIncomingMessage, max_bytes: int
+) -> TaskEvent | None:
     try:
         return decode(message.body, TaskEvent, max_bytes=max_bytes)
     except DecodeError as e:
@@ -212,7 +225,9 @@ class SyncClient:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.close()
@@ -236,8 +251,12 @@ class SyncClient:
         return self._run(self._client.wait(task_id, timeout_s=timeout_s))
 
     def submit_and_wait(
-        self, task_type: str, config: dict[str, Any] | None = None, *,
-        timeout_s: float | None = None, **kw: Any,
+        self,
+        task_type: str,
+        config: dict[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        **kw: Any,
     ) -> TaskRecord:
         """Submit, then wait for the end; returns the final record."""
         record = self.submit(task_type, config, **kw)

@@ -48,7 +48,7 @@ class TaskNotFoundError(StoreError):
 
 
 class DecodeError(TradePlatError):
-    """A message body could not be turned into a wire model; ``reason`` goes to the dead-letter queue."""
+    """A body could not be turned into a wire model; the message is the dead-letter reason."""
 
 
 class MessageTooLargeError(DecodeError):

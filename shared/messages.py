@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY, SCHEMA_VERSION
+from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY
 from shared.errors import DecodeError, MessageTooLargeError, SchemaError
 
 #: Task ids go into Redis keys, routing keys and folder names: keep them to a safe alphabet.
@@ -48,7 +48,7 @@ class WireModel(BaseModel):
     """Base of every message: explicit fields only, immutable, versioned."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
 
 
 class TaskSubmission(WireModel):

@@ -1,4 +1,4 @@
-"""Settings for every process, read once at start-up from the environment (prefix ``TP_``) and ``.env``.
+"""Settings for every process, read once at start-up from the environment (``TP_*``) and ``.env``.
 
 Every field here is documented in the README's settings table; a bad value is refused at start-up
 with the variable's name (pydantic's ``ValidationError``), before anything is queued.
@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     amqp_cert_file: Path | None = Field(None, description="Client certificate (mutual TLS).")
     amqp_key_file: Path | None = Field(None, description="Client key (mutual TLS).")
     redis_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Redis URL with credentials; rediss:// turns TLS on."
+        "redis://127.0.0.1:6379/0",
+        description="Redis URL with credentials; rediss:// turns TLS on.",
     )
     redis_ca_file: Path | None = Field(None, description="CA bundle to verify Redis (TLS).")
     redis_cert_file: Path | None = Field(None, description="Client certificate for Redis (mTLS).")
@@ -50,8 +51,12 @@ class Settings(BaseSettings):
     worker_name: str = Field(
         default_factory=socket.gethostname, description="This worker's name in records and events."
     )
-    worker_gpu_slots: int = Field(1, ge=0, le=16, description="Tasks run at once from the gpu queue.")
-    worker_cpu_slots: int = Field(1, ge=0, le=64, description="Tasks run at once from the cpu queue.")
+    worker_gpu_slots: int = Field(
+        1, ge=0, le=16, description="Tasks run at once from the gpu queue."
+    )
+    worker_cpu_slots: int = Field(
+        1, ge=0, le=64, description="Tasks run at once from the cpu queue."
+    )
     task_timeout_s: float = Field(
         6 * 3600.0, gt=0, description="Default maximum run time of a task (s)."
     )
@@ -82,8 +87,14 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_tls_files(self) -> Settings:
-        for name in ("amqp_ca_file", "amqp_cert_file", "amqp_key_file", "redis_ca_file",
-                     "redis_cert_file", "redis_key_file"):
+        for name in (
+            "amqp_ca_file",
+            "amqp_cert_file",
+            "amqp_key_file",
+            "redis_ca_file",
+            "redis_cert_file",
+            "redis_key_file",
+        ):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"TP_{name.upper()}: no such file: {path}")
@@ -91,7 +102,7 @@ class Settings(BaseSettings):
 
     @property
     def tracking_uri(self) -> str:
-        """MLflow tracking URI: the setting, else SQLite under ``data_dir`` (MLflow 3 refuses files)."""
+        """MLflow tracking URI: the setting, else SQLite under ``data_dir``."""
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
@@ -209,8 +209,11 @@ class StatusStore:
             "git_commit": submission.git_commit or "",
             "timeout_s": "" if submission.timeout_s is None else str(submission.timeout_s),
         }
-        keys = [self.keys.task(submission.task_id), self.keys.history(submission.task_id),
-                self.keys.task_index]
+        keys = [
+            self.keys.task(submission.task_id),
+            self.keys.history(submission.task_id),
+            self.keys.task_index,
+        ]
         args = [x for pair in fields.items() for x in pair]
         return bool(await self._call(self._create, keys, args))
 
@@ -236,10 +239,10 @@ class StatusStore:
         Returns:
             ``Transition(applied, previous)``; ``previous`` is None when the task does not exist.
         """
-        expected = [s.value for s in expected]
+        allowed = [s.value for s in expected]
         pairs = [str(x) for pair in (fields or {}).items() for x in pair]
         ttl = FINISHED_TASK_TTL_S if new.is_terminal else 0
-        args = [new.value, by, str(ttl), str(len(expected)), *expected, *pairs]
+        args = [new.value, by, str(ttl), str(len(allowed)), *allowed, *pairs]
         applied, before = await self._call(
             self._transition, [self.keys.task(task_id), self.keys.history(task_id)], args
         )
@@ -249,11 +252,12 @@ class StatusStore:
         self, task_id: str, states: Iterable[TaskState], fields: Mapping[str, str | int | float]
     ) -> bool:
         """Set ``fields`` only while the task is in one of ``states`` (progress, lease renewal)."""
-        states = [s.value for s in states]
+        allowed = [s.value for s in states]
         pairs = [str(x) for pair in fields.items() for x in pair]
         return bool(
-            await self._call(self._update_if, [self.keys.task(task_id)],
-                             [str(len(states)), *states, *pairs])
+            await self._call(
+                self._update_if, [self.keys.task(task_id)], [str(len(allowed)), *allowed, *pairs]
+            )
         )
 
     async def get(self, task_id: str) -> TaskRecord:
@@ -263,7 +267,7 @@ class StatusStore:
             TaskNotFoundError: no such task (never submitted, or expired after 30 days).
         """
         try:
-            raw = await self.redis.hgetall(self.keys.task(task_id))
+            raw = cast(dict[str, str], await self.redis.hgetall(self.keys.task(task_id)))
         except (RedisError, OSError) as e:
             raise StoreError(f"Redis read failed: {e}") from e
         if not raw:
@@ -277,11 +281,11 @@ class StatusStore:
 
     async def list_recent(self, limit: int = 50) -> list[TaskRecord]:
         """The ``limit`` most recently submitted tasks that still exist, newest first."""
-        ids = await self.redis.zrevrange(self.keys.task_index, 0, limit - 1)
+        ids = cast(list[str], await self.redis.zrevrange(self.keys.task_index, 0, limit - 1))
         async with self.redis.pipeline(transaction=False) as pipe:
             for task_id in ids:
                 pipe.hgetall(self.keys.task(task_id))
-            rows = await pipe.execute()
+            rows: list[dict[str, str]] = await pipe.execute()
         return [TaskRecord.from_hash(r) for r in rows if r]
 
     async def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:

@@ -70,8 +70,12 @@ class Topology:
     @property
     def all_exchanges(self) -> list[str]:
         """Every durable exchange."""
-        return [self.tasks_exchange, self.events_exchange, self.control_exchange,
-                self.dead_letter_exchange]
+        return [
+            self.tasks_exchange,
+            self.events_exchange,
+            self.control_exchange,
+            self.dead_letter_exchange,
+        ]
 
 
 @dataclass(frozen=True)
@@ -91,14 +95,17 @@ async def declare(channel: AbstractChannel, topology: Topology) -> DeclaredTopol
     Raises:
         aio_pika.exceptions.ChannelPreconditionFailed: a queue exists with other arguments.
     """
-    durable = {"durable": True}
-    tasks = await channel.declare_exchange(topology.tasks_exchange, ExchangeType.DIRECT, **durable)
-    events = await channel.declare_exchange(topology.events_exchange, ExchangeType.TOPIC, **durable)
+    tasks = await channel.declare_exchange(
+        topology.tasks_exchange, ExchangeType.DIRECT, durable=True
+    )
+    events = await channel.declare_exchange(
+        topology.events_exchange, ExchangeType.TOPIC, durable=True
+    )
     control = await channel.declare_exchange(
-        topology.control_exchange, ExchangeType.TOPIC, **durable
+        topology.control_exchange, ExchangeType.TOPIC, durable=True
     )
     dlx = await channel.declare_exchange(
-        topology.dead_letter_exchange, ExchangeType.FANOUT, **durable
+        topology.dead_letter_exchange, ExchangeType.FANOUT, durable=True
     )
     dead = await channel.declare_queue(topology.dead_letter_queue, durable=True)
     await dead.bind(dlx, routing_key="")

@@ -33,7 +33,9 @@ REDIS_URL = os.environ.get("TP_REDIS_URL", "redis://127.0.0.1:6379/0")
 def _reachable(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 2):
+        with socket.create_connection(
+            (parts.hostname or "127.0.0.1", parts.port or default_port), 2
+        ):
             return True
     except OSError:
         return False
@@ -59,8 +61,12 @@ def settings(namespace: str, tmp_path: Path) -> Iterator[Settings]:
     require("RabbitMQ", AMQP_URL, 5672)
     require("Redis", REDIS_URL, 6379)
     s = Settings(
-        amqp_url=AMQP_URL, redis_url=REDIS_URL, namespace=namespace, data_dir=tmp_path / "data",
-        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", worker_name="test-worker",
+        amqp_url=AMQP_URL,
+        redis_url=REDIS_URL,
+        namespace=namespace,
+        data_dir=tmp_path / "data",
+        mlflow_tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        worker_name="test-worker",
         _env_file=None,
     )
     yield s
@@ -92,11 +98,18 @@ def cleanup(s: Settings) -> None:
 def service_env(s: Settings, **extra: str) -> dict[str, str]:
     """Environment for a service process using the test's namespace and folders."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
-    env.update({
-        "TP_AMQP_URL": s.amqp_url, "TP_REDIS_URL": s.redis_url, "TP_NAMESPACE": s.namespace,
-        "TP_DATA_DIR": str(s.data_dir), "TP_MLFLOW_TRACKING_URI": s.tracking_uri,
-        "TP_WORKER_NAME": s.worker_name, "TP_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "TP_AMQP_URL": s.amqp_url,
+            "TP_REDIS_URL": s.redis_url,
+            "TP_NAMESPACE": s.namespace,
+            "TP_DATA_DIR": str(s.data_dir),
+            "TP_MLFLOW_TRACKING_URI": s.tracking_uri,
+            "TP_WORKER_NAME": s.worker_name,
+            "TP_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -109,8 +122,11 @@ class ServiceProcess:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{module}"], cwd=ROOT, env=env,
-            stdout=self._log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", f"services.{module}"],
+            cwd=ROOT,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
 
     def log_text(self) -> str:

@@ -47,13 +47,21 @@ async def test_lifecycle_timestamps_and_cli_result(platform: Platform, client: D
 
     cli = subprocess.run(
         [sys.executable, "-m", "shared.cli", "task", "result", record.task_id],
-        env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=service_env(platform.settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cli.returncode == 0, cli.stderr
     assert record.task_id in cli.stdout and "completed" in cli.stdout and "slept_s" in cli.stdout
     as_json = subprocess.run(
         [sys.executable, "-m", "shared.cli", "task", "result", record.task_id, "--json"],
-        env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=service_env(platform.settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert json.loads(as_json.stdout)["state"] == "completed"
 
@@ -71,7 +79,7 @@ async def test_priority_9_runs_before_earlier_priority_1(
     # Let the scheduler route all five before the urgent one is even submitted.
     for task_id in low:
         await wait_state(client, task_id, TaskState.QUEUED)
-    urgent = (await client.submit("probe", {"sleep_s": 0.05, "needs_gpu": True}, priority=9))
+    urgent = await client.submit("probe", {"sleep_s": 0.05, "needs_gpu": True}, priority=9)
     records = [await client.wait(t, timeout_s=WAIT_S) for t in [urgent.task_id, *low]]
 
     assert all(r.state is TaskState.COMPLETED for r in records)
@@ -84,8 +92,18 @@ async def test_priority_9_runs_before_earlier_priority_1(
 def consumer_prefetch(queue: str) -> list[int]:
     """prefetch_count of each consumer on ``queue`` as RabbitMQ reports it."""
     out = subprocess.run(
-        ["rabbitmqctl", "list_consumers", "-q", "--no-table-headers", "queue_name",
-         "prefetch_count"], capture_output=True, text=True, timeout=60, check=True,
+        [
+            "rabbitmqctl",
+            "list_consumers",
+            "-q",
+            "--no-table-headers",
+            "queue_name",
+            "prefetch_count",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     return [int(line.split()[1]) for line in out.splitlines() if line.split()[:1] == [queue]]
 
@@ -97,8 +115,15 @@ async def test_same_task_id_twice_is_one_task_one_run(
     first = await client.submit("probe", {"sleep_s": 0.2}, task_id="dup-task-1")
     second = await client.submit("probe", {"sleep_s": 0.2}, task_id="dup-task-1")
     # The same submission also published twice straight to the intake queue.
-    raw = json.dumps({"task_id": "dup-task-1", "task_type": "probe", "config": {"sleep_s": 0.2},
-                      "priority": 5, "submitted_at": 1.0}).encode()
+    raw = json.dumps(
+        {
+            "task_id": "dup-task-1",
+            "task_type": "probe",
+            "config": {"sleep_s": 0.2},
+            "priority": 5,
+            "submitted_at": 1.0,
+        }
+    ).encode()
     for _ in range(2):
         await client.broker.declared.tasks.publish(aio_pika.Message(raw), "submit")
     record = await client.wait("dup-task-1", timeout_s=WAIT_S)
@@ -152,34 +177,46 @@ async def test_unknown_type_or_invalid_config_from_raw_publish_fails_the_task(
 ):
     await platform.start_all()
     tasks = client.broker.declared.tasks
-    for task_id, task_type, config in [("bad-type", "train_modle", {}),
-                                       ("bad-cfg", "train_model", {"epochs": -3})]:
-        body = json.dumps({"task_id": task_id, "task_type": task_type, "config": config,
-                           "submitted_at": 1.0}).encode()
+    for task_id, task_type, config in [
+        ("bad-type", "train_modle", {}),
+        ("bad-cfg", "train_model", {"epochs": -3}),
+    ]:
+        body = json.dumps(
+            {"task_id": task_id, "task_type": task_type, "config": config, "submitted_at": 1.0}
+        ).encode()
         await tasks.publish(aio_pika.Message(body), "submit")
     bad_type = await client.wait("bad-type", timeout_s=WAIT_S)
     bad_cfg = await client.wait("bad-cfg", timeout_s=WAIT_S)
-    assert bad_type.state is TaskState.FAILED and "unknown task type 'train_modle'" in bad_type.error
+    assert (
+        bad_type.state is TaskState.FAILED and "unknown task type 'train_modle'" in bad_type.error
+    )
     assert bad_cfg.state is TaskState.FAILED and "epochs" in bad_cfg.error
 
 
 @pytest.mark.parametrize(
     ("args", "needle"),
-    [(["train_modle"], "unknown task type 'train_modle'"),
-     (["train_model", "--set", "epochs=0"], "epochs"),
-     (["train_model", "--set", "learning_rate=fast"], "learning_rate"),
-     (["train_model", "--set", "dataset=prices.xlsx"], "dataset")],
+    [
+        (["train_modle"], "unknown task type 'train_modle'"),
+        (["train_model", "--set", "epochs=0"], "epochs"),
+        (["train_model", "--set", "learning_rate=fast"], "learning_rate"),
+        (["train_model", "--set", "dataset=prices.xlsx"], "dataset"),
+    ],
 )
 async def test_cli_refuses_bad_input_and_queues_nothing(settings, client, args, needle):
     cli = subprocess.run(
         [sys.executable, "-m", "shared.cli", "task", "submit", *args],
-        env=service_env(settings), cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env=service_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cli.returncode == 2, cli.stdout + cli.stderr
     assert needle in " ".join(cli.stderr.split())
     intake = client.broker.declared.queues[Topology(settings.namespace).queue("submit")]
-    assert (await intake.channel.declare_queue(intake.name, passive=True)) \
-        .declaration_result.message_count == 0
+    assert (
+        await intake.channel.declare_queue(intake.name, passive=True)
+    ).declaration_result.message_count == 0
     assert await client.list_tasks() == []
 
 

@@ -1,1 +1,1 @@
-"""The gpu-worker service: takes tasks from the gpu (and cpu) queues and runs each in a child process."""
+"""The gpu-worker service: takes tasks from the gpu and cpu queues, runs each in a child process."""

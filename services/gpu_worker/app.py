@@ -21,7 +21,7 @@ STOP_GRACE_S = 5.0
 
 
 class Worker:
-    """The gpu-worker service: ``worker_gpu_slots`` on the gpu queue, ``worker_cpu_slots`` on cpu."""
+    """The gpu-worker: ``worker_gpu_slots`` slots on the gpu queue, ``worker_cpu_slots`` on cpu."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -34,11 +34,19 @@ class Worker:
         await asyncio.to_thread(runner.warm_up)
         await self.store.start()
         await self.broker.start()
-        for route, slots in ((ROUTE_GPU, self.settings.worker_gpu_slots),
-                             (ROUTE_CPU, self.settings.worker_cpu_slots)):
+        for route, slots in (
+            (ROUTE_GPU, self.settings.worker_gpu_slots),
+            (ROUTE_CPU, self.settings.worker_cpu_slots),
+        ):
             if slots > 0:
-                lane = Lane(route, slots, settings=self.settings, store=self.store,
-                            broker=self.broker, worker=self.name)
+                lane = Lane(
+                    route,
+                    slots,
+                    settings=self.settings,
+                    store=self.store,
+                    broker=self.broker,
+                    worker=self.name,
+                )
                 await lane.start()
                 self.lanes.append(lane)
         log.info("worker_ready", worker=self.name, lanes={ln.route: ln.slots for ln in self.lanes})
@@ -62,7 +70,10 @@ class Worker:
         for lane in self.lanes:
             for task_id, execution in list(lane.running.items()):
                 moved = await self.store.transition(
-                    task_id, [TaskState.RUNNING], TaskState.QUEUED, by=self.name,
+                    task_id,
+                    [TaskState.RUNNING],
+                    TaskState.QUEUED,
+                    by=self.name,
                     fields={"+attempts": -1, "worker": ""},
                 )
                 execution.child.kill()

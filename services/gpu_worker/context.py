@@ -20,7 +20,6 @@ class TaskContext:
         checkpoint_path: where the task may save a checkpoint to resume from.
         tracking_uri: MLflow tracking URI to log the run to.
         git_commit: the commit the task was submitted from, if known (MLflow tag).
-        requested_device: ``auto``/``cuda``/``cpu`` as configured; the task resolves it in the child.
     """
 
     task_id: str

@@ -28,8 +28,14 @@ class TaskExecution:
     """
 
     def __init__(
-        self, submission: TaskSubmission, attempt: int, *, settings: Settings,
-        store: StatusStore, broker: Broker, worker: str,
+        self,
+        submission: TaskSubmission,
+        attempt: int,
+        *,
+        settings: Settings,
+        store: StatusStore,
+        broker: Broker,
+        worker: str,
     ) -> None:
         self.submission = submission
         self.attempt = attempt
@@ -41,10 +47,14 @@ class TaskExecution:
         task_dir = settings.tasks_dir / submission.task_id
         self.child = ChildProcess(
             ChildJob(
-                task_id=submission.task_id, task_type=submission.task_type,
-                config=submission.config, attempt=attempt, artifact_dir=task_dir / "artifacts",
+                task_id=submission.task_id,
+                task_type=submission.task_type,
+                config=submission.config,
+                attempt=attempt,
+                artifact_dir=task_dir / "artifacts",
                 checkpoint_path=task_dir / "checkpoints" / "last.pt",
-                tracking_uri=settings.tracking_uri, git_commit=submission.git_commit,
+                tracking_uri=settings.tracking_uri,
+                git_commit=submission.git_commit,
             ),
             self.on_progress,
         )
@@ -69,13 +79,18 @@ class TaskExecution:
         if now - self._last_progress < PROGRESS_MIN_INTERVAL_S and fraction < 1.0:
             return
         self._last_progress = now
-        fields = {"progress": fraction, "progress_message": message}
+        fields: dict[str, str | int | float] = {"progress": fraction, "progress_message": message}
         try:
             await self.store.update_if(self.submission.task_id, [TaskState.RUNNING], fields)
-            await self.broker.publish_event(progress_event(
-                self.submission.task_id, worker=self.worker, progress=fraction, message=message,
-                metrics={k: float(v) for k, v in metrics.items()},
-            ))
+            await self.broker.publish_event(
+                progress_event(
+                    self.submission.task_id,
+                    worker=self.worker,
+                    progress=fraction,
+                    message=message,
+                    metrics={k: float(v) for k, v in metrics.items()},
+                )
+            )
         except (StoreError, BrokerError) as e:  # progress is news; the task goes on
             log.warning("progress_not_relayed", error=str(e))
 
@@ -83,25 +98,32 @@ class TaskExecution:
         failure = outcome.failure
         if outcome.timed_out:
             failure = f"timed out after {timeout_s:g} s"
+        fields: dict[str, str | int | float]
         if failure is None:
-            state, fields = TaskState.COMPLETED, {
-                "result": json.dumps(outcome.result), "progress": 1.0
-            }
+            state = TaskState.COMPLETED
+            fields = {"result": json.dumps(outcome.result), "progress": 1.0}
         else:
-            state, fields = TaskState.FAILED, {
-                "error": failure, "traceback": outcome.traceback or ""
-            }
+            state = TaskState.FAILED
+            fields = {"error": failure, "traceback": outcome.traceback or ""}
         moved = await self.store.transition(
-            self.submission.task_id, [TaskState.RUNNING, TaskState.CANCELLING], state,
-            by=self.worker, fields=fields,
+            self.submission.task_id,
+            [TaskState.RUNNING, TaskState.CANCELLING],
+            state,
+            by=self.worker,
+            fields=fields,
         )
         if not moved.applied:
             log.warning("task_outcome_not_recorded", found=moved.previous, outcome=state)
             return moved.previous or state
         metrics = (outcome.result or {}).get("metrics", {}) if failure is None else {}
-        await self.broker.publish_event(state_event(
-            self.submission.task_id, state, worker=self.worker, error=failure,
-            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
-        ))
+        await self.broker.publish_event(
+            state_event(
+                self.submission.task_id,
+                state,
+                worker=self.worker,
+                error=failure,
+                metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+            )
+        )
         log.info("task_" + state.value, error=failure, exitcode=outcome.exitcode)
         return state

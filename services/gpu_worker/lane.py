@@ -37,7 +37,13 @@ class Lane:
     """Consumes ``route``'s queue with ``slots`` slots (prefetch = slots)."""
 
     def __init__(
-        self, route: str, slots: int, *, settings: Settings, store: StatusStore, broker: Broker,
+        self,
+        route: str,
+        slots: int,
+        *,
+        settings: Settings,
+        store: StatusStore,
+        broker: Broker,
         worker: str,
     ) -> None:
         self.route = route
@@ -109,7 +115,10 @@ class Lane:
             await message.nack(requeue=True)
             return
         claim = await self.store.transition(
-            task_id, [TaskState.QUEUED], TaskState.RUNNING, by=self.worker,
+            task_id,
+            [TaskState.QUEUED],
+            TaskState.RUNNING,
+            by=self.worker,
             fields={"worker": self.worker, "+attempts": 1, "lease_until": time.time() + LEASE_S},
         )
         if not claim.applied:
@@ -118,8 +127,12 @@ class Lane:
             return
         record = await self.store.get(task_id)
         self.running[task_id] = TaskExecution(
-            submission, record.attempts, settings=self.settings, store=self.store,
-            broker=self.broker, worker=self.worker,
+            submission,
+            record.attempts,
+            settings=self.settings,
+            store=self.store,
+            broker=self.broker,
+            worker=self.worker,
         )
         if len(self.running) >= self.slots:
             await self._pause()  # before the ack, or the broker pushes the next message now

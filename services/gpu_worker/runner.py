@@ -13,6 +13,7 @@ Child -> parent messages over a one-way pipe (picklable tuples, our own processe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import multiprocessing
 import os
@@ -98,8 +99,11 @@ def describe_exit(exitcode: int | None) -> str:
 def child_main(job: ChildJob, conn: Connection) -> None:
     """Body of the child process: run the task's entry point and send back what happened."""
     ctx = TaskContext(
-        task_id=job.task_id, attempt=job.attempt, artifact_dir=job.artifact_dir,
-        checkpoint_path=job.checkpoint_path, tracking_uri=job.tracking_uri,
+        task_id=job.task_id,
+        attempt=job.attempt,
+        artifact_dir=job.artifact_dir,
+        checkpoint_path=job.checkpoint_path,
+        tracking_uri=job.tracking_uri,
         git_commit=job.git_commit,
         _progress_sink=lambda f, m, metrics: conn.send(("progress", f, m, metrics)),
     )
@@ -172,10 +176,8 @@ class ChildProcess:
     def kill(self) -> None:
         """SIGKILL the child (no-op if it already exited)."""
         if self._process is not None and self._process.pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self._process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     async def _relay(self, receiver: Connection, outcome: ChildOutcome) -> None:
         loop = asyncio.get_running_loop()

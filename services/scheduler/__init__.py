@@ -1,1 +1,1 @@
-"""The scheduler: validates submitted tasks, records them in Redis and routes them to a priority queue."""
+"""The scheduler: validates submitted tasks, records them in Redis, routes them by priority."""

@@ -69,10 +69,9 @@ class Scheduler:
         await message.ack()
 
     async def _announce(self, decision: IntakeDecision) -> None:
-        assert decision.submission is not None and decision.moved_to is not None
-        event = state_event(
-            decision.submission.task_id, decision.moved_to, error=decision.error
-        )
+        assert decision.submission is not None
+        assert decision.moved_to is not None
+        event = state_event(decision.submission.task_id, decision.moved_to, error=decision.error)
         await self.broker.publish_event(event)
         log.info(
             "task_" + decision.moved_to.value,

@@ -49,8 +49,11 @@ async def decide(
         route = get_task_type(submission.task_type).route_for(config)
     except TaskError as e:
         moved = await store.transition(
-            submission.task_id, [TaskState.SUBMITTED], TaskState.FAILED,
-            by="scheduler", fields={"error": str(e)},
+            submission.task_id,
+            [TaskState.SUBMITTED],
+            TaskState.FAILED,
+            by="scheduler",
+            fields={"error": str(e)},
         )
         return IntakeDecision(
             submission, moved_to=TaskState.FAILED if moved.applied else None, error=str(e)

@@ -101,7 +101,8 @@ def clean_ohlcv(frame: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise ValueError(f"OHLCV data is missing columns: {', '.join(missing)}")
     if not isinstance(frame.index, pd.DatetimeIndex):
-        raise ValueError("OHLCV data needs a DatetimeIndex (one timestamp per bar)")
+        # ValueError like every other "these bars are unusable" case, so callers catch one type.
+        raise ValueError("OHLCV data needs a DatetimeIndex (one timestamp per bar)")  # noqa: TRY004
     bars = frame.loc[:, list(OHLCV_COLUMNS)].apply(pd.to_numeric, errors="coerce").astype(float)
     bars = bars.dropna().sort_index()
     bars = bars[~bars.index.duplicated(keep="last")]

@@ -1,4 +1,4 @@
-"""``probe``: sleeps, reports progress, and fails or crashes on request (tests, health, benchmarks)."""
+"""``probe``: sleeps, reports progress, fails or crashes on request (tests, health, benchmarks)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
     step_s = config.sleep_s / config.steps
     started = time.monotonic()
     done = 0
-    for done in range(1, config.steps + 1):  # noqa: B007 - ``done`` is reported after the loop
+    for done in range(1, config.steps + 1):
         if ctx.should_stop():
             break
         time.sleep(step_s)

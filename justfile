@@ -1,0 +1,28 @@
+# The way in. `just --list` shows the recipes.
+
+# Install, start scheduler + worker, train on GOOG daily, print metrics and the MLflow run.
+demo:
+    bash scripts/quickstart.sh
+
+# Install everything, lint, type-check and run the tests (what CI runs).
+test *ARGS:
+    bash scripts/test.sh {{ARGS}}
+
+# Lint and type-check only.
+lint:
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+    .venv/bin/mypy
+
+# Format the code.
+fmt:
+    .venv/bin/ruff format .
+    .venv/bin/ruff check --fix .
+
+# Run the scheduler in the foreground.
+scheduler:
+    .venv/bin/python -m services.scheduler
+
+# Run a worker in the foreground.
+worker:
+    .venv/bin/python -m services.gpu_worker

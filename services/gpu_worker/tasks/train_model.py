@@ -1,0 +1,501 @@
+"""``train_model``: a PyTorch classifier of the next bar's direction from OHLCV features.
+
+Runs in the worker's child process. Features come from :mod:`.ohlcv` (no look-ahead, train-only
+standardisation, chronological split); the model is an MLP over the flattened window or an LSTM
+over the window's bars; the loss is binary cross-entropy on logits. Every epoch reports progress,
+writes a checkpoint and logs metrics to MLflow. Reported metrics are those of the **final** model
+(the last epoch run), not the best epoch on validation: choosing an epoch by validation loss would
+make the validation figures optimistic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from services.gpu_worker.context import TaskContext
+from services.gpu_worker.tasks.ohlcv import (
+    FEATURE_NAMES,
+    SplitData,
+    build_features,
+    load_ohlcv,
+    split_chronological,
+)
+from shared.task_types import TrainModelConfig
+
+#: MLflow experiment every ``train_model`` run is recorded under.
+EXPERIMENT_NAME = "train_model"
+MODEL_FILE = "model.pt"
+METRICS_FILE = "metrics.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+#: Samples per forward pass when evaluating: bounds memory, not tuned for speed.
+_EVAL_BATCH = 4096
+#: Keeps the baseline's log-probabilities finite when the train set is all one class.
+_PROB_EPS = 1e-7
+
+#: ``(epoch, metrics, model, optimizer) -> keep going``, called after each epoch (1-based).
+EpochCallback = Callable[[int, dict[str, float], nn.Module, torch.optim.Optimizer], bool]
+
+
+def resolve_device(requested: str) -> torch.device:
+    """Map ``auto``/``cuda``/``cpu`` to a torch device.
+
+    Raises:
+        RuntimeError: ``cuda`` was requested but CUDA is not available.
+    """
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if requested == "cuda":
+        raise RuntimeError(
+            "device 'cuda' requested but CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); use device 'auto' or 'cpu'"
+        )
+    return torch.device("cpu")
+
+
+class MLPClassifier(nn.Module):
+    """Feed-forward net over the flattened window: input (batch, window, n_features) -> (batch,)."""
+
+    def __init__(
+        self, window: int, n_features: int, hidden_size: int, num_layers: int, dropout: float
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = window * n_features
+        for _ in range(num_layers):
+            layers += [nn.Linear(width, hidden_size), nn.ReLU(), nn.Dropout(dropout)]
+            width = hidden_size
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of "next bar up", shape (batch,)."""
+        logits: torch.Tensor = self.net(x)
+        return logits.squeeze(-1)
+
+
+class LSTMClassifier(nn.Module):
+    """LSTM over the window's bars; the last layer's final hidden state feeds a linear head."""
+
+    def __init__(self, n_features: int, hidden_size: int, num_layers: int, dropout: float) -> None:
+        super().__init__()
+        # nn.LSTM's dropout acts between stacked layers only (and warns when given one layer).
+        between = dropout if num_layers > 1 else 0.0
+        self.lstm = nn.LSTM(n_features, hidden_size, num_layers, batch_first=True, dropout=between)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(hidden_size, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of "next bar up" from input (batch, window, n_features), shape (batch,)."""
+        _, (h_n, _) = self.lstm(x)
+        logits: torch.Tensor = self.head(self.dropout(h_n[-1]))
+        return logits.squeeze(-1)
+
+
+def build_model(config: TrainModelConfig, n_features: int) -> nn.Module:
+    """The configured classifier (``mlp`` or ``lstm``) for windows of ``n_features`` per bar."""
+    if config.model == "lstm":
+        return LSTMClassifier(n_features, config.hidden_size, config.num_layers, config.dropout)
+    return MLPClassifier(
+        config.feature_window, n_features, config.hidden_size, config.num_layers, config.dropout
+    )
+
+
+@contextlib.contextmanager
+def deterministic(seed: int) -> Iterator[None]:
+    """Seed torch and numpy and select deterministic kernels; restore the global flags after.
+
+    cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` before its first use to be deterministic; an op with no
+    deterministic kernel warns rather than failing the task (``warn_only``).
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # the legacy global seed, for any numpy code a model calls
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What :func:`train_classifier` produced.
+
+    Attributes:
+        model: the final model (after the last epoch run), in eval mode.
+        history: one entry per epoch run: ``epoch`` plus train/val loss and accuracy, all measured
+            after that epoch in eval mode (no dropout) over the whole split.
+        stopped_early: the callback asked to stop before the configured epochs were done.
+    """
+
+    model: nn.Module
+    history: list[dict[str, float]]
+    stopped_early: bool
+
+    @property
+    def final(self) -> dict[str, float]:
+        """Train/val loss and accuracy of the final model (the last history entry)."""
+        return {k: v for k, v in self.history[-1].items() if k != "epoch"}
+
+
+def train_classifier(
+    data: SplitData,
+    config: TrainModelConfig,
+    device: torch.device,
+    on_epoch: EpochCallback | None = None,
+) -> TrainOutcome:
+    """Fit the configured model with AdamW and BCE-with-logits, deterministically from the seed.
+
+    Training batches are shuffled within the training set only (seeded generator); validation
+    samples are never seen by the optimiser. At least one epoch runs; ``on_epoch`` returning False
+    stops after that epoch.
+
+    Args:
+        data: the standardised chronological split.
+        config: model and optimiser settings (``epochs``, ``batch_size``, ``seed`` ...).
+        device: where to train.
+        on_epoch: called after each epoch; returns whether to continue.
+
+    Returns:
+        The final model and the per-epoch history.
+    """
+    with deterministic(config.seed):
+        model = build_model(config, data.n_features).to(device)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        tensors = [torch.from_numpy(a).to(device) for a in (data.x_train, data.y_train)]
+        generator = torch.Generator().manual_seed(config.seed)
+        history: list[dict[str, float]] = []
+        for epoch in range(1, config.epochs + 1):
+            _train_one_epoch(
+                model, optimizer, *tensors, batch_size=config.batch_size, generator=generator
+            )
+            metrics = evaluate_split(model, data, device)
+            history.append({"epoch": float(epoch), **metrics})
+            if on_epoch is not None and not on_epoch(epoch, metrics, model, optimizer):
+                return TrainOutcome(model, history, stopped_early=epoch < config.epochs)
+    return TrainOutcome(model, history, stopped_early=False)
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
+    model.train()
+    loss_fn = nn.BCEWithLogitsLoss()
+    order = torch.randperm(len(y), generator=generator).to(x.device)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[batch]), y[batch])
+        loss.backward()
+        optimizer.step()
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, x: npt.NDArray[np.float32], device: torch.device) -> torch.Tensor:
+    model.eval()
+    inputs = torch.from_numpy(x)
+    starts = range(0, len(inputs), _EVAL_BATCH)
+    parts = [model(inputs[i : i + _EVAL_BATCH].to(device)).cpu() for i in starts]
+    return torch.cat(parts)
+
+
+def evaluate_split(model: nn.Module, data: SplitData, device: torch.device) -> dict[str, float]:
+    """Mean BCE loss (nats) and directional accuracy (0-1) on both parts, in eval mode.
+
+    Returns:
+        ``train_loss``, ``train_accuracy``, ``val_loss``, ``val_accuracy``.
+    """
+    metrics: dict[str, float] = {}
+    for part, x, y in (("train", data.x_train, data.y_train), ("val", data.x_val, data.y_val)):
+        logits, target = _logits(model, x, device), torch.from_numpy(y)
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+        metrics[f"{part}_loss"] = float(loss)
+        metrics[f"{part}_accuracy"] = float(((logits > 0).float() == target).float().mean())
+    return metrics
+
+
+def baseline_metrics(
+    y_train: npt.NDArray[np.float32], y_val: npt.NDArray[np.float32]
+) -> dict[str, float]:
+    """A model that knows only the training set's up-fraction ``p``.
+
+    Loss is the BCE (nats) of always predicting probability ``p``; accuracy is that of always
+    predicting the training set's majority direction.
+
+    Args:
+        y_train: training targets (0.0/1.0), shape (n_train,).
+        y_val: validation targets (0.0/1.0), shape (n_val,).
+
+    Returns:
+        ``baseline_{train,val}_{loss,accuracy}``.
+    """
+    p = float(np.clip(y_train.mean(), _PROB_EPS, 1.0 - _PROB_EPS))
+    majority = 1.0 if p >= 0.5 else 0.0
+    metrics: dict[str, float] = {}
+    for part, y in (("train", y_train), ("val", y_val)):
+        bce = -np.mean(y * np.log(p) + (1.0 - y) * np.log(1.0 - p))
+        metrics[f"baseline_{part}_loss"] = float(bce)
+        metrics[f"baseline_{part}_accuracy"] = float(np.mean(y == majority))
+    return metrics
+
+
+def save_checkpoint(
+    path: Path,
+    epoch: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainModelConfig,
+) -> None:
+    """Write model + optimiser state after ``epoch`` (1-based), atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    state = {
+        "epoch": epoch,
+        "model_state": model.state_dict(),
+        "optimizer_state": optimizer.state_dict(),
+        "config": config.model_dump(),
+    }
+    torch.save(state, temp)
+    temp.replace(path)
+
+
+def write_artifacts(
+    artifact_dir: Path,
+    outcome: TrainOutcome,
+    data: SplitData,
+    config: TrainModelConfig,
+    metrics: dict[str, float],
+) -> list[str]:
+    """Write ``model.pt``, ``metrics.json`` and ``loss_curve.png`` into ``artifact_dir``.
+
+    ``model.pt`` holds the state dict (on CPU), the config, the feature names and the training
+    standardisation statistics (mean/std, shape (n_features,)) needed to score new bars.
+
+    Returns:
+        The file names written, relative to ``artifact_dir``.
+    """
+    state = {k: v.detach().cpu() for k, v in outcome.model.state_dict().items()}
+    torch.save(
+        {
+            "state_dict": state,
+            "config": config.model_dump(),
+            "feature_names": list(FEATURE_NAMES),
+            "feature_mean": torch.from_numpy(data.standardiser.mean.copy()),
+            "feature_std": torch.from_numpy(data.standardiser.std.copy()),
+        },
+        artifact_dir / MODEL_FILE,
+    )
+    report = {
+        "metrics": metrics,
+        "metrics_of": "final_model",
+        "stopped_early": outcome.stopped_early,
+        "history": outcome.history,
+    }
+    (artifact_dir / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    plot_loss_curve(outcome.history, metrics["baseline_val_loss"], artifact_dir / LOSS_CURVE_FILE)
+    return [MODEL_FILE, METRICS_FILE, LOSS_CURVE_FILE]
+
+
+def plot_loss_curve(history: list[dict[str, float]], baseline_loss: float, path: Path) -> None:
+    """Plot train/val BCE per epoch with the baseline's validation loss as a dashed line (PNG)."""
+    # Figure without pyplot renders through Agg and leaves no global figure state behind.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(7, 4), dpi=100)
+    axes = figure.add_subplot()
+    epochs = [h["epoch"] for h in history]
+    axes.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train")
+    axes.plot(epochs, [h["val_loss"] for h in history], marker="o", label="validation")
+    axes.axhline(baseline_loss, color="grey", linestyle="--", label="baseline (validation)")
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel("BCE loss (nats)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+
+
+class MlflowRecorder:
+    """One MLflow run of this task, written through an ``MlflowClient`` bound to its URI."""
+
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        #: Status the run ends with when its body returns normally (``KILLED`` after a stop).
+        self.status = "FINISHED"
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log each item as a string param."""
+        from mlflow.entities import Param
+
+        entries = [Param(k, str(v)) for k, v in params.items()]
+        self.client.log_batch(self.run_id, params=entries)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Log metrics at ``step`` (the epoch for per-epoch metrics)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=entries)
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        """Copy files to the run's artifact store."""
+        for path in paths:
+            self.client.log_artifact(self.run_id, str(path))
+
+
+def _quiet_mlflow() -> None:
+    # MLflow and its migrations (alembic) log every table creation at INFO.
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _artifact_location(tracking_uri: str) -> str | None:
+    # A sqlite store would put artifacts under the current directory; keep them beside the DB.
+    prefix = "sqlite:///"
+    if not tracking_uri.startswith(prefix):
+        return None
+    return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+
+
+def _experiment_id(client: Any, tracking_uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        location = _artifact_location(tracking_uri)
+        return str(client.create_experiment(EXPERIMENT_NAME, artifact_location=location))
+    except MlflowException:
+        # Another task created it between the lookup and the create.
+        experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+        if experiment is None:
+            raise
+        return str(experiment.experiment_id)
+
+
+@contextlib.contextmanager
+def mlflow_run(ctx: TaskContext, device: torch.device) -> Iterator[MlflowRecorder]:
+    """Open an MLflow run named after the task; end it FINISHED, or FAILED if the body raises.
+
+    The run is tagged ``tp.task_id``, ``tp.attempt``, ``tp.device`` and, when known,
+    ``mlflow.source.git.commit``. A body that sets ``recorder.status`` (e.g. ``KILLED`` after a
+    stop request) ends the run with that status instead of FINISHED.
+    """
+    from mlflow.tracking import MlflowClient
+
+    _quiet_mlflow()  # after the import: importing mlflow configures its loggers
+
+    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    tags = {"tp.task_id": ctx.task_id, "tp.attempt": str(ctx.attempt), "tp.device": device.type}
+    if ctx.git_commit:
+        tags["mlflow.source.git.commit"] = ctx.git_commit
+    run = client.create_run(
+        _experiment_id(client, ctx.tracking_uri), run_name=ctx.task_id, tags=tags
+    )
+    recorder = MlflowRecorder(client, run.info.run_id)
+    try:
+        yield recorder
+    except BaseException:
+        client.set_terminated(recorder.run_id, "FAILED")
+        raise
+    client.set_terminated(recorder.run_id, recorder.status)
+
+
+def run(config: TrainModelConfig, ctx: TaskContext) -> dict[str, Any]:
+    """Train the configured model on the configured bars; the ``train_model`` entry point.
+
+    Returns:
+        JSON-serialisable result: ``metrics`` (final model and baseline, see
+        :func:`evaluate_split` and :func:`baseline_metrics`, plus ``n_train``/``n_val``),
+        ``artifacts`` (file names in ``ctx.artifact_dir``), ``mlflow_run_id``, ``device``,
+        ``dataset`` (name, bars, first/last bar ISO time), ``epochs_run``, ``stopped_early``.
+
+    Raises:
+        RuntimeError: ``cuda`` requested without CUDA.
+        FileNotFoundError: the dataset file does not exist.
+        ValueError: the bars are unusable (missing columns, too few bars, bad prices).
+    """
+    device = resolve_device(config.device)
+    bars = load_ohlcv(config.dataset)
+    data = split_chronological(
+        build_features(bars, config.feature_window), config.validation_fraction
+    )
+    with mlflow_run(ctx, device) as recorder:
+        recorder.log_params(config.model_dump())
+        outcome = train_classifier(data, config, device, _epoch_hook(config, ctx, recorder))
+        metrics = {
+            **outcome.final,
+            **baseline_metrics(data.y_train, data.y_val),
+            "n_train": float(len(data.y_train)),
+            "n_val": float(len(data.y_val)),
+        }
+        artifacts = write_artifacts(ctx.artifact_dir, outcome, data, config, metrics)
+        recorder.log_metrics({k: v for k, v in metrics.items() if k not in outcome.final}, step=0)
+        recorder.log_artifacts([ctx.artifact_dir / name for name in artifacts])
+        if outcome.stopped_early:
+            recorder.status = "KILLED"
+    return {
+        "metrics": metrics,
+        "artifacts": artifacts,
+        "mlflow_run_id": recorder.run_id,
+        "device": device.type,
+        "dataset": {
+            "name": config.dataset,
+            "bars": len(bars),
+            "start": bars.index[0].isoformat(),
+            "end": bars.index[-1].isoformat(),
+        },
+        "epochs_run": len(outcome.history),
+        "stopped_early": outcome.stopped_early,
+    }
+
+
+def _epoch_hook(
+    config: TrainModelConfig, ctx: TaskContext, recorder: MlflowRecorder
+) -> EpochCallback:
+    def on_epoch(
+        epoch: int, metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> bool:
+        ctx.report_progress(epoch / config.epochs, f"epoch {epoch}/{config.epochs}", metrics)
+        save_checkpoint(ctx.checkpoint_path, epoch, model, optimizer, config)
+        recorder.log_metrics(metrics, step=epoch)
+        return not ctx.should_stop()
+
+    return on_epoch

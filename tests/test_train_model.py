@@ -1,0 +1,320 @@
+"""The ``train_model`` task: no look-ahead, real runs with artifacts and MLflow, determinism."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from backtesting.test import GOOG
+from mlflow.tracking import MlflowClient
+
+from services.gpu_worker.context import TaskContext
+from services.gpu_worker.tasks.ohlcv import (
+    FeatureSet,
+    build_features,
+    clean_ohlcv,
+    load_ohlcv,
+    split_chronological,
+)
+from services.gpu_worker.tasks.train_model import (
+    baseline_metrics,
+    resolve_device,
+    run,
+    train_classifier,
+)
+from shared.task_types import TrainModelConfig
+
+CPU = torch.device("cpu")
+FINAL_KEYS = {
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "baseline_train_loss",
+    "baseline_train_accuracy",
+    "baseline_val_loss",
+    "baseline_val_accuracy",
+    "n_train",
+    "n_val",
+}
+#: Small enough to train in well under a second on GOOG, big enough to fit something.
+SMALL = {"feature_window": 8, "hidden_size": 16, "epochs": 3, "device": "cpu"}
+
+
+def small_config(**overrides: Any) -> TrainModelConfig:
+    return TrainModelConfig.model_validate({**SMALL, **overrides})
+
+
+class ProgressLog:
+    """A progress sink that keeps every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, str, dict[str, float]]] = []
+
+    def __call__(self, fraction: float, message: str, metrics: dict[str, float]) -> None:
+        self.calls.append((fraction, message, metrics))
+
+
+def make_context(
+    root: Path, tracking_uri: str, task_id: str = "task-1", progress: ProgressLog | None = None
+) -> TaskContext:
+    artifact_dir = root / task_id / "artifacts"
+    artifact_dir.mkdir(parents=True)
+    return TaskContext(
+        task_id=task_id,
+        attempt=1,
+        artifact_dir=artifact_dir,
+        checkpoint_path=root / task_id / "checkpoint" / "last.pt",
+        tracking_uri=tracking_uri,
+        git_commit="0123456789abcdef0123456789abcdef01234567",
+        _progress_sink=progress,
+    )
+
+
+@pytest.fixture(scope="module")
+def shared_tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    # One database for the tests that do not inspect MLflow: creating its tables costs ~1.5 s.
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def random_walk_bars(n: int, seed: int) -> pd.DataFrame:
+    """Bars whose close moves by exactly +-1 % at random: the next direction is in no past bar."""
+    rng = np.random.default_rng(seed)
+    close = 100.0 * np.exp(np.cumsum(0.01 * rng.choice([-1.0, 1.0], size=n)))
+    open_ = np.concatenate([[100.0], close[:-1]])
+    high = np.maximum(open_, close) * (1.0 + rng.uniform(0.0, 0.005, n))
+    low = np.minimum(open_, close) * (1.0 - rng.uniform(0.0, 0.005, n))
+    volume = rng.integers(1_000, 2_000, n).astype(float)
+    columns = {"Open": open_, "High": high, "Low": low, "Close": close, "Volume": volume}
+    return pd.DataFrame(columns, index=pd.date_range("2020-01-01", periods=n, freq="D"))
+
+
+# --- features and data ---------------------------------------------------------------------------
+
+
+def test_features_at_t_ignore_bars_after_t() -> None:
+    bars = clean_ohlcv(GOOG)
+    cut = 1000  # bars after this position are rewritten
+    altered = bars.copy()
+    rng = np.random.default_rng(0)
+    altered.iloc[cut + 1 :] *= rng.uniform(0.5, 1.5, size=(len(bars) - cut - 1, 1))
+    before, after = build_features(bars, 16), build_features(altered, 16)
+    known = before.end_times <= bars.index[cut]
+    assert known.sum() == cut - 16 + 1
+    np.testing.assert_array_equal(before.features[known], after.features[known])
+    np.testing.assert_array_equal(before.targets[known][:-1], after.targets[known][:-1])
+    # The alteration is visible from the first sample whose window reaches bar cut + 1.
+    assert not np.array_equal(before.features[~known][0], after.features[~known][0])
+
+
+def test_sample_windows_end_at_their_bar_and_target_the_next() -> None:
+    bars = clean_ohlcv(GOOG)
+    fs = build_features(bars, 4)
+    assert fs.features.shape == (len(bars) - 1 - 4, 4, 4)
+    j = 100
+    t = bars.index.get_loc(fs.end_times[j])
+    close = bars["Close"].to_numpy()
+    assert fs.features[j, -1, 0] == pytest.approx(math.log(close[t] / close[t - 1]), rel=1e-5)
+    assert fs.targets[j] == float(close[t + 1] > close[t])
+
+
+def test_standardisation_uses_training_samples_only() -> None:
+    bars = clean_ohlcv(GOOG)
+    altered = bars.copy()
+    altered.iloc[-300:] *= 3.0  # only inside the validation period
+    split, split_altered = (split_chronological(build_features(b, 8), 0.2) for b in (bars, altered))
+    np.testing.assert_array_equal(split.standardiser.mean, split_altered.standardiser.mean)
+    np.testing.assert_array_equal(split.x_train, split_altered.x_train)
+    assert len(split.y_val) == round(len(bars[9:]) * 0.2)
+    assert abs(float(split.x_train.mean())) < 0.05
+
+
+def test_clean_ohlcv_drops_nans_and_sorts() -> None:
+    bars = GOOG.iloc[:50].copy()
+    bars.iloc[10, 0] = np.nan
+    cleaned = clean_ohlcv(bars.iloc[::-1])
+    assert len(cleaned) == 49
+    assert cleaned.index.is_monotonic_increasing
+
+
+def test_missing_columns_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "bars.csv"
+    GOOG.drop(columns=["Volume", "Low"]).to_csv(path)
+    with pytest.raises(ValueError, match="missing columns: Low, Volume"):
+        load_ohlcv(str(path))
+
+
+def test_missing_file_fails_before_mlflow(tmp_path: Path) -> None:
+    ctx = make_context(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    config = TrainModelConfig(dataset=str(tmp_path / "nope.csv"), device="cpu")
+    with pytest.raises(FileNotFoundError, match=r"OHLCV file not found: .*nope\.csv"):
+        run(config, ctx)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_baseline_uses_the_training_up_fraction() -> None:
+    y_train = np.array([1, 1, 1, 0], dtype=np.float32)
+    y_val = np.array([0, 1], dtype=np.float32)
+    metrics = baseline_metrics(y_train, y_val)
+    assert metrics["baseline_val_accuracy"] == 0.5
+    assert metrics["baseline_train_accuracy"] == 0.75
+    assert metrics["baseline_val_loss"] == pytest.approx(-(math.log(0.25) + math.log(0.75)) / 2)
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == CPU
+    if torch.cuda.is_available():
+        assert resolve_device("auto").type == "cuda"
+    else:
+        assert resolve_device("auto") == CPU
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+# --- no look-ahead (acceptance) ------------------------------------------------------------------
+
+WALK_CONFIG = TrainModelConfig(
+    feature_window=8, hidden_size=32, epochs=15, validation_fraction=0.3, device="cpu"
+)
+
+
+def test_random_walk_direction_is_not_predicted() -> None:
+    # Each step is a fair coin: only the next bar knows it, so an honest model is near 50 %.
+    fs = build_features(random_walk_bars(1500, seed=7), WALK_CONFIG.feature_window)
+    outcome = train_classifier(split_chronological(fs, 0.3), WALK_CONFIG, CPU)
+    assert 0.35 < outcome.final["val_accuracy"] < 0.65
+
+
+def test_a_leaky_feature_would_be_caught() -> None:
+    # The same data, model and training, but each window shifted one bar into the future (the bug
+    # a look-ahead makes): the model then predicts nearly perfectly, so the test above can fail.
+    fs = build_features(random_walk_bars(1500, seed=7), WALK_CONFIG.feature_window)
+    leaky = FeatureSet(fs.features[1:], fs.targets[:-1], fs.end_times[:-1])
+    outcome = train_classifier(split_chronological(leaky, 0.3), WALK_CONFIG, CPU)
+    assert outcome.final["val_accuracy"] > 0.97
+
+
+# --- training ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["mlp", "lstm"])
+def test_same_seed_same_model(model: str) -> None:
+    config = small_config(model=model)
+    data = split_chronological(build_features(clean_ohlcv(GOOG), 8), 0.2)
+    first, second = (train_classifier(data, config, CPU) for _ in range(2))
+    assert first.history == second.history
+    other = train_classifier(data, config.model_copy(update={"seed": 1}), CPU)
+    assert other.history != first.history
+    assert all(math.isfinite(v) for v in first.final.values())
+
+
+def test_stop_request_ends_after_the_epoch(tmp_path: Path, shared_tracking_uri: str) -> None:
+    ctx = make_context(tmp_path, shared_tracking_uri)
+    ctx._progress_sink = lambda fraction, message, metrics: ctx.request_stop()
+    result = run(small_config(), ctx)
+    assert (result["epochs_run"], result["stopped_early"]) == (1, True)
+    assert torch.load(ctx.checkpoint_path, weights_only=True)["epoch"] == 1
+    run_info = MlflowClient(shared_tracking_uri).get_run(result["mlflow_run_id"]).info
+    assert run_info.status == "KILLED"
+
+
+def test_failure_ends_the_mlflow_run_failed(tmp_path: Path, shared_tracking_uri: str) -> None:
+    ctx = make_context(tmp_path, shared_tracking_uri, task_id="task-fails")
+    ctx.artifact_dir.rmdir()  # writing model.pt fails after training
+    with pytest.raises(RuntimeError):
+        run(small_config(), ctx)
+    client = MlflowClient(shared_tracking_uri)
+    experiment = client.get_experiment_by_name("train_model")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], "tags.`tp.task_id` = 'task-fails'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.slow
+def test_run_on_goog_writes_artifacts_and_mlflow(tmp_path: Path) -> None:
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    progress = ProgressLog()
+    ctx = make_context(tmp_path, tracking_uri, progress=progress)
+    config = small_config()
+
+    result = run(config, ctx)
+
+    json.dumps(result)  # JSON-serialisable
+    assert set(result["metrics"]) == FINAL_KEYS
+    assert result["metrics"]["n_train"] + result["metrics"]["n_val"] == 2148 - 1 - 8
+    assert result["dataset"] == {
+        "name": "GOOG",
+        "bars": 2148,
+        "start": "2004-08-19T00:00:00",
+        "end": "2013-03-01T00:00:00",
+    }
+    assert (result["device"], result["epochs_run"], result["stopped_early"]) == ("cpu", 3, False)
+    assert_artifacts(ctx, result)
+    assert [c[0] for c in progress.calls] == pytest.approx([1 / 3, 2 / 3, 1.0])
+    assert [c[1] for c in progress.calls] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert {"train_loss", "val_loss", "val_accuracy"} <= set(progress.calls[-1][2])
+    assert torch.load(ctx.checkpoint_path, weights_only=True)["epoch"] == 3
+    assert_mlflow_run(tracking_uri, result, config)
+
+
+def assert_artifacts(ctx: TaskContext, result: dict[str, Any]) -> None:
+    assert result["artifacts"] == ["model.pt", "metrics.json", "loss_curve.png"]
+    for name in result["artifacts"]:
+        assert (ctx.artifact_dir / name).stat().st_size > 0
+    report = json.loads((ctx.artifact_dir / "metrics.json").read_text())
+    assert report["metrics"] == result["metrics"]
+    assert [h["epoch"] for h in report["history"]] == [1, 2, 3]
+    saved = torch.load(ctx.artifact_dir / "model.pt", weights_only=True)
+    assert saved["config"]["feature_window"] == 8
+    assert saved["feature_mean"].shape == saved["feature_std"].shape == (4,)
+
+
+def assert_mlflow_run(tracking_uri: str, result: dict[str, Any], config: TrainModelConfig) -> None:
+    client = MlflowClient(tracking_uri)
+    mlflow_run = client.get_run(result["mlflow_run_id"])
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.info.run_name == "task-1"
+    assert mlflow_run.data.params == {k: str(v) for k, v in config.model_dump().items()}
+    assert mlflow_run.data.tags["tp.task_id"] == "task-1"
+    assert mlflow_run.data.tags["mlflow.source.git.commit"].startswith("0123456789")
+    history = client.get_metric_history(mlflow_run.info.run_id, "val_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    assert history[-1].value == pytest.approx(result["metrics"]["val_loss"])
+    assert mlflow_run.data.metrics["baseline_val_accuracy"] == pytest.approx(
+        result["metrics"]["baseline_val_accuracy"]
+    )
+    logged = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert logged == {"model.pt", "metrics.json", "loss_curve.png"}
+
+
+@pytest.mark.slow
+def test_same_seed_same_result(tmp_path: Path, shared_tracking_uri: str) -> None:
+    config = small_config()
+    first, second = (
+        run(config, make_context(tmp_path, shared_tracking_uri, task_id=name))
+        for name in ("first", "second")
+    )
+    assert first["metrics"] == second["metrics"]
+    assert first["mlflow_run_id"] != second["mlflow_run_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_file_round_trip(tmp_path: Path, shared_tracking_uri: str, suffix: str) -> None:
+    path = tmp_path / f"goog.{suffix}"
+    if suffix == "csv":
+        GOOG.to_csv(path)  # the index becomes an unnamed first column
+    else:
+        GOOG.rename_axis("date").reset_index().to_parquet(path)  # a named date column
+    config = small_config(dataset=str(path), epochs=1)
+    ctx = make_context(tmp_path, shared_tracking_uri, task_id=f"file-{suffix}")
+    result = run(config, ctx)
+    assert result["dataset"]["bars"] == 2148
+    assert result["dataset"]["start"] == "2004-08-19T00:00:00"
+    assert result["epochs_run"] == 1
