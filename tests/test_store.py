@@ -1,0 +1,87 @@
+"""The Redis status store against the real Redis: atomic compare-and-set, idempotent create."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from shared.messages import TaskState, TaskSubmission
+from shared.store import StatusStore
+
+
+def submission(task_id: str, **kw) -> TaskSubmission:
+    return TaskSubmission(task_id=task_id, task_type="probe", submitted_at=time.time(), **kw)
+
+
+async def started_store(settings) -> StatusStore:
+    store = StatusStore(settings)
+    await store.start()
+    return store
+
+
+async def test_create_is_idempotent_and_keeps_the_first_spec(settings):
+    store = await started_store(settings)
+    try:
+        assert await store.create(submission("a1", config={"sleep_s": 1}, priority=3))
+        assert not await store.create(submission("a1", config={"sleep_s": 9}, priority=9))
+        record = await store.get("a1")
+        assert record.config == {"sleep_s": 1} and record.priority == 3
+        assert record.state is TaskState.SUBMITTED and record.submitted_at is not None
+        assert [r.task_id for r in await store.list_recent()] == ["a1"]
+    finally:
+        await store.stop()
+
+
+async def test_claim_race_exactly_one_winner_100_times(settings):
+    """Two parties claim the same queued task at the same moment: exactly one wins, every time."""
+    stores = [await started_store(settings) for _ in range(2)]
+    try:
+        for i in range(100):
+            task_id = f"race-{i}"
+            await stores[0].create(submission(task_id))
+            await stores[0].transition(task_id, [TaskState.SUBMITTED], TaskState.QUEUED)
+            claims = await asyncio.gather(
+                *(
+                    s.transition(
+                        task_id,
+                        [TaskState.QUEUED],
+                        TaskState.RUNNING,
+                        by=f"w{n}",
+                        fields={"worker": f"w{n}", "+attempts": 1},
+                    )
+                    for n, s in enumerate(stores)
+                )
+            )
+            assert sorted(c.applied for c in claims) == [False, True]
+            loser = next(c for c in claims if not c.applied)
+            assert loser.previous is TaskState.RUNNING
+            record = await stores[0].get(task_id)
+            assert record.attempts == 1
+            assert [h["to"] for h in await stores[0].history(task_id)].count("running") == 1
+    finally:
+        for s in stores:
+            await s.stop()
+
+
+async def test_transition_refuses_unexpected_state_and_terminal_gets_ttl(settings):
+    store = await started_store(settings)
+    try:
+        assert (
+            await store.transition("nope", [TaskState.QUEUED], TaskState.RUNNING)
+        ).previous is None
+        await store.create(submission("t1"))
+        refused = await store.transition("t1", [TaskState.QUEUED], TaskState.RUNNING)
+        assert not refused.applied and refused.previous is TaskState.SUBMITTED
+        done = await store.transition(
+            "t1", [TaskState.SUBMITTED], TaskState.FAILED, fields={"error": "bad config"}
+        )
+        assert done.applied
+        record = await store.get("t1")
+        assert record.state is TaskState.FAILED and record.error == "bad config"
+        assert record.failed_at >= record.submitted_at
+        assert 0 < await store.redis.ttl(store.keys.task("t1")) <= 30 * 24 * 3600
+        # update_if only touches a task in the named states
+        assert not await store.update_if("t1", [TaskState.RUNNING], {"progress": 0.5})
+        assert (await store.get("t1")).progress is None
+    finally:
+        await store.stop()
