@@ -251,3 +251,51 @@ async def test_sigkilled_child_fails_and_worker_serves_next(
     following = await client.wait((await client.submit("probe", {})).task_id, timeout_s=WAIT_S)
     assert following.state is TaskState.COMPLETED
     assert platform.procs["gpu_worker"].proc.poll() is None
+
+
+@pytest.mark.slow
+async def test_cli_trains_on_goog_end_to_end_with_mlflow_run(platform: Platform):
+    """The main job: tradectl submit --wait on GOOG daily through real processes."""
+    await platform.start_all()
+    cli = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "task", "submit", "train_model",
+         "--config", "configs/train_goog.yaml", "--set", "epochs=3", "--wait", "--json"],
+        env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    record = json.loads(cli.stdout)
+    assert record["state"] == "completed"
+    metrics = record["result"]["metrics"]
+    for key in ("val_loss", "val_accuracy", "baseline_val_loss", "baseline_val_accuracy"):
+        assert isinstance(metrics[key], float)
+    assert record["submitted_at"] < record["queued_at"] < record["running_at"] \
+        < record["completed_at"] == record["finished_at"]
+    artifacts = platform.settings.tasks_dir / record["task_id"] / "artifacts"
+    assert {p.name for p in artifacts.iterdir()} >= {"model.pt", "metrics.json", "loss_curve.png"}
+
+    shown = subprocess.run(
+        [sys.executable, "examples/show_mlflow_run.py", record["task_id"]],
+        env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "FINISHED" in shown.stdout and "epochs=3" in shown.stdout and "val_loss=" in shown.stdout
+
+
+async def test_sync_client_and_failed_task_exit_code(platform: Platform):
+    await platform.start_all()
+    from shared.client import SyncClient
+
+    def use_sync() -> tuple:
+        with SyncClient(platform.settings) as sync:
+            ok = sync.submit_and_wait("probe", {"steps": 2}, timeout_s=WAIT_S)
+            bad = sync.submit_and_wait("probe", {"fail_with": "nope"}, timeout_s=WAIT_S)
+            return ok, bad
+
+    ok, bad = await asyncio.to_thread(use_sync)
+    assert ok.state is TaskState.COMPLETED and bad.state is TaskState.FAILED
+    cli = subprocess.run(
+        [sys.executable, "-m", "shared.cli", "task", "submit", "probe", "--set", "fail_with=x",
+         "--wait"], env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 1 and "RuntimeError: x" in cli.stdout
