@@ -74,3 +74,11 @@ def test_config_errors_name_every_field_and_idempotency_ids_are_stable():
     message = str(e.value)
     assert "epochs" in message and "modell" in message and "device" in message
     assert task_id_for_key("nightly") == task_id_for_key("nightly") != task_id_for_key("other")
+
+
+def test_readme_settings_table_lists_every_setting():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name in Settings.model_fields:
+        assert f"| `TP_{name.upper()}` |" in readme, name
