@@ -14,6 +14,7 @@ import pytest
 
 from shared.broker import REASON_HEADER
 from shared.client import DistributedClient
+from shared.gitinfo import head_commit
 from shared.messages import TaskState
 from shared.topology import Topology
 from tests.conftest import ROOT, Platform, service_env
@@ -258,9 +259,25 @@ async def test_cli_trains_on_goog_end_to_end_with_mlflow_run(platform: Platform)
     """The main job: tradectl submit --wait on GOOG daily through real processes."""
     await platform.start_all()
     cli = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "task", "submit", "train_model",
-         "--config", "configs/train_goog.yaml", "--set", "epochs=3", "--wait", "--json"],
-        env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "task",
+            "submit",
+            "train_model",
+            "--config",
+            "configs/train_goog.yaml",
+            "--set",
+            "epochs=3",
+            "--wait",
+            "--json",
+        ],
+        env=service_env(platform.settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert cli.returncode == 0, cli.stdout + cli.stderr
     record = json.loads(cli.stdout)
@@ -268,17 +285,33 @@ async def test_cli_trains_on_goog_end_to_end_with_mlflow_run(platform: Platform)
     metrics = record["result"]["metrics"]
     for key in ("val_loss", "val_accuracy", "baseline_val_loss", "baseline_val_accuracy"):
         assert isinstance(metrics[key], float)
-    assert record["submitted_at"] < record["queued_at"] < record["running_at"] \
-        < record["completed_at"] == record["finished_at"]
+    assert (
+        record["submitted_at"]
+        < record["queued_at"]
+        < record["running_at"]
+        < record["completed_at"]
+        == record["finished_at"]
+    )
     artifacts = platform.settings.tasks_dir / record["task_id"] / "artifacts"
     assert {p.name for p in artifacts.iterdir()} >= {"model.pt", "metrics.json", "loss_curve.png"}
 
     shown = subprocess.run(
         [sys.executable, "examples/show_mlflow_run.py", record["task_id"]],
-        env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=service_env(platform.settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert shown.returncode == 0, shown.stderr
     assert "FINISHED" in shown.stdout and "epochs=3" in shown.stdout and "val_loss=" in shown.stdout
+    # Submitted without a commit: the worker records the commit of the code it runs.
+    commit = head_commit(ROOT)
+    assert commit is not None and record["result"]["git_commit"] == commit
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(platform.settings.tracking_uri).get_run(record["result"]["mlflow_run_id"])
+    assert run.data.tags["mlflow.source.git.commit"] == commit
 
 
 async def test_sync_client_and_failed_task_exit_code(platform: Platform):
@@ -294,8 +327,21 @@ async def test_sync_client_and_failed_task_exit_code(platform: Platform):
     ok, bad = await asyncio.to_thread(use_sync)
     assert ok.state is TaskState.COMPLETED and bad.state is TaskState.FAILED
     cli = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "task", "submit", "probe", "--set", "fail_with=x",
-         "--wait"], env=service_env(platform.settings), cwd=ROOT, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "task",
+            "submit",
+            "probe",
+            "--set",
+            "fail_with=x",
+            "--wait",
+        ],
+        env=service_env(platform.settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
     assert cli.returncode == 1 and "RuntimeError: x" in cli.stdout

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import structlog
 
 from services.gpu_worker import runner
+from services.gpu_worker.execution import WorkerEnv
 from services.gpu_worker.lane import Lane
 from shared.broker import Broker
 from shared.constants import ROUTE_CPU, ROUTE_GPU
+from shared.gitinfo import head_commit
 from shared.messages import TaskState
 from shared.settings import Settings
 from shared.store import StatusStore
@@ -29,6 +32,13 @@ class Worker:
         self.store = StatusStore(settings)
         self.broker = Broker(settings, name=f"worker:{self.name}")
         self.lanes: list[Lane] = []
+        self.env = WorkerEnv(
+            settings,
+            self.store,
+            self.broker,
+            self.name,
+            code_commit=head_commit(Path(__file__).resolve().parent),
+        )
 
     async def start(self) -> None:
         await asyncio.to_thread(runner.warm_up)
@@ -39,14 +49,7 @@ class Worker:
             (ROUTE_CPU, self.settings.worker_cpu_slots),
         ):
             if slots > 0:
-                lane = Lane(
-                    route,
-                    slots,
-                    settings=self.settings,
-                    store=self.store,
-                    broker=self.broker,
-                    worker=self.name,
-                )
+                lane = Lane(route, slots, self.env)
                 await lane.start()
                 self.lanes.append(lane)
         log.info("worker_ready", worker=self.name, lanes={ln.route: ln.slots for ln in self.lanes})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -19,32 +20,36 @@ from shared.store import StatusStore
 log = structlog.get_logger(__name__)
 
 
+@dataclass(frozen=True)
+class WorkerEnv:
+    """What every part of a worker shares: settings, connections, its name and code commit."""
+
+    settings: Settings
+    store: StatusStore
+    broker: Broker
+    name: str
+    #: Commit of the code the worker runs; recorded on tasks submitted without one.
+    code_commit: str | None = None
+
+
 class TaskExecution:
     """Runs a task the worker has claimed (state ``running``) and records how it ended.
 
     Args:
         submission: the task as dispatched.
         attempt: this run's attempt number (1 = first).
+        env: the worker's settings and connections.
     """
 
-    def __init__(
-        self,
-        submission: TaskSubmission,
-        attempt: int,
-        *,
-        settings: Settings,
-        store: StatusStore,
-        broker: Broker,
-        worker: str,
-    ) -> None:
+    def __init__(self, submission: TaskSubmission, attempt: int, env: WorkerEnv) -> None:
         self.submission = submission
         self.attempt = attempt
-        self.settings = settings
-        self.store = store
-        self.broker = broker
-        self.worker = worker
+        self.settings = env.settings
+        self.store = env.store
+        self.broker = env.broker
+        self.worker = env.name
         self._last_progress = 0.0
-        task_dir = settings.tasks_dir / submission.task_id
+        task_dir = env.settings.tasks_dir / submission.task_id
         self.child = ChildProcess(
             ChildJob(
                 task_id=submission.task_id,
@@ -53,8 +58,8 @@ class TaskExecution:
                 attempt=attempt,
                 artifact_dir=task_dir / "artifacts",
                 checkpoint_path=task_dir / "checkpoints" / "last.pt",
-                tracking_uri=settings.tracking_uri,
-                git_commit=submission.git_commit,
+                tracking_uri=env.settings.tracking_uri,
+                git_commit=submission.git_commit or env.code_commit,
             ),
             self.on_progress,
         )
@@ -101,7 +106,8 @@ class TaskExecution:
         fields: dict[str, str | int | float]
         if failure is None:
             state = TaskState.COMPLETED
-            fields = {"result": json.dumps(outcome.result), "progress": 1.0}
+            result = {**(outcome.result or {}), "git_commit": self.child.job.git_commit}
+            fields = {"result": json.dumps(result), "progress": 1.0}
         else:
             state = TaskState.FAILED
             fields = {"error": failure, "traceback": outcome.traceback or ""}

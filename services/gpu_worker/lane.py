@@ -15,13 +15,10 @@ import time
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from services.gpu_worker.execution import TaskExecution
-from shared.broker import Broker
+from services.gpu_worker.execution import TaskExecution, WorkerEnv
 from shared.errors import BrokerError, DecodeError, StoreError
 from shared.events import state_event
 from shared.messages import TaskState, TaskSubmission, decode
-from shared.settings import Settings
-from shared.store import StatusStore
 
 log = structlog.get_logger(__name__)
 
@@ -36,22 +33,14 @@ LEASE_S = 60.0
 class Lane:
     """Consumes ``route``'s queue with ``slots`` slots (prefetch = slots)."""
 
-    def __init__(
-        self,
-        route: str,
-        slots: int,
-        *,
-        settings: Settings,
-        store: StatusStore,
-        broker: Broker,
-        worker: str,
-    ) -> None:
+    def __init__(self, route: str, slots: int, env: WorkerEnv) -> None:
         self.route = route
         self.slots = slots
-        self.settings = settings
-        self.store = store
-        self.broker = broker
-        self.worker = worker
+        self.env = env
+        self.settings = env.settings
+        self.store = env.store
+        self.broker = env.broker
+        self.worker = env.name
         self.running: dict[str, TaskExecution] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._channel: AbstractChannel | None = None
@@ -126,14 +115,7 @@ class Lane:
             await message.ack()
             return
         record = await self.store.get(task_id)
-        self.running[task_id] = TaskExecution(
-            submission,
-            record.attempts,
-            settings=self.settings,
-            store=self.store,
-            broker=self.broker,
-            worker=self.worker,
-        )
+        self.running[task_id] = TaskExecution(submission, record.attempts, self.env)
         if len(self.running) >= self.slots:
             await self._pause()  # before the ack, or the broker pushes the next message now
         await message.ack()
