@@ -175,14 +175,14 @@ def submit(
     config = parse_config(config_file, assignments or [])
 
     async def body(client: DistributedClient) -> TaskRecord:
-        record = await client.submit(
-            task_type, config, priority=priority, task_id=task_id, idempotency_key=idempotency_key
-        )
+        submit_kw: dict[str, Any] = {
+            "priority": priority,
+            "task_id": task_id,
+            "idempotency_key": idempotency_key,
+        }
         if not wait:
-            return record
-        if not as_json:
-            out.print(f"submitted {record.task_id}", highlight=False)
-        return await follow(client, record.task_id, timeout, quiet=as_json)
+            return await client.submit(task_type, config, **submit_kw)
+        return await follow(client, task_type, config, submit_kw, timeout, quiet=as_json)
 
     try:
         record: TaskRecord = with_client(body)
@@ -202,13 +202,32 @@ def submit(
 
 
 async def follow(
-    client: DistributedClient, task_id: str, timeout: float | None, *, quiet: bool
+    client: DistributedClient,
+    task_type: str,
+    config: dict[str, Any],
+    submit_kw: dict[str, Any],
+    timeout: float | None,
+    *,
+    quiet: bool,
 ) -> TaskRecord:
-    """Wait for the task, drawing a progress bar from its pushed events (none when quiet)."""
-    if quiet or not sys.stderr.isatty():
-        return await client.wait(
-            task_id, timeout_s=timeout, on_event=None if quiet else print_event
+    """Submit and wait, drawing a progress bar from the pushed events (nothing when quiet)."""
+
+    def on_submitted(record: TaskRecord) -> None:
+        if not quiet:
+            err.print(f"submitted {record.task_id}", highlight=False)
+
+    def wait(on_event: Callable[[TaskEvent], None] | None) -> Awaitable[TaskRecord]:
+        return client.submit_and_wait(
+            task_type,
+            config,
+            timeout_s=timeout,
+            on_event=on_event,
+            on_submitted=on_submitted,
+            **submit_kw,
         )
+
+    if quiet or not sys.stderr.isatty():
+        return await wait(None if quiet else print_event)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -216,7 +235,7 @@ async def follow(
         TimeElapsedColumn(),
         console=err,
     ) as bar:
-        handle = bar.add_task("queued", total=1.0)
+        handle = bar.add_task("submitted", total=1.0)
 
         def on_event(event: TaskEvent) -> None:
             if event.kind is EventKind.PROGRESS:
@@ -226,7 +245,7 @@ async def follow(
             else:
                 bar.update(handle, description=event.state.value)
 
-        return await client.wait(task_id, timeout_s=timeout, on_event=on_event)
+        return await wait(on_event)
 
 
 def print_event(event: TaskEvent) -> None:

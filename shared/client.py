@@ -10,16 +10,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, TypeVar
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractQueue
 
 from shared.broker import Broker
 from shared.constants import DEFAULT_PRIORITY
@@ -162,19 +163,50 @@ class DistributedClient:
         Raises:
             TimeoutError: ``timeout_s`` passed first.
         """
-        channel = await self.broker.connection.channel()
-        try:
-            queue = await self._follow(channel, f"task.*.{task_id}")
+        async with self._subscribed(task_id) as queue, asyncio.timeout(timeout_s):
+            return await self._wait_on(queue, task_id, on_event)
+
+    async def submit_and_wait(
+        self,
+        task_type: str,
+        config: dict[str, Any] | None = None,
+        *,
+        timeout_s: float | None = None,
+        on_event: EventCallback | None = None,
+        on_submitted: Callable[[TaskRecord], None] | None = None,
+        **submit_kw: Any,
+    ) -> TaskRecord:
+        """Subscribe to the task's events, submit it, and wait for its end.
+
+        Subscribing before the submit means every event, ``queued`` included, reaches
+        ``on_event``. Takes ``submit``'s keyword arguments and ``wait``'s ``timeout_s`` and
+        ``on_event``; ``on_submitted`` is called with the record right after the submit.
+
+        Raises:
+            Whatever ``submit`` and ``wait`` raise.
+        """
+        task_id = submit_kw.pop("task_id", None)
+        if task_id is None:
+            key = submit_kw.get("idempotency_key")
+            task_id = task_id_for_key(key) if key else str(uuid.uuid4())
+        async with self._subscribed(task_id) as queue:
+            record = await self.submit(task_type, config, task_id=task_id, **submit_kw)
+            if on_submitted is not None:
+                on_submitted(record)
             async with asyncio.timeout(timeout_s):
                 return await self._wait_on(queue, task_id, on_event)
+
+    @contextlib.asynccontextmanager
+    async def _subscribed(self, task_id: str) -> AsyncIterator[AbstractQueue]:
+        """An exclusive auto-delete queue bound to ``task.*.<task_id>``, closed on exit."""
+        channel = await self.broker.connection.channel()
+        try:
+            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            events = await channel.get_exchange(self.broker.topology.events_exchange)
+            await queue.bind(events, routing_key=f"task.*.{task_id}")
+            yield queue
         finally:
             await channel.close()
-
-    async def _follow(self, channel: AbstractChannel, binding: str) -> AbstractQueue:
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        events = await channel.get_exchange(self.broker.topology.events_exchange)
-        await queue.bind(events, routing_key=binding)
-        return queue
 
     async def _wait_on(
         self, queue: AbstractQueue, task_id: str, on_event: EventCallback | None
@@ -259,8 +291,7 @@ class SyncClient:
         **kw: Any,
     ) -> TaskRecord:
         """Submit, then wait for the end; returns the final record."""
-        record = self.submit(task_type, config, **kw)
-        return self.wait(record.task_id, timeout_s=timeout_s)
+        return self._run(self._client.submit_and_wait(task_type, config, timeout_s=timeout_s, **kw))
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._loop.run_until_complete(coro)
