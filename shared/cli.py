@@ -21,13 +21,13 @@ import yaml
 from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from shared.client import DistributedClient
 from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY
 from shared.errors import BrokerError, StoreError, TaskError, TaskNotFoundError
-from shared.messages import EventKind, TaskEvent, describe_validation_error
-from shared.settings import Settings
+from shared.messages import EventKind, TaskEvent, TaskState, describe_validation_error
+from shared.settings import Settings, describe_settings_error
 from shared.store import TaskRecord
 
 app = typer.Typer(
@@ -36,11 +36,17 @@ app = typer.Typer(
 task_app = typer.Typer(help="Submit, follow and inspect tasks.", no_args_is_help=True)
 app.add_typer(task_app, name="task")
 
-out = Console()
-err = Console(stderr=True)
+# soft_wrap: lines that do not fit are not broken, so logs and pipes get one line per event; a
+# pipe gets wide tables (rich would assume 80 columns) so task ids stay whole.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+class WaitTimedOutError(Exception):
+    """``--wait --timeout`` passed before the task ended; the message says in which state."""
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -54,7 +60,7 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as e:
-        fail(f"bad settings: {describe_validation_error(e)}", 2)
+        fail(f"bad settings: {describe_settings_error(e)}", 2)
 
 
 def with_client(body: Callable[[DistributedClient], Awaitable[T]]) -> T:
@@ -62,6 +68,9 @@ def with_client(body: Callable[[DistributedClient], Awaitable[T]]) -> T:
 
     async def main() -> T:
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        # aio-pika logs a failed connect itself; the CLI reports it once, as an error.
+        for name in ("aio_pika", "aiormq"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         async with DistributedClient(load_settings(), name="tradectl") as client:
             result: T = await body(client)
             return result
@@ -190,8 +199,8 @@ def submit(
         fail(str(e), 2)
     except ValidationError as e:
         fail(describe_validation_error(e), 2)
-    except TimeoutError:
-        fail(f"task still running after {timeout} s", 124)
+    except WaitTimedOutError as e:
+        fail(str(e), 124)
     if wait:
         print_record(record, as_json=as_json)
         raise typer.Exit(0 if record.state == "completed" else 1)
@@ -211,20 +220,29 @@ async def follow(
     quiet: bool,
 ) -> TaskRecord:
     """Submit and wait, drawing a progress bar from the pushed events (nothing when quiet)."""
+    submitted: list[str] = []
 
     def on_submitted(record: TaskRecord) -> None:
+        submitted.append(record.task_id)
         if not quiet:
             err.print(f"submitted {record.task_id}", highlight=False)
 
-    def wait(on_event: Callable[[TaskEvent], None] | None) -> Awaitable[TaskRecord]:
-        return client.submit_and_wait(
-            task_type,
-            config,
-            timeout_s=timeout,
-            on_event=on_event,
-            on_submitted=on_submitted,
-            **submit_kw,
-        )
+    async def wait(on_event: Callable[[TaskEvent], None] | None) -> TaskRecord:
+        try:
+            return await client.submit_and_wait(
+                task_type,
+                config,
+                timeout_s=timeout,
+                on_event=on_event,
+                on_submitted=on_submitted,
+                **submit_kw,
+            )
+        except TimeoutError:
+            record = await client.status(submitted[0])
+            hint = " (is a scheduler running?)" if record.state is TaskState.SUBMITTED else ""
+            raise WaitTimedOutError(
+                f"task {record.task_id} still {record.state.value} after {timeout:g} s{hint}"
+            ) from None
 
     if quiet or not sys.stderr.isatty():
         return await wait(None if quiet else print_event)
@@ -304,17 +322,18 @@ def result(task_id: str, as_json: JsonOpt = False) -> None:
 @task_app.command("list")
 def list_tasks(
     limit: Annotated[int, typer.Option(min=1, max=10_000)] = 20,
-    state: Annotated[str | None, typer.Option(help="Only tasks in this state.")] = None,
+    state: Annotated[TaskState | None, typer.Option(help="Only tasks in this state.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """List recent tasks, newest first."""
     records: list[TaskRecord] = with_client(lambda c: c.list_tasks(limit))
     if state:
-        records = [r for r in records if r.state == state]
+        records = [r for r in records if r.state is state]
     if as_json:
         print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return
-    table = Table("task id", "type", "state", "prio", "progress", "submitted", "worker")
+    table = Table("type", "state", "prio", "progress", "submitted", "worker")
+    table.columns.insert(0, Column("task id", no_wrap=True, min_width=36))
     for r in records:
         progress = "" if r.progress is None else f"{r.progress:.0%}"
         table.add_row(

@@ -109,8 +109,8 @@ class DistributedClient:
             pydantic.ValidationError: a bad id or priority.
             StoreError, BrokerError: Redis or RabbitMQ failed.
         """
-        config = dict(config or {})
-        validate_config(task_type, config)
+        # The record and the wire carry the config as it will run: validated, defaults filled in.
+        config = validate_config(task_type, dict(config or {})).model_dump(mode="json")
         if task_id is None:
             task_id = task_id_for_key(idempotency_key) if idempotency_key else str(uuid.uuid4())
         submission = TaskSubmission(
@@ -130,12 +130,15 @@ class DistributedClient:
         # have been lost; the scheduler drops the duplicate if both arrive.
         if created or record.state is TaskState.SUBMITTED:
             await self.broker.publish_submission(submission)
-        log.debug("task_submitted", task_id=task_id, created=created)
         return record
 
     async def status(self, task_id: str) -> TaskRecord:
-        """The task's current record (raises ``TaskNotFoundError``)."""
-        return await self.store.get(task_id)
+        """The task's current record; ``task_id`` may be a unique prefix.
+
+        Raises:
+            TaskNotFoundError: no such task, or an ambiguous prefix.
+        """
+        return await self.store.get(await self.store.resolve_id(task_id))
 
     async def list_tasks(self, limit: int = 50) -> list[TaskRecord]:
         """The most recent tasks, newest first."""

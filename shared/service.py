@@ -1,17 +1,30 @@
-"""Process lifecycle shared by every service: settings, logging, signals, start/stop."""
+"""Process lifecycle shared by every service: settings, logging, signals, start/stop.
+
+Exit codes: 0 after a signal-driven stop; 2 for bad settings (the message names the ``TP_*``
+variable).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sys
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
+from pydantic import ValidationError
 
+from shared.errors import BrokerError, StoreError
 from shared.logging import configure_logging
-from shared.settings import Settings
+from shared.settings import Settings, describe_settings_error
 
 log = structlog.get_logger(__name__)
+
+#: Back-off between attempts to reach RabbitMQ/Redis at start-up (s): doubling, capped, so a
+#: service started before its broker (compose, boot order) comes up as soon as the broker does.
+START_RETRY_FIRST_S = 1.0
+START_RETRY_MAX_S = 30.0
 
 
 class Service(Protocol):
@@ -22,13 +35,35 @@ class Service(Protocol):
     async def stop(self) -> None: ...  # noqa: D102
 
 
+async def start_with_retry(service: Service, stop: asyncio.Event) -> bool:
+    """Call ``service.start()`` until it connects or ``stop`` is set; False if stopped first.
+
+    Each failure is logged with the (redacted) address and the next delay.
+    """
+    delay = START_RETRY_FIRST_S
+    while not stop.is_set():
+        try:
+            await service.start()
+        except (BrokerError, StoreError) as e:
+            log.error("start_failed", error=str(e), retry_in_s=delay)  # noqa: TRY400 - expected
+            await service.stop()
+        else:
+            return True
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except TimeoutError:
+            delay = min(delay * 2, START_RETRY_MAX_S)
+    return False
+
+
 async def run_until_signalled(service: Service) -> None:
     """Start ``service``, wait for SIGTERM/SIGINT, then stop it (arq's handle_sig pattern)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await service.start()
+    if not await start_with_retry(service, stop):
+        return
     log.info("service_started")
     try:
         await stop.wait()
@@ -38,8 +73,12 @@ async def run_until_signalled(service: Service) -> None:
         log.info("service_stopped")
 
 
-def main(name: str, factory: type) -> None:
+def main(name: str, factory: Callable[[Settings], Service]) -> None:
     """Entry point body for ``python -m services.<name>``: settings, logging, run."""
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as e:
+        print(f"{name}: bad settings: {describe_settings_error(e)}", file=sys.stderr)
+        sys.exit(2)
     configure_logging(settings, service=name)
     asyncio.run(run_until_signalled(factory(settings)))

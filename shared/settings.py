@@ -12,10 +12,20 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.constants import DEFAULT_MAX_MESSAGE_BYTES
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """One line naming each bad variable: ``TP_WORKER_GPU_SLOTS: Input should be ...; ...``."""
+    parts = []
+    for err in error.errors():
+        loc = [str(p) for p in err["loc"]]
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"TP_{loc[0].upper()}: {message}" if loc else message)
+    return "; ".join(parts)
 
 
 class Settings(BaseSettings):

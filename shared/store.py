@@ -274,6 +274,30 @@ class StatusStore:
             raise TaskNotFoundError(f"no task {task_id!r}", task_id=task_id)
         return TaskRecord.from_hash(raw)
 
+    async def resolve_id(self, id_or_prefix: str) -> str:
+        """The full task id for an id or a unique prefix of one (as ``git`` resolves SHAs).
+
+        Raises:
+            TaskNotFoundError: no task matches, or the prefix matches several (they are named).
+        """
+        if await self.redis.exists(self.keys.task(id_or_prefix)):
+            return id_or_prefix
+        matches: list[str] = []
+        if id_or_prefix and "*" not in id_or_prefix and "?" not in id_or_prefix:
+            async for member, _score in self.redis.zscan_iter(
+                self.keys.task_index, match=f"{id_or_prefix}*", count=1000
+            ):
+                matches.append(member)
+                if len(matches) > 5:
+                    break
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise TaskNotFoundError(
+                f"task id prefix {id_or_prefix!r} is ambiguous: {', '.join(matches)}"
+            )
+        raise TaskNotFoundError(f"no task {id_or_prefix!r}", task_id=id_or_prefix)
+
     async def history(self, task_id: str) -> list[dict[str, Any]]:
         """The task's transitions, oldest first: ``[{"from", "to", "ts", "by"}, ...]``."""
         items = await self.redis.lrange(self.keys.history(task_id), 0, -1)

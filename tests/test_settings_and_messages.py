@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from pydantic import ValidationError
@@ -14,6 +15,8 @@ from shared.task_types import validate_config
 
 
 def test_env_prefix_and_dotenv(monkeypatch, tmp_path):
+    for name in [k for k in os.environ if k.startswith("TP_")]:
+        monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("TP_NAMESPACE=fromdotenv\nTP_WORKER_GPU_SLOTS=2\n")
     monkeypatch.setenv("TP_WORKER_GPU_SLOTS", "3")

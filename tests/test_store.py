@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
+from shared.errors import TaskNotFoundError
 from shared.messages import TaskState, TaskSubmission
 from shared.store import StatusStore
 
@@ -83,5 +86,20 @@ async def test_transition_refuses_unexpected_state_and_terminal_gets_ttl(setting
         # update_if only touches a task in the named states
         assert not await store.update_if("t1", [TaskState.RUNNING], {"progress": 0.5})
         assert (await store.get("t1")).progress is None
+    finally:
+        await store.stop()
+
+
+async def test_resolve_id_by_unique_prefix(settings):
+    store = await started_store(settings)
+    try:
+        for task_id in ("abc-111", "abc-222", "xyz-333"):
+            await store.create(submission(task_id))
+        assert await store.resolve_id("xyz-333") == "xyz-333"
+        assert await store.resolve_id("xy") == "xyz-333"
+        with pytest.raises(TaskNotFoundError, match="ambiguous: "):
+            await store.resolve_id("abc")
+        with pytest.raises(TaskNotFoundError, match="no task 'q'"):
+            await store.resolve_id("q")
     finally:
         await store.stop()

@@ -66,6 +66,7 @@ class Worker:
             await idle
         for lane in self.lanes:
             await lane.close()
+        self.lanes = []
         await self.broker.stop()
         await self.store.stop()
 

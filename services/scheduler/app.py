@@ -39,8 +39,9 @@ class Scheduler:
         await queue.consume(self.on_message)
 
     async def stop(self) -> None:
-        if self._channel is not None:
+        if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
+        self._channel = None
         await self.broker.stop()
         await self.store.stop()
 
