@@ -140,9 +140,9 @@ class DistributedClient:
         """
         return await self.store.get(await self.store.resolve_id(task_id))
 
-    async def list_tasks(self, limit: int = 50) -> list[TaskRecord]:
-        """The most recent tasks, newest first."""
-        return await self.store.list_recent(limit)
+    async def list_tasks(self, limit: int = 50, state: TaskState | None = None) -> list[TaskRecord]:
+        """The most recent tasks (only those in ``state`` if given), newest first."""
+        return await self.store.list_recent(limit, state)
 
     async def history(self, task_id: str) -> list[dict[str, Any]]:
         """The task's state transitions, oldest first."""

@@ -303,14 +303,29 @@ class StatusStore:
         items = await self.redis.lrange(self.keys.history(task_id), 0, -1)
         return [json.loads(i) for i in items]
 
-    async def list_recent(self, limit: int = 50) -> list[TaskRecord]:
-        """The ``limit`` most recently submitted tasks that still exist, newest first."""
-        ids = cast(list[str], await self.redis.zrevrange(self.keys.task_index, 0, limit - 1))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for task_id in ids:
-                pipe.hgetall(self.keys.task(task_id))
-            rows: list[dict[str, str]] = await pipe.execute()
-        return [TaskRecord.from_hash(r) for r in rows if r]
+    async def list_recent(
+        self, limit: int = 50, state: TaskState | None = None, *, scan_max: int = 100_000
+    ) -> list[TaskRecord]:
+        """The ``limit`` most recently submitted tasks (in ``state`` if given), newest first.
+
+        With a state filter the index is read in pages, newest first, until ``limit`` matches are
+        found or ``scan_max`` tasks were looked at, so an old stuck task is still found.
+        """
+        found: list[TaskRecord] = []
+        page = max(limit, 200) if state is not None else limit
+        for start in range(0, scan_max, page):
+            ids = cast(
+                list[str], await self.redis.zrevrange(self.keys.task_index, start, start + page - 1)
+            )
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for task_id in ids:
+                    pipe.hgetall(self.keys.task(task_id))
+                rows: list[dict[str, str]] = await pipe.execute()
+            records = (TaskRecord.from_hash(r) for r in rows if r)
+            found.extend(r for r in records if state is None or r.state is state)
+            if len(found) >= limit or len(ids) < page:
+                break
+        return found[:limit]
 
     async def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
         try:
