@@ -7,6 +7,7 @@ prefetch never limits publishing.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from typing import Any
 
@@ -29,6 +30,17 @@ log = structlog.get_logger(__name__)
 
 #: Header carrying the reason a message was dead-lettered.
 REASON_HEADER = "x-tp-reason"
+#: Header naming the queue a dead-lettered message was taken from.
+SOURCE_QUEUE_HEADER = "x-tp-source-queue"
+
+#: What a lost or closing connection raises from aio-pika/aiormq: AMQP errors, socket errors,
+#: time-outs, and ``ChannelInvalidStateError`` (a ``RuntimeError``) on a channel closed under us.
+BROKER_FAILURES = (
+    OSError,
+    TimeoutError,
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+)
 
 
 class Broker:
@@ -63,15 +75,19 @@ class Broker:
             )
             self._channel = await self._connection.channel(publisher_confirms=True)
             self._declared = await declare(self._channel, self.topology)
-        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as e:
+        except BROKER_FAILURES as e:
             await self.stop()
             raise BrokerError(f"broker unreachable at {s.redact(s.amqp_url)}: {e}") from e
 
-    async def stop(self) -> None:
-        """Close the connection (idempotent)."""
-        if self._connection is not None:
-            await self._connection.close()
-        self._connection = self._channel = self._declared = None
+    async def stop(self, *, timeout_s: float = 10.0) -> None:
+        """Close the connection (idempotent; bounded even when the broker is gone)."""
+        connection, self._connection = self._connection, None
+        self._channel = self._declared = None
+        if connection is not None:
+            try:
+                await asyncio.wait_for(connection.close(), timeout_s)
+            except BROKER_FAILURES as e:
+                log.warning("broker_close_failed", error=repr(e))
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -119,14 +135,19 @@ class Broker:
             message_id=event.task_id,
         )
 
-    async def dead_letter(self, message: AbstractIncomingMessage, reason: str) -> None:
-        """Copy ``message`` to the dead-letter queue with ``reason`` in its headers.
+    async def dead_letter(
+        self, message: AbstractIncomingMessage, reason: str, *, source_queue: str
+    ) -> None:
+        """Copy ``message`` to the dead-letter queue with ``reason`` and ``source_queue`` headers.
 
         The caller acks the original afterwards; a plain nack would lose the reason.
+
+        Raises:
+            BrokerError: the copy was not confirmed (the caller must not ack the original then).
         """
         headers: dict[str, Any] = dict(message.headers or {})
         headers[REASON_HEADER] = reason[:1000]
-        headers["x-tp-source-queue"] = message.routing_key or ""
+        headers[SOURCE_QUEUE_HEADER] = source_queue
         await self._publish(
             self.declared.dead_letter,
             "",
@@ -156,5 +177,5 @@ class Broker:
         )
         try:
             await exchange.publish(message, routing_key, timeout=PUBLISH_CONFIRM_TIMEOUT_S)
-        except (OSError, TimeoutError, aio_pika.exceptions.AMQPError) as e:
+        except BROKER_FAILURES as e:
             raise BrokerError(f"publish to {exchange.name}/{routing_key} failed: {e}") from e

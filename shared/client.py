@@ -20,12 +20,12 @@ from typing import Any, TypeVar
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from shared.broker import Broker
 from shared.constants import DEFAULT_PRIORITY
-from shared.errors import DecodeError
-from shared.messages import TaskEvent, TaskState, TaskSubmission, decode, task_id_for_key
+from shared.errors import DecodeError, IdempotencyConflictError
+from shared.messages import EventKind, TaskEvent, TaskState, TaskSubmission, decode, task_id_for_key
 from shared.settings import Settings
 from shared.store import StatusStore, TaskRecord
 from shared.task_types import validate_config
@@ -55,6 +55,8 @@ class DistributedClient:
         self.settings = settings or Settings()
         self.store = StatusStore(self.settings)
         self.broker = Broker(self.settings, name=name)
+        #: While following events, the record is also re-read this often (s).
+        self.recheck_s = SAFETY_RECHECK_S
 
     async def __aenter__(self) -> DistributedClient:
         await self.connect()
@@ -106,6 +108,7 @@ class DistributedClient:
 
         Raises:
             UnknownTaskTypeError, TaskConfigError: refused, nothing queued.
+            IdempotencyConflictError: the id is taken by a task of another type or config.
             pydantic.ValidationError: a bad id or priority.
             StoreError, BrokerError: Redis or RabbitMQ failed.
         """
@@ -126,6 +129,12 @@ class DistributedClient:
         )
         created = await self.store.create(submission)
         record = await self.store.get(task_id)
+        if not created and (record.task_type, record.config) != (task_type, config):
+            raise IdempotencyConflictError(
+                f"task {task_id} already exists as a different {record.task_type} task "
+                f"(state {record.state.value}); use a new id or idempotency key",
+                task_id=task_id,
+            )
         # A known id is published again only while still ``submitted``: an earlier publish may
         # have been lost; the scheduler drops the duplicate if both arrive.
         if created or record.state is TaskState.SUBMITTED:
@@ -214,24 +223,26 @@ class DistributedClient:
     async def _wait_on(
         self, queue: AbstractQueue, task_id: str, on_event: EventCallback | None
     ) -> TaskRecord:
+        # Deliveries go through an asyncio.Queue: a timed-out get() on it is harmless, whereas
+        # cancelling aio-pika's queue iterator closes it.
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        await queue.consume(inbox.put, no_ack=True)
         record = await self.store.get(task_id)
-        async with queue.iterator() as messages:
-            while not record.state.is_terminal:
-                try:
-                    message = await asyncio.wait_for(anext(messages), SAFETY_RECHECK_S)
-                except TimeoutError:
-                    record = await self.store.get(task_id)
-                    continue
-                await message.ack()
-                event = _decode_event(message, self.settings.max_message_bytes)
-                if event is None:
-                    continue
-                if on_event is not None:
-                    maybe = on_event(event)
-                    if maybe is not None:
-                        await maybe
-                if event.kind.value == "state":
-                    record = await self.store.get(task_id)
+        while not record.state.is_terminal:
+            try:
+                message = await asyncio.wait_for(inbox.get(), self.recheck_s)
+            except TimeoutError:
+                record = await self.store.get(task_id)
+                continue
+            event = _decode_event(message, self.settings.max_message_bytes)
+            if event is None:
+                continue
+            if on_event is not None:
+                maybe = on_event(event)
+                if maybe is not None:
+                    await maybe
+            if event.kind is EventKind.STATE:
+                record = await self.store.get(task_id)
         return record
 
 

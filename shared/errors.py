@@ -71,6 +71,10 @@ class TaskConfigError(TaskError):
     """A task config failed validation; ``fields["errors"]`` lists ``(field, message)`` pairs."""
 
 
+class IdempotencyConflictError(TaskError):
+    """A submit reused a task id (or idempotency key) that names a task with another spec."""
+
+
 class TaskFailedError(TaskError):
     """The task's code raised, or its child process died; ``fields`` holds error and traceback."""
 

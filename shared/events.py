@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from shared.messages import EventKind, TaskEvent, TaskState
+
+
+def finite_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """The numeric, finite entries of ``metrics`` as floats (JSON has no NaN or inf)."""
+    return {
+        k: float(v)
+        for k, v in (metrics or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 def state_event(
@@ -13,7 +25,7 @@ def state_event(
     *,
     worker: str | None = None,
     error: str | None = None,
-    metrics: dict[str, float] | None = None,
+    metrics: Mapping[str, Any] | None = None,
 ) -> TaskEvent:
     """A ``task.<state>.<id>`` event stamped with the local clock (Unix s)."""
     return TaskEvent(
@@ -23,12 +35,12 @@ def state_event(
         ts=time.time(),
         worker=worker,
         error=error,
-        metrics=metrics or {},
+        metrics=finite_metrics(metrics),
     )
 
 
 def progress_event(
-    task_id: str, *, worker: str, progress: float, message: str, metrics: dict[str, float]
+    task_id: str, *, worker: str, progress: float, message: str, metrics: Mapping[str, Any]
 ) -> TaskEvent:
     """A ``task.progress.<id>`` event: fraction done (0-1), a short message and metrics."""
     return TaskEvent(
@@ -38,6 +50,6 @@ def progress_event(
         ts=time.time(),
         worker=worker,
         progress=progress,
-        message=message,
-        metrics=metrics,
+        message=message[:500],
+        metrics=finite_metrics(metrics),
     )

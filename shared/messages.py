@@ -47,7 +47,8 @@ TERMINAL_STATES = frozenset({TaskState.COMPLETED, TaskState.FAILED, TaskState.CA
 class WireModel(BaseModel):
     """Base of every message: explicit fields only, immutable, versioned."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: JSON has no inf/NaN; accepting them would store values we cannot send.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     schema_version: Literal[1] = 1
 
 

@@ -45,7 +45,7 @@ async def start_with_retry(service: Service, stop: asyncio.Event) -> bool:
         try:
             await service.start()
         except (BrokerError, StoreError) as e:
-            log.error("start_failed", error=str(e), retry_in_s=delay)  # noqa: TRY400 - expected
+            log.error("start_failed", error=str(e), retry_in_s=delay)
             await service.stop()
         else:
             return True

@@ -8,10 +8,11 @@ can therefore never both move a task from ``queued`` to ``running``.
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
@@ -38,7 +39,7 @@ return 1
 
 # KEYS: task hash, history list. ARGV: new state, by, ttl seconds (0 = keep), n expected,
 # expected states..., then field/value pairs; a field named '+x' increments x by the value.
-# Returns {1 or 0, state before}; state before is '' when the task does not exist.
+# Returns {1 or 0, state before, attempts after}; state before is '' when the task does not exist.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
@@ -64,7 +65,7 @@ if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
 end
-return {1, cur}
+return {1, cur, redis.call('HGET', KEYS[1], 'attempts')}
 """
 
 # KEYS: task hash. ARGV: n expected, expected states..., then field/value pairs.
@@ -79,6 +80,23 @@ if not ok then return 0 end
 for i = 2 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _store_errors(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn Redis and socket errors raised by ``func`` into ``StoreError``; others pass through."""
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await func(*args, **kwargs)
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis {func.__name__} failed: {e}") from e
+
+    return wrapper
 
 
 class TaskRecord(BaseModel):
@@ -126,10 +144,11 @@ class TaskRecord(BaseModel):
 
 @dataclass(frozen=True)
 class Transition:
-    """Outcome of a compare-and-set: whether it applied and the state found before it."""
+    """Outcome of a compare-and-set: whether it applied, the state before, attempts after."""
 
     applied: bool
     previous: TaskState | None
+    attempts: int = 0
 
 
 class StatusStore:
@@ -193,6 +212,7 @@ class StatusStore:
             raise NotConnectedError("status store used before start()")
         return self._redis
 
+    @_store_errors
     async def create(self, submission: TaskSubmission) -> bool:
         """Record a new task in state ``submitted`` unless one with this id exists.
 
@@ -217,6 +237,7 @@ class StatusStore:
         args = [x for pair in fields.items() for x in pair]
         return bool(await self._call(self._create, keys, args))
 
+    @_store_errors
     async def transition(
         self,
         task_id: str,
@@ -243,11 +264,13 @@ class StatusStore:
         pairs = [str(x) for pair in (fields or {}).items() for x in pair]
         ttl = FINISHED_TASK_TTL_S if new.is_terminal else 0
         args = [new.value, by, str(ttl), str(len(allowed)), *allowed, *pairs]
-        applied, before = await self._call(
+        applied, before, *rest = await self._call(
             self._transition, [self.keys.task(task_id), self.keys.history(task_id)], args
         )
-        return Transition(bool(applied), TaskState(before) if before else None)
+        attempts = int(rest[0]) if rest and rest[0] is not None else 0
+        return Transition(bool(applied), TaskState(before) if before else None, attempts)
 
+    @_store_errors
     async def update_if(
         self, task_id: str, states: Iterable[TaskState], fields: Mapping[str, str | int | float]
     ) -> bool:
@@ -260,20 +283,19 @@ class StatusStore:
             )
         )
 
+    @_store_errors
     async def get(self, task_id: str) -> TaskRecord:
         """The task's record.
 
         Raises:
             TaskNotFoundError: no such task (never submitted, or expired after 30 days).
         """
-        try:
-            raw = cast(dict[str, str], await self.redis.hgetall(self.keys.task(task_id)))
-        except (RedisError, OSError) as e:
-            raise StoreError(f"Redis read failed: {e}") from e
+        raw = cast(dict[str, str], await self.redis.hgetall(self.keys.task(task_id)))
         if not raw:
             raise TaskNotFoundError(f"no task {task_id!r}", task_id=task_id)
         return TaskRecord.from_hash(raw)
 
+    @_store_errors
     async def resolve_id(self, id_or_prefix: str) -> str:
         """The full task id for an id or a unique prefix of one (as ``git`` resolves SHAs).
 
@@ -298,11 +320,13 @@ class StatusStore:
             )
         raise TaskNotFoundError(f"no task {id_or_prefix!r}", task_id=id_or_prefix)
 
+    @_store_errors
     async def history(self, task_id: str) -> list[dict[str, Any]]:
         """The task's transitions, oldest first: ``[{"from", "to", "ts", "by"}, ...]``."""
         items = await self.redis.lrange(self.keys.history(task_id), 0, -1)
         return [json.loads(i) for i in items]
 
+    @_store_errors
     async def list_recent(
         self, limit: int = 50, state: TaskState | None = None, *, scan_max: int = 100_000
     ) -> list[TaskRecord]:
@@ -328,7 +352,4 @@ class StatusStore:
         return found[:limit]
 
     async def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
-        try:
-            return await script(keys=keys, args=args)
-        except (RedisError, OSError) as e:
-            raise StoreError(f"Redis script failed: {e}") from e
+        return await script(keys=keys, args=args)

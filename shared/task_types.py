@@ -22,7 +22,7 @@ BUNDLED_DATASETS = ("GOOG", "EURUSD", "BTCUSD")
 class TaskConfig(BaseModel):
     """Base of task configs: unknown keys are refused, so a typo names its field."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TrainModelConfig(TaskConfig):

@@ -127,6 +127,7 @@ class ServiceProcess:
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
 
     def log_text(self) -> str:

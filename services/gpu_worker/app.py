@@ -11,7 +11,8 @@ from services.gpu_worker import runner
 from services.gpu_worker.execution import WorkerEnv
 from services.gpu_worker.lane import Lane
 from shared.broker import Broker
-from shared.constants import ROUTE_CPU, ROUTE_GPU
+from shared.constants import CHILD_EXIT_GRACE_S, ROUTE_CPU, ROUTE_GPU
+from shared.errors import BrokerError, StoreError
 from shared.gitinfo import head_commit
 from shared.messages import TaskState
 from shared.settings import Settings
@@ -41,7 +42,7 @@ class Worker:
         )
 
     async def start(self) -> None:
-        await asyncio.to_thread(runner.warm_up)
+        runner.warm_up()
         await self.store.start()
         await self.broker.start()
         for route, slots in (
@@ -55,7 +56,11 @@ class Worker:
         log.info("worker_ready", worker=self.name, lanes={ln.route: ln.slots for ln in self.lanes})
 
     async def stop(self) -> None:
-        """Stop consuming; give running tasks ``STOP_GRACE_S``, then hand them back to the queue."""
+        """Stop consuming; give running tasks ``STOP_GRACE_S``, then hand them back to the queue.
+
+        Every step is bounded, so a worker told to stop while RabbitMQ or Redis is down still
+        exits; a task it could not hand back keeps its expiring lease.
+        """
         for lane in self.lanes:
             await lane.stop()
         idle = asyncio.gather(*(lane.wait_idle() for lane in self.lanes))
@@ -63,7 +68,10 @@ class Worker:
             await asyncio.wait_for(asyncio.shield(idle), STOP_GRACE_S)
         except TimeoutError:
             await self._hand_back()
-            await idle
+            try:
+                await asyncio.wait_for(idle, STOP_GRACE_S + CHILD_EXIT_GRACE_S)
+            except TimeoutError:
+                log.error("tasks_did_not_stop")
         for lane in self.lanes:
             await lane.close()
         self.lanes = []
@@ -73,14 +81,18 @@ class Worker:
     async def _hand_back(self) -> None:
         for lane in self.lanes:
             for task_id, execution in list(lane.running.items()):
-                moved = await self.store.transition(
-                    task_id,
-                    [TaskState.RUNNING],
-                    TaskState.QUEUED,
-                    by=self.name,
-                    fields={"+attempts": -1, "worker": ""},
-                )
                 execution.child.kill()
-                if moved.applied:
-                    await self.broker.publish_submission(execution.submission, lane.route)
-                    log.info("task_handed_back", task_id=task_id)
+                try:
+                    moved = await self.store.transition(
+                        task_id,
+                        [TaskState.RUNNING],
+                        TaskState.QUEUED,
+                        by=self.name,
+                        fields={"+attempts": -1, "worker": "", "child_pid": "", "progress": ""},
+                    )
+                    if moved.applied:
+                        await self.broker.publish_submission(execution.submission, lane.route)
+                        await execution.announce(TaskState.QUEUED)
+                        log.info("task_handed_back", task_id=task_id)
+                except (StoreError, BrokerError) as e:
+                    log.error("task_hand_back_failed", task_id=task_id, error=str(e))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ class TaskContext:
         The worker throttles what it forwards, so calling this every batch is fine.
         """
         if self._progress_sink is not None:
-            self._progress_sink(min(max(fraction, 0.0), 1.0), message, dict(metrics or {}))
+            fraction = min(max(fraction, 0.0), 1.0) if math.isfinite(fraction) else 0.0
+            self._progress_sink(fraction, str(message), dict(metrics or {}))
 
     def request_stop(self) -> None:
         """Mark the task as asked to stop (the child's SIGTERM handler calls this)."""

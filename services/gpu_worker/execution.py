@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 
@@ -15,9 +17,12 @@ from shared.errors import BrokerError, StoreError
 from shared.events import progress_event, state_event
 from shared.messages import TaskState, TaskSubmission
 from shared.settings import Settings
-from shared.store import StatusStore
+from shared.store import StatusStore, Transition
 
 log = structlog.get_logger(__name__)
+
+#: How long the worker keeps trying to record a finished task's outcome while Redis is away (s).
+RECORD_RETRY_MAX_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -68,8 +73,28 @@ class TaskExecution:
         """Run the child to its end; returns the terminal state recorded."""
         timeout = self.submission.timeout_s or self.settings.task_timeout_s
         log.info("task_started", attempt=self.attempt, timeout_s=timeout)
-        outcome = await self.child.run(timeout, on_started=self.on_child_started)
+        try:
+            outcome = await self.child.run(timeout, on_started=self.on_child_started)
+        except Exception as e:  # the child could not be started: disk full, unwritable folder...
+            log.exception("child_not_started")
+            self.child.kill()
+            outcome = ChildOutcome(
+                error=f"worker could not start the task: {type(e).__name__}: {e}"
+            )
         return await self.finish(outcome, timeout)
+
+    async def announce(
+        self, state: TaskState, *, error: str | None = None, metrics: dict[str, Any] | None = None
+    ) -> None:
+        """Publish a state event; best effort, since Redis already holds the truth."""
+        try:
+            await self.broker.publish_event(
+                state_event(
+                    self.submission.task_id, state, worker=self.worker, error=error, metrics=metrics
+                )
+            )
+        except BrokerError as e:
+            log.warning("event_not_published", state=state, error=str(e))
 
     async def on_child_started(self, pid: int) -> None:
         try:
@@ -93,13 +118,14 @@ class TaskExecution:
                     worker=self.worker,
                     progress=fraction,
                     message=message,
-                    metrics={k: float(v) for k, v in metrics.items()},
+                    metrics=metrics,
                 )
             )
-        except (StoreError, BrokerError) as e:  # progress is news; the task goes on
+        except (StoreError, BrokerError, ValueError) as e:  # progress is news; the task goes on
             log.warning("progress_not_relayed", error=str(e))
 
     async def finish(self, outcome: ChildOutcome, timeout_s: float) -> TaskState:
+        """Record the outcome (retrying through a Redis outage), then announce it."""
         failure = outcome.failure
         if outcome.timed_out:
             failure = f"timed out after {timeout_s:g} s"
@@ -111,25 +137,38 @@ class TaskExecution:
         else:
             state = TaskState.FAILED
             fields = {"error": failure, "traceback": outcome.traceback or ""}
-        moved = await self.store.transition(
-            self.submission.task_id,
-            [TaskState.RUNNING, TaskState.CANCELLING],
-            state,
-            by=self.worker,
-            fields=fields,
-        )
-        if not moved.applied:
-            log.warning("task_outcome_not_recorded", found=moved.previous, outcome=state)
-            return moved.previous or state
+        moved = await self._record(state, fields)
+        if moved is None or not moved.applied:
+            found = None if moved is None else moved.previous
+            log.warning("task_outcome_not_recorded", found=found, outcome=state)
+            return found or state
         metrics = (outcome.result or {}).get("metrics", {}) if failure is None else {}
-        await self.broker.publish_event(
-            state_event(
-                self.submission.task_id,
-                state,
-                worker=self.worker,
-                error=failure,
-                metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
-            )
-        )
+        await self.announce(state, error=failure, metrics=metrics)
         log.info("task_" + state.value, error=failure, exitcode=outcome.exitcode)
         return state
+
+    async def _record(
+        self, state: TaskState, fields: dict[str, str | int | float]
+    ) -> Transition | None:
+        """The outcome's compare-and-set, retried with doubling back-off while Redis is away.
+
+        Gives up after ``RECORD_RETRY_MAX_S`` (None): the task's lease then expires and the
+        record stays ``running`` until a reaper acts on it.
+        """
+        delay, deadline = 0.5, time.monotonic() + RECORD_RETRY_MAX_S
+        while True:
+            try:
+                return await self.store.transition(
+                    self.submission.task_id,
+                    [TaskState.RUNNING, TaskState.CANCELLING],
+                    state,
+                    by=self.worker,
+                    fields=fields,
+                )
+            except StoreError as e:
+                if time.monotonic() + delay > deadline:
+                    log.error("task_outcome_lost", outcome=state, error=str(e))
+                    return None
+                log.warning("task_outcome_retry", error=str(e), retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)

@@ -16,15 +16,17 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from services.gpu_worker.execution import TaskExecution, WorkerEnv
-from shared.errors import BrokerError, DecodeError, StoreError
-from shared.events import state_event
+from shared.broker import BROKER_FAILURES
+from shared.consuming import handle_delivery, settle
+from shared.errors import DecodeError, StoreError
 from shared.messages import TaskState, TaskSubmission, decode
 
 log = structlog.get_logger(__name__)
 
-#: Pause before handing a delivery back when Redis or the broker failed, so an outage does not
-#: become a hot redelivery loop (s).
-REDELIVERY_BACKOFF_S = 1.0
+#: Pause between attempts to consume again while the broker is away (s).
+RESUME_RETRY_S = 2.0
+#: Bound on a channel operation while stopping, so a dead broker cannot hang the stop (s).
+BROKER_OP_TIMEOUT_S = 5.0
 
 #: Lease a claim takes (s); renewed while the task runs (the reaper that acts on it is later work).
 LEASE_S = 60.0
@@ -48,9 +50,14 @@ class Lane:
         self._consumer_tag: str | None = None
         self._stopping = False
 
+    @property
+    def queue_name(self) -> str:
+        """The queue this lane consumes."""
+        return self.broker.topology.queue(self.route)
+
     async def start(self) -> None:
         self._channel = await self.broker.consumer_channel(prefetch=self.slots)
-        self._queue = await self._channel.get_queue(self.broker.topology.queue(self.route))
+        self._queue = await self._channel.get_queue(self.queue_name)
         await self._resume()
 
     async def stop(self) -> None:
@@ -65,28 +72,32 @@ class Lane:
 
     async def close(self) -> None:
         if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+            try:
+                await asyncio.wait_for(self._channel.close(), BROKER_OP_TIMEOUT_S)
+            except BROKER_FAILURES as e:
+                log.warning("channel_close_failed", error=repr(e))
 
     async def _resume(self) -> None:
-        if self._consumer_tag is None and self._queue is not None and not self._stopping:
-            self._consumer_tag = await self._queue.consume(self.on_message)
+        """Consume again; while the broker is away, keep trying until it is back or we stop."""
+        while self._consumer_tag is None and self._queue is not None and not self._stopping:
+            try:
+                self._consumer_tag = await self._queue.consume(self.on_message)
+            except BROKER_FAILURES as e:
+                log.warning("consume_failed", error=repr(e), retry_in_s=RESUME_RETRY_S)
+                await asyncio.sleep(RESUME_RETRY_S)
 
     async def _pause(self) -> None:
         if self._consumer_tag is not None and self._queue is not None:
             tag, self._consumer_tag = self._consumer_tag, None
-            await self._queue.cancel(tag)
+            try:
+                await asyncio.wait_for(self._queue.cancel(tag), BROKER_OP_TIMEOUT_S)
+            except BROKER_FAILURES as e:  # a closed channel has no consumer left anyway
+                log.warning("consumer_cancel_failed", error=repr(e))
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        try:
-            await self._handle(message)
-        except (StoreError, BrokerError) as e:
-            log.warning("delivery_deferred", error=str(e), route=self.route)
-            await asyncio.sleep(REDELIVERY_BACKOFF_S)
-            await message.nack(requeue=True)
-        except Exception:  # a service never dies of a message
-            log.exception("delivery_crashed", route=self.route)
-            await self.broker.dead_letter(message, "worker error while handling delivery")
-            await message.ack()
+        await handle_delivery(
+            message, self._handle, broker=self.broker, source_queue=self.queue_name
+        )
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -94,41 +105,54 @@ class Lane:
                 message.body, TaskSubmission, max_bytes=self.settings.max_message_bytes
             )
         except DecodeError as e:
-            await self.broker.dead_letter(message, str(e))
-            await message.ack()
+            await self.broker.dead_letter(message, str(e), source_queue=self.queue_name)
+            await settle(message)
             return
-        task_id = submission.task_id
         if len(self.running) >= self.slots:
             # Only a delivery already in flight when the consumer was cancelled lands here: hand it
             # back unclaimed so it keeps its place by priority.
-            await message.nack(requeue=True)
+            await settle(message, requeue=True)
             return
         claim = await self.store.transition(
-            task_id,
+            submission.task_id,
             [TaskState.QUEUED],
             TaskState.RUNNING,
             by=self.worker,
             fields={"worker": self.worker, "+attempts": 1, "lease_until": time.time() + LEASE_S},
         )
-        if not claim.applied:
-            log.info("claim_refused", task_id=task_id, state=claim.previous)
-            await message.ack()
-            return
-        record = await self.store.get(task_id)
-        self.running[task_id] = TaskExecution(submission, record.attempts, self.env)
-        if len(self.running) >= self.slots:
-            await self._pause()  # before the ack, or the broker pushes the next message now
-        await message.ack()
-        await self.broker.publish_event(state_event(task_id, TaskState.RUNNING, worker=self.worker))
+        if claim.applied:
+            await self._start(message, submission, claim.attempts)
+        elif claim.previous is None:
+            await self.broker.dead_letter(
+                message, f"no task record for {submission.task_id!r}", source_queue=self.queue_name
+            )
+            await settle(message)
+        else:
+            log.info("claim_refused", task_id=submission.task_id, state=claim.previous)
+            await settle(message)
+
+    async def _start(
+        self, message: AbstractIncomingMessage, submission: TaskSubmission, attempt: int
+    ) -> None:
+        """Run a claimed task. From the claim on the task is ours: nothing here hands it back.
+
+        A lost ack only means a redelivery, whose claim is then refused.
+        """
+        task_id = submission.task_id
+        self.running[task_id] = TaskExecution(submission, attempt, self.env)
         task = asyncio.create_task(self._execute(task_id), name=f"task-{task_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if len(self.running) >= self.slots:
+            await self._pause()  # before the ack, or the broker pushes the next message now
+        await settle(message)
 
     async def _execute(self, task_id: str) -> None:
         execution = self.running[task_id]
         structlog.contextvars.bind_contextvars(task_id=task_id)
         renewal = asyncio.create_task(self._renew_lease(task_id))
         try:
+            await execution.announce(TaskState.RUNNING)
             await execution.run()
         except Exception:
             log.exception("task_execution_crashed")

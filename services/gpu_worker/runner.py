@@ -7,7 +7,11 @@ task gets a fresh child from it. A crash, CUDA out-of-memory or leak dies with t
 Child -> parent messages over a one-way pipe (picklable tuples, our own processes only):
     ("progress", fraction, message, metrics)
     ("result", result_dict)
+    ("stopped", partial_result_dict)   the task returned early after a SIGTERM
     ("error", error_text, traceback_text)
+
+The child starts its own session, so signals sent to the worker's process group (Ctrl-C in a
+terminal, a group-wide SIGTERM) reach the worker only; the worker decides what its tasks get.
 """
 
 from __future__ import annotations
@@ -43,11 +47,24 @@ def forkserver() -> multiprocessing.context.ForkServerContext:
 
 
 def warm_up() -> None:
-    """Start the forkserver now (imports torch there, ~1-3 s) so the first task starts fast."""
+    """Start the forkserver now (it imports torch, ~1-3 s) so the first task starts fast.
+
+    Call from the main thread. The forkserver is started with SIGINT and SIGTERM ignored (ignored
+    dispositions survive exec and fork), so a signal sent to the worker's whole process group
+    (Ctrl-C, a group-wide SIGTERM) can neither kill it nor a child being forked; the children
+    install their own handlers.
+    """
     from multiprocessing import forkserver as fs
 
     forkserver()
-    fs.ensure_running()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        fs.ensure_running()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,7 @@ class ChildOutcome:
     traceback: str | None = None
     exitcode: int | None = None
     timed_out: bool = False
+    stopped: bool = False
     progress_count: int = field(default=0)
 
     @property
@@ -82,6 +100,8 @@ class ChildOutcome:
             return "timed out"
         if self.error is not None:
             return self.error
+        if self.stopped:
+            return "stopped by SIGTERM before it finished"
         if self.result is None:
             return f"child process died: {describe_exit(self.exitcode)}"
         return None
@@ -107,6 +127,8 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         git_commit=job.git_commit,
         _progress_sink=lambda f, m, metrics: conn.send(("progress", f, m, metrics)),
     )
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
     try:
         from shared.task_types import validate_config
@@ -114,7 +136,8 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         config = validate_config(job.task_type, job.config)
         module_name, func_name = TASK_ENTRYPOINTS[job.task_type].split(":")
         run = getattr(importlib.import_module(module_name), func_name)
-        conn.send(("result", run(config, ctx)))
+        result = run(config, ctx)
+        conn.send(("stopped" if ctx.should_stop() else "result", result))
     except BaseException as e:  # everything the task raises is reported, then the child exits
         tb = traceback.format_exc()[-TRACEBACK_SUMMARY_CHARS:]
         conn.send(("error", f"{type(e).__name__}: {e}", tb))
@@ -196,7 +219,8 @@ class ChildProcess:
             if kind == "progress":
                 outcome.progress_count += 1
                 await self._on_progress(item[1], item[2], item[3])
-            elif kind == "result":
+            elif kind in ("result", "stopped"):
                 outcome.result = item[1]
+                outcome.stopped = kind == "stopped"
             elif kind == "error":
                 outcome.error, outcome.traceback = item[1], item[2]

@@ -8,7 +8,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from services.scheduler.intake import IntakeDecision, decide
 from shared.broker import Broker
 from shared.constants import ROUTE_SUBMIT, SCHEDULER_PREFETCH
-from shared.errors import BrokerError, StoreError
+from shared.consuming import handle_delivery
 from shared.events import state_event
 from shared.messages import TaskState
 from shared.settings import Settings
@@ -46,21 +46,22 @@ class Scheduler:
         await self.store.stop()
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
-        try:
-            await self._handle(message)
-        except (StoreError, BrokerError) as e:
-            log.warning("intake_deferred", error=str(e), message_id=message.message_id)
-            await message.nack(requeue=True)
-        except Exception:  # a service never dies of a message
-            log.exception("intake_crashed", message_id=message.message_id)
-            await self.broker.dead_letter(message, "scheduler error while handling message")
-            await message.ack()
+        await handle_delivery(
+            message,
+            self._handle,
+            broker=self.broker,
+            source_queue=self.broker.topology.queue(ROUTE_SUBMIT),
+        )
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         decision = await decide(message, self.settings, self.store)
         if decision.dead_letter_reason is not None:
             log.warning("message_dead_lettered", reason=decision.dead_letter_reason)
-            await self.broker.dead_letter(message, decision.dead_letter_reason)
+            await self.broker.dead_letter(
+                message,
+                decision.dead_letter_reason,
+                source_queue=self.broker.topology.queue(ROUTE_SUBMIT),
+            )
         elif decision.route is not None and decision.submission is not None:
             await self.broker.publish_submission(decision.submission, decision.route)
             if decision.moved_to is not None:
