@@ -1,5 +1,9 @@
 """``tradectl``: the laptop's command line (typer + rich).
 
+Text that comes from outside this file (task errors, config and settings messages, worker names,
+metric names, event messages) is escaped before rich prints it: ``[/data/x.csv]`` or ``[a-z]`` in
+an error must be printed as is, never read as rich markup.
+
 Exit codes: 0 success; 1 the task failed or was cancelled; 2 bad input (unknown type, bad
 config, bad option), nothing queued; 3 the broker or Redis cannot be reached; 4 no such task;
 124 ``--wait`` timed out.
@@ -20,6 +24,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
@@ -50,8 +55,8 @@ class WaitTimedOutError(Exception):
 
 
 def fail(message: str, code: int) -> NoReturn:
-    """Print ``message`` on stderr and exit with ``code``."""
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    """Print ``message`` (plain text, not markup) on stderr and exit with ``code``."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -67,7 +72,11 @@ def with_client(body: Callable[[DistributedClient], Awaitable[T]]) -> T:
     """Run ``body(client)`` in a fresh event loop with a connected client; map errors to exits."""
 
     async def main() -> T:
-        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+        # Warnings go to stderr: structlog's default is stdout, which --json keeps for JSON.
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        )
         # aio-pika logs a failed connect itself; the CLI reports it once, as an error.
         for name in ("aio_pika", "aiormq"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
@@ -88,11 +97,52 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+#: Help of ``--set``; typer renders help as rich markup, so brackets are escaped.
+SET_HELP = escape(
+    "key=value, repeatable; dotted keys set nested values. The value is read as a YAML scalar "
+    "(epochs=5 an int, lr=1e-3 a float, flag=true a bool, x=null None, model=lstm a string), "
+    "as a list only when it starts with [ and as a mapping only when it starts with {. "
+    "Anything else is kept as the text typed: x=@home (not YAML), fail_with=boom: bad."
+)
+
+#: Types a ``--set`` value may parse to; others (YAML dates, timestamps, bytes) stay strings.
+_JSON_TYPES = (type(None), bool, int, float, str, list, dict)
+
+
+def parse_set_value(raw: str) -> Any:
+    """The value of one ``--set key=value``: a YAML scalar or flow value, else ``raw`` itself.
+
+    ``raw`` is parsed as YAML (``5`` is an int, ``1e-3`` a float, ``true`` a bool, ``null``
+    None, ``lstm`` a string, ``'a: b'`` the string ``a: b``). The result is kept only when it is
+    a scalar, a list from text starting with ``[`` or a mapping from text starting with ``{``;
+    otherwise ``raw`` is used unchanged: text that is not valid YAML (``@home``,
+    ``[bold red]x``), plain text that YAML would read as a mapping or list (``boom: bad``,
+    ``- a``) and YAML-only types such as dates (``2024-01-02``). An empty value is ``""``.
+    """
+    if not raw:
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    start = raw.lstrip()[:1]
+    if isinstance(value, dict) and start != "{":
+        return raw
+    if isinstance(value, list) and start != "[":
+        return raw
+    if not isinstance(value, _JSON_TYPES):
+        return raw
+    return value
+
+
 def parse_config(config_file: Path | None, assignments: list[str]) -> dict[str, Any]:
     """Read ``--config FILE`` (YAML or JSON mapping) and apply ``--set key=value`` on top.
 
-    Values in ``--set`` are parsed as YAML scalars (``epochs=5`` is an int, ``model=lstm`` a
-    string); dotted keys set nested values.
+    Values in ``--set`` are read by :func:`parse_set_value`: YAML scalars (``epochs=5`` is an
+    int, ``model=lstm`` a string), a list or mapping only from text starting with ``[`` or
+    ``{``, and the text as typed when it is not valid YAML or would become a mapping or list
+    without those brackets (``fail_with=boom: bad`` is the string ``boom: bad``). Dotted keys set
+    nested values. A bad assignment exits 2.
     """
     config: dict[str, Any] = {}
     if config_file is not None:
@@ -109,9 +159,11 @@ def parse_config(config_file: Path | None, assignments: list[str]) -> dict[str, 
             fail(f"--set expects key=value, got {item!r}", 2)
         target = config
         *parents, leaf = key.split(".")
-        for part in parents:
+        for i, part in enumerate(parents):
             target = target.setdefault(part, {})
-        target[leaf] = yaml.safe_load(raw) if raw else ""
+            if not isinstance(target, dict):
+                fail(f"--set {item!r}: {'.'.join(parents[: i + 1])} is not a mapping", 2)
+        target[leaf] = parse_set_value(raw)
     return config
 
 
@@ -131,9 +183,9 @@ def print_record(record: TaskRecord, *, as_json: bool) -> None:
         record.state, "cyan"
     )
     out.print(
-        f"task [bold]{record.task_id}[/bold] ({record.task_type}) "
+        f"task [bold]{escape(record.task_id)}[/bold] ({escape(record.task_type)}) "
         f"[{colour}]{record.state}[/{colour}] attempts={record.attempts} "
-        f"worker={record.worker or '-'}",
+        f"worker={escape(record.worker or '-')}",
         highlight=False,
     )
     for name in (
@@ -148,12 +200,13 @@ def print_record(record: TaskRecord, *, as_json: bool) -> None:
         if value:
             out.print(f"  {name:<13} {format_ts(value)}", highlight=False)
     if record.error:
-        out.print(f"  [red]error[/red] {record.error}", highlight=False)
+        out.print(f"  [red]error[/red] {escape(record.error)}", highlight=False)
     metrics = (record.result or {}).get("metrics") or {}
     if metrics:
         table = Table("metric", "value", title="metrics")
         for key, value in metrics.items():
-            table.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+            shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+            table.add_row(escape(str(key)), escape(shown))
         out.print(table)
 
 
@@ -164,18 +217,28 @@ def format_ts(ts: float) -> str:
     return datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds")
 
 
+def _positive(value: float | None) -> float | None:
+    """Refuse a ``--timeout`` of zero or less (a usage error, exit 2)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value:g}")
+    return value
+
+
 @task_app.command("submit")
 def submit(
     task_type: Annotated[str, typer.Argument(help="Task type, e.g. train_model.")],
     config_file: Annotated[
         Path | None, typer.Option("--config", "-c", help="YAML/JSON config.")
     ] = None,
-    assignments: Annotated[list[str] | None, typer.Option("--set", "-s", help="key=value")] = None,
+    assignments: Annotated[list[str] | None, typer.Option("--set", "-s", help=SET_HELP)] = None,
     priority: Annotated[
         int, typer.Option(min=0, max=MAX_PRIORITY, help="0 low .. 9 high")
     ] = DEFAULT_PRIORITY,
     wait: Annotated[bool, typer.Option("--wait", "-w", help="Follow until the task ends.")] = False,
-    timeout: Annotated[float | None, typer.Option(help="--wait gives up after this (s).")] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option(callback=_positive, help="--wait gives up after this (s, > 0)."),
+    ] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", help="Choose the task id.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Same key, same task.")] = None,
     as_json: JsonOpt = False,
@@ -207,7 +270,7 @@ def submit(
     if as_json:
         print(record_json(record))
     else:
-        out.print(record.task_id, highlight=False)
+        out.print(record.task_id, highlight=False, markup=False)
 
 
 async def follow(
@@ -225,7 +288,7 @@ async def follow(
     def on_submitted(record: TaskRecord) -> None:
         submitted.append(record.task_id)
         if not quiet:
-            err.print(f"submitted {record.task_id}", highlight=False)
+            err.print(f"submitted {record.task_id}", highlight=False, markup=False)
 
     async def wait(on_event: Callable[[TaskEvent], None] | None) -> TaskRecord:
         try:
@@ -257,8 +320,11 @@ async def follow(
 
         def on_event(event: TaskEvent) -> None:
             if event.kind is EventKind.PROGRESS:
+                # The description column renders markup: the task's message is escaped.
                 bar.update(
-                    handle, completed=event.progress or 0.0, description=event.message or "running"
+                    handle,
+                    completed=event.progress or 0.0,
+                    description=escape(event.message) or "running",
                 )
             else:
                 bar.update(handle, description=event.state.value)
@@ -271,11 +337,12 @@ def print_event(event: TaskEvent) -> None:
     if event.kind is EventKind.PROGRESS:
         pct = f"{(event.progress or 0) * 100:.0f}%"
         metrics = " ".join(f"{k}={v:.4g}" for k, v in event.metrics.items())
-        err.print(f"{pct:>4} {event.message} {metrics}", highlight=False)
+        err.print(f"{pct:>4} {event.message} {metrics}", highlight=False, markup=False)
     else:
         err.print(
             f"state {event.state.value}" + (f": {event.error}" if event.error else ""),
             highlight=False,
+            markup=False,
         )
 
 
@@ -285,7 +352,11 @@ def status(task_id: str, as_json: JsonOpt = False) -> None:
     record: TaskRecord = with_client(lambda c: c.status(task_id))
     print_record(record, as_json=as_json)
     if record.progress is not None and not as_json and not record.state.is_terminal:
-        out.print(f"  progress {record.progress:.0%} {record.progress_message}", highlight=False)
+        out.print(
+            f"  progress {record.progress:.0%} {record.progress_message}",
+            highlight=False,
+            markup=False,
+        )
 
 
 @task_app.command("result")
@@ -310,9 +381,11 @@ def result(task_id: str, as_json: JsonOpt = False) -> None:
         if record.result:
             artifacts = record.result.get("artifacts")
             if artifacts:
-                out.print(f"  artifacts {', '.join(map(str, artifacts))}", highlight=False)
+                shown = ", ".join(map(str, artifacts))
+                out.print(f"  artifacts {shown}", highlight=False, markup=False)
             if record.result.get("mlflow_run_id"):
-                out.print(f"  mlflow run {record.result['mlflow_run_id']}", highlight=False)
+                run_id = record.result["mlflow_run_id"]
+                out.print(f"  mlflow run {run_id}", highlight=False, markup=False)
         if not record.state.is_terminal:
             out.print("  (not finished yet)")
     if record.state in ("failed", "cancelled"):
@@ -325,10 +398,9 @@ def list_tasks(
     state: Annotated[TaskState | None, typer.Option(help="Only tasks in this state.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """List recent tasks, newest first."""
-    records: list[TaskRecord] = with_client(lambda c: c.list_tasks(limit))
-    if state:
-        records = [r for r in records if r.state is state]
+    """List recent tasks, newest first (with --state, the most recent in that state)."""
+    # The store filters by state while it reads the index, so older matches are found too.
+    records: list[TaskRecord] = with_client(lambda c: c.list_tasks(limit, state))
     if as_json:
         print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return
@@ -337,13 +409,13 @@ def list_tasks(
     for r in records:
         progress = "" if r.progress is None else f"{r.progress:.0%}"
         table.add_row(
-            r.task_id,
-            r.task_type,
+            escape(r.task_id),
+            escape(r.task_type),
             r.state.value,
             str(r.priority),
             progress,
             format_ts(r.submitted_at) if r.submitted_at else "",
-            r.worker or "",
+            escape(r.worker or ""),
         )
     out.print(table)
 

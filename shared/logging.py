@@ -1,13 +1,30 @@
-"""structlog set-up: JSON lines in services, a readable console on a TTY."""
+"""structlog set-up: JSON lines in services, a readable console on a TTY.
+
+Our events (``structlog.get_logger(__name__)``) and the standard library's records (aio-pika,
+aiormq, redis, MLflow, Python warnings) leave through one root handler whose
+``structlog.stdlib.ProcessorFormatter`` renders both alike: one JSON object per line with
+``event``, ``level``, ``timestamp``, ``logger`` and ``service`` in json mode, the console renderer
+otherwise. Nothing is written to stderr around it, so every line of a service's log parses.
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
 from shared.settings import Settings
+
+#: Top-level names of this project's loggers: they log at the configured level. Every other
+#: (third-party) standard-library logger logs at WARNING and above.
+OWN_LOGGERS = ("shared", "services", "__main__")
+
+
+class _RootHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The stderr handler :func:`configure_logging` installs (replaced, not added, on a re-run)."""
 
 
 def configure_logging(settings: Settings, *, service: str) -> None:
@@ -15,7 +32,7 @@ def configure_logging(settings: Settings, *, service: str) -> None:
 
     Args:
         settings: supplies ``log_level`` and ``log_format`` (``auto`` picks console on a TTY).
-        service: bound into every line as ``service`` so merged logs stay readable.
+        service: set on every line as ``service`` so merged logs stay readable.
     """
     level = getattr(logging, settings.log_level.upper())
     fmt = settings.log_format
@@ -26,17 +43,46 @@ def configure_logging(settings: Settings, *, service: str) -> None:
         if fmt == "json"
         else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
-    logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr, format="%(message)s")
+
+    def add_service(
+        _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        # Not only a context variable: records from other threads (MLflow, redis) carry it too.
+        event_dict.setdefault("service", service)
+        return event_dict
+
+    # Run on our events when they are logged and on stdlib records when they are formatted.
+    pre_chain: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        add_service,
+        structlog.processors.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    handler = _RootHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=pre_chain,
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _RootHandler)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(max(level, logging.WARNING))
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn() becomes a py.warnings record, not raw text
+
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=[*pre_chain, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.bind_contextvars(service=service)

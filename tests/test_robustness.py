@@ -107,9 +107,23 @@ async def test_resubmitting_an_id_with_another_spec_is_refused(settings, client)
     with pytest.raises(IdempotencyConflictError, match="already exists"):
         await client.submit("probe", {"sleep_s": 2}, task_id="same-id")
     cli = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "task", "submit", "probe", "--task-id", "same-id",
-         "--set", "steps=3"], env=service_env(settings), cwd=ROOT, capture_output=True,
-        text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "task",
+            "submit",
+            "probe",
+            "--task-id",
+            "same-id",
+            "--set",
+            "steps=3",
+        ],
+        env=service_env(settings),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert cli.returncode == 2 and "already exists" in cli.stderr
 
@@ -145,13 +159,29 @@ async def test_broker_blip_mid_task_loses_nothing(platform: Platform, client: Di
 
 def start_private_redis(tmp: Path, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp)], stdout=subprocess.DEVNULL,
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        stdout=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if subprocess.run(["redis-cli", "-p", str(port), "ping"], capture_output=True,
-                          text=True).stdout.strip() == "PONG":
+        if (
+            subprocess.run(
+                ["redis-cli", "-p", str(port), "ping"], capture_output=True, text=True
+            ).stdout.strip()
+            == "PONG"
+        ):
             return proc
         time.sleep(0.05)
     raise TimeoutError("private redis did not start")
@@ -168,8 +198,9 @@ async def test_scheduler_waits_out_a_redis_outage_without_spinning(settings: Set
             await wait_for_consumer(private, t.queue("submit"))
             redis_proc.kill()
             redis_proc.wait()
-            body = json.dumps({"task_id": "during-outage", "task_type": "probe",
-                               "submitted_at": 1.0}).encode()
+            body = json.dumps(
+                {"task_id": "during-outage", "task_type": "probe", "submitted_at": 1.0}
+            ).encode()
             await client.broker.declared.tasks.publish(aio_pika.Message(body), "submit")
             await asyncio.sleep(3)
             deferred = scheduler.log_text().count('"delivery_deferred"')

@@ -15,8 +15,10 @@ from backtesting.test import GOOG
 from mlflow.tracking import MlflowClient
 
 from services.gpu_worker.context import TaskContext
+from services.gpu_worker.tasks import train_model
 from services.gpu_worker.tasks.ohlcv import (
     FeatureSet,
+    SplitData,
     build_features,
     clean_ohlcv,
     load_ohlcv,
@@ -143,6 +145,36 @@ def test_clean_ohlcv_drops_nans_and_sorts() -> None:
     assert cleaned.index.is_monotonic_increasing
 
 
+@pytest.mark.parametrize("bad", [np.inf, -np.inf])
+@pytest.mark.parametrize("column", ["Open", "Close", "Volume"])
+def test_infinite_values_are_refused_naming_column_and_bar(column: str, bad: float) -> None:
+    bars = GOOG.iloc[:50].astype(float)
+    bars.iloc[30, bars.columns.get_loc(column)] = bad
+    bars.iloc[40, bars.columns.get_loc("High")] = np.inf  # a later bad bar is counted, not named
+    with pytest.raises(ValueError, match="non-finite") as info:
+        clean_ohlcv(bars.iloc[::-1])  # named in time order, whatever the file's order
+    message = str(info.value)
+    assert f"non-finite {column} at {bars.index[30]}" in message
+    assert "and 1 later bar" in message
+    assert str(bars.index[40]) not in message
+
+
+def test_csv_with_one_inf_close_fails_before_training(tmp_path: Path) -> None:
+    path = tmp_path / "bars.csv"
+    GOOG.to_csv(path)
+    lines = path.read_text().splitlines()
+    cells = lines[101].split(",")
+    cells[4] = "inf"  # Close (after the unnamed date column)
+    lines[101] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"non-finite Close at {GOOG.index[100]}"):
+        load_ohlcv(str(path))
+    ctx = make_context(tmp_path, f"sqlite:///{tmp_path}/mlflow.db")
+    with pytest.raises(ValueError, match="non-finite Close"):
+        run(TrainModelConfig(dataset=str(path), device="cpu"), ctx)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_missing_columns_are_named(tmp_path: Path) -> None:
     path = tmp_path / "bars.csv"
     GOOG.drop(columns=["Volume", "Low"]).to_csv(path)
@@ -212,6 +244,44 @@ def test_same_seed_same_model(model: str) -> None:
     other = train_classifier(data, config.model_copy(update={"seed": 1}), CPU)
     assert other.history != first.history
     assert all(math.isfinite(v) for v in first.final.values())
+
+
+def test_divergence_fails_training_instead_of_reporting_nan() -> None:
+    data = split_chronological(build_features(clean_ohlcv(GOOG), 8), 0.2)
+    x_train = data.x_train.copy()
+    x_train[::7, :, 0] = np.float32(3e38)  # overflows the first layer: the loss is not finite
+    broken = SplitData(x_train, data.y_train, data.x_val, data.y_val, data.standardiser)
+    epochs: list[int] = []
+
+    def on_epoch(epoch: int, *_: Any) -> bool:
+        epochs.append(epoch)
+        return True
+
+    with pytest.raises(
+        FloatingPointError, match=r"training diverged: train_loss is (nan|inf) after epoch 1/3"
+    ):
+        train_classifier(broken, small_config(), CPU, on_epoch)
+    assert epochs == []  # nothing non-finite was reported, checkpointed or logged
+
+
+def test_diverged_run_fails_and_ends_the_mlflow_run_failed(
+    tmp_path: Path, shared_tracking_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = train_model.evaluate_split
+
+    def diverging(*args: Any) -> dict[str, float]:
+        return {**real(*args), "val_loss": math.nan}
+
+    monkeypatch.setattr(train_model, "evaluate_split", diverging)
+    ctx = make_context(tmp_path, shared_tracking_uri, task_id="task-diverges")
+    with pytest.raises(FloatingPointError, match="training diverged: val_loss is nan"):
+        run(small_config(), ctx)
+    assert not (ctx.artifact_dir / "metrics.json").exists()
+    client = MlflowClient(shared_tracking_uri)
+    experiment = client.get_experiment_by_name("train_model")
+    assert experiment is not None
+    runs = client.search_runs([experiment.experiment_id], "tags.`tp.task_id` = 'task-diverges'")
+    assert [r.info.status for r in runs] == ["FAILED"]
 
 
 def test_stop_request_ends_after_the_epoch(tmp_path: Path, shared_tracking_uri: str) -> None:

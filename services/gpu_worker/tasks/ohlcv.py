@@ -45,7 +45,8 @@ def load_ohlcv(dataset: str) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: unsupported extension, missing columns, no timestamps or bad prices.
+        ValueError: unsupported extension, missing columns, no timestamps, non-finite values
+            or bad prices.
     """
     if dataset.upper() in BUNDLED_DATASETS:
         from backtesting import test as samples
@@ -87,6 +88,9 @@ def _with_datetime_index(frame: pd.DataFrame, source: Path) -> pd.DataFrame:
 def clean_ohlcv(frame: pd.DataFrame) -> pd.DataFrame:
     """Validate and tidy raw bars: OHLCV columns as floats, NaN rows dropped, sorted by time.
 
+    A bar with a missing value (NaN, or text that is not a number) is dropped; a bar with an
+    infinite value is refused, since one such bar would turn every loss into NaN.
+
     Args:
         frame: bars with a ``DatetimeIndex`` and at least the :data:`OHLCV_COLUMNS`
             (extra columns are dropped).
@@ -95,7 +99,8 @@ def clean_ohlcv(frame: pd.DataFrame) -> pd.DataFrame:
         A new frame with exactly the OHLCV columns, float64, unique timestamps in ascending order.
 
     Raises:
-        ValueError: columns missing, index not datetime, fewer than 2 bars, or a price <= 0.
+        ValueError: columns missing, index not datetime, an infinite value (the message names
+            the column and the first such bar's timestamp), fewer than 2 bars, or a price <= 0.
     """
     missing = [c for c in OHLCV_COLUMNS if c not in frame.columns]
     if missing:
@@ -106,12 +111,30 @@ def clean_ohlcv(frame: pd.DataFrame) -> pd.DataFrame:
     bars = frame.loc[:, list(OHLCV_COLUMNS)].apply(pd.to_numeric, errors="coerce").astype(float)
     bars = bars.dropna().sort_index()
     bars = bars[~bars.index.duplicated(keep="last")]
+    _check_finite(bars)
     if len(bars) < 2:
         raise ValueError(f"OHLCV data has {len(bars)} complete bars; need at least 2")
     prices = bars.loc[:, ["Open", "High", "Low", "Close"]].to_numpy()
     if (prices <= 0).any():
         raise ValueError("OHLCV data has prices <= 0; log returns need positive prices")
     return bars
+
+
+def _check_finite(bars: pd.DataFrame) -> None:
+    """Raise ValueError naming the first bar (in time) with an infinite value, and its columns."""
+    bad = ~np.isfinite(bars.to_numpy())
+    rows = np.flatnonzero(bad.any(axis=1))
+    if len(rows) == 0:
+        return
+    first = rows[0]
+    columns = [c for c, flag in zip(bars.columns, bad[first], strict=True) if flag]
+    values = ", ".join(f"{c}={bars.iloc[first][c]}" for c in columns)
+    later = len(rows) - 1
+    more = f" (and {later} later bar{'s' if later > 1 else ''})" if later else ""
+    raise ValueError(
+        f"OHLCV data has a non-finite {'/'.join(columns)} at {bars.index[first]} "
+        f"({values}){more}; prices and volume must be finite numbers"
+    )
 
 
 def bar_features(bars: pd.DataFrame) -> FloatArray:

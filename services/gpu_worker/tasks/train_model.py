@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -171,7 +172,9 @@ def train_classifier(
 
     Training batches are shuffled within the training set only (seeded generator); validation
     samples are never seen by the optimiser. At least one epoch runs; ``on_epoch`` returning False
-    stops after that epoch.
+    stops after that epoch. After each epoch the train and validation losses must be finite: a
+    model whose loss became NaN or infinite stays broken, so training stops there with an error
+    (before ``on_epoch``, so no NaN is reported, checkpointed or logged).
 
     Args:
         data: the standardised chronological split.
@@ -181,6 +184,10 @@ def train_classifier(
 
     Returns:
         The final model and the per-epoch history.
+
+    Raises:
+        FloatingPointError: a loss is not finite after an epoch (training diverged), e.g.
+            ``training diverged: train_loss is nan after epoch 3/20 ...``.
     """
     with deterministic(config.seed):
         model = build_model(config, data.n_features).to(device)
@@ -195,10 +202,23 @@ def train_classifier(
                 model, optimizer, *tensors, batch_size=config.batch_size, generator=generator
             )
             metrics = evaluate_split(model, data, device)
+            _check_converging(metrics, epoch, config)
             history.append({"epoch": float(epoch), **metrics})
             if on_epoch is not None and not on_epoch(epoch, metrics, model, optimizer):
                 return TrainOutcome(model, history, stopped_early=epoch < config.epochs)
     return TrainOutcome(model, history, stopped_early=False)
+
+
+def _check_converging(metrics: dict[str, float], epoch: int, config: TrainModelConfig) -> None:
+    """Raise FloatingPointError if the train or validation loss after ``epoch`` is not finite."""
+    for name in ("train_loss", "val_loss"):
+        value = metrics[name]
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"training diverged: {name} is {value} after epoch {epoch}/{config.epochs} "
+                f"(learning_rate={config.learning_rate:g}, model={config.model}, "
+                f"hidden_size={config.hidden_size}); try a lower learning_rate or check the data"
+            )
 
 
 def _train_one_epoch(
@@ -360,7 +380,10 @@ def run(config: TrainModelConfig, ctx: TaskContext) -> dict[str, Any]:
     Raises:
         RuntimeError: ``cuda`` requested without CUDA.
         FileNotFoundError: the dataset file does not exist.
-        ValueError: the bars are unusable (missing columns, too few bars, bad prices).
+        ValueError: the bars are unusable (missing columns, too few bars, bad or infinite
+            values).
+        FloatingPointError: training diverged (a loss became NaN or infinite); the MLflow run
+            ends FAILED and no metrics are reported.
     """
     device = resolve_device(config.device)
     bars = load_ohlcv(config.dataset)
