@@ -79,12 +79,12 @@ async def test_sigterm_to_the_child_alone_fails_the_task(
     await platform.start_all()
     task = await client.submit("probe", {"sleep_s": 30, "steps": 300})
     await wait_state(client, task.task_id, TaskState.RUNNING)
-    for _ in range(100):
-        pid = (await client.status(task.task_id)).child_pid
-        if pid:
+    for _ in range(200):  # progress means the task's own code, with its handlers, is running
+        record = await client.status(task.task_id)
+        if record.child_pid and record.progress:
             break
         await asyncio.sleep(0.05)
-    os.kill(pid, signal.SIGTERM)
+    os.kill(record.child_pid, signal.SIGTERM)
     record = await client.wait(task.task_id, timeout_s=WAIT_S)
     assert record.state is TaskState.FAILED
     assert record.error == "stopped by SIGTERM before it finished"
