@@ -17,6 +17,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.constants import DEFAULT_MAX_MESSAGE_BYTES
 
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "json", "console"]
+
 
 def describe_settings_error(error: ValidationError) -> str:
     """One line naming each bad variable: ``TP_WORKER_GPU_SLOTS: Input should be ...; ...``."""
@@ -73,10 +76,8 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(
         DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="Largest message body accepted (bytes)."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
-    log_format: Literal["auto", "json", "console"] = Field(
-        "auto", description="auto: console on a TTY, JSON otherwise."
-    )
+    log_level: LogLevel = Field("info")
+    log_format: LogFormat = Field("auto", description="auto: console on a TTY, JSON otherwise.")
     socket_timeout_s: float = Field(
         10.0, gt=0, description="Redis socket timeout, so no call hangs on a dead socket (s)."
     )

@@ -65,6 +65,8 @@ class TaskExecution:
                 checkpoint_path=task_dir / "checkpoints" / "last.pt",
                 tracking_uri=env.settings.tracking_uri,
                 git_commit=submission.git_commit or env.code_commit,
+                log_level=env.settings.log_level,
+                log_format=env.settings.log_format,
             ),
             self.on_progress,
         )

@@ -33,6 +33,7 @@ from typing import Any
 from services.gpu_worker.context import TaskContext
 from services.gpu_worker.tasks import PRELOAD_MODULES, TASK_ENTRYPOINTS
 from shared.constants import CHILD_EXIT_GRACE_S, TRACEBACK_SUMMARY_CHARS
+from shared.settings import LogFormat, LogLevel
 
 _context: multiprocessing.context.ForkServerContext | None = None
 
@@ -79,6 +80,8 @@ class ChildJob:
     checkpoint_path: Path
     tracking_uri: str
     git_commit: str | None = None
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "auto"
 
 
 @dataclass
@@ -129,6 +132,7 @@ def child_main(job: ChildJob, conn: Connection) -> None:
     )
     os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _configure_child_logging(job)
     signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
     try:
         from shared.task_types import validate_config
@@ -143,6 +147,18 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}", tb))
     finally:
         conn.close()
+
+
+def _configure_child_logging(job: ChildJob) -> None:
+    """Log like the worker (same format and level), tagged with the task id."""
+    import structlog
+
+    from shared.logging import configure_logging
+    from shared.settings import Settings
+
+    settings = Settings.model_construct(log_level=job.log_level, log_format=job.log_format)
+    configure_logging(settings, service="task")
+    structlog.contextvars.bind_contextvars(task_id=job.task_id, attempt=job.attempt)
 
 
 class ChildProcess:
