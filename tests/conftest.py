@@ -114,6 +114,19 @@ def service_env(s: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+def tradectl(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 class ServiceProcess:
     """A service started as ``python -m services.<module>`` with its log in a file."""
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -22,23 +20,10 @@ from shared.cli import parse_config, parse_set_value, print_event
 from shared.messages import EventKind, TaskEvent, TaskState, TaskSubmission
 from shared.settings import Settings
 from shared.store import StatusStore
-from tests.conftest import ROOT, service_env
+from tests.conftest import service_env, tradectl
 
 #: Text rich would take as markup: a closing tag with no opening one, and a style-like range.
 BRACKETED_ERROR = "cannot read [/data/x.csv]: bad pattern [a-z] in [bold red]column[/bold red]"
-
-
-def tradectl(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "shared.cli", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def plain_env(**extra: str) -> dict[str, str]:

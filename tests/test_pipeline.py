@@ -17,7 +17,7 @@ from shared.client import DistributedClient
 from shared.gitinfo import head_commit
 from shared.messages import TaskState
 from shared.topology import Topology
-from tests.conftest import ROOT, Platform, service_env
+from tests.conftest import ROOT, Platform, service_env, tradectl
 
 WAIT_S = 60
 
@@ -46,23 +46,11 @@ async def test_lifecycle_timestamps_and_cli_result(platform: Platform, client: D
     assert [h["to"] for h in history] == ["submitted", "queued", "running", "completed"]
     assert record.worker == "test-worker" and record.attempts == 1
 
-    cli = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "task", "result", record.task_id],
-        env=service_env(platform.settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cli = tradectl("task", "result", record.task_id, env=service_env(platform.settings), timeout=60)
     assert cli.returncode == 0, cli.stderr
     assert record.task_id in cli.stdout and "completed" in cli.stdout and "slept_s" in cli.stdout
-    as_json = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "task", "result", record.task_id, "--json"],
-        env=service_env(platform.settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    as_json = tradectl(
+        "task", "result", record.task_id, "--json", env=service_env(platform.settings), timeout=60
     )
     assert json.loads(as_json.stdout)["state"] == "completed"
 
@@ -204,14 +192,7 @@ async def test_unknown_type_or_invalid_config_from_raw_publish_fails_the_task(
     ],
 )
 async def test_cli_refuses_bad_input_and_queues_nothing(settings, client, args, needle):
-    cli = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "task", "submit", *args],
-        env=service_env(settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    cli = tradectl("task", "submit", *args, env=service_env(settings), timeout=60)
     assert cli.returncode == 2, cli.stdout + cli.stderr
     assert needle in " ".join(cli.stderr.split())
     intake = client.broker.declared.queues[Topology(settings.namespace).queue("submit")]
@@ -258,25 +239,17 @@ async def test_sigkilled_child_fails_and_worker_serves_next(
 async def test_cli_trains_on_goog_end_to_end_with_mlflow_run(platform: Platform):
     """The main job: tradectl submit --wait on GOOG daily through real processes."""
     await platform.start_all()
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli",
-            "task",
-            "submit",
-            "train_model",
-            "--config",
-            "configs/train_goog.yaml",
-            "--set",
-            "epochs=3",
-            "--wait",
-            "--json",
-        ],
+    cli = tradectl(
+        "task",
+        "submit",
+        "train_model",
+        "--config",
+        "configs/train_goog.yaml",
+        "--set",
+        "epochs=3",
+        "--wait",
+        "--json",
         env=service_env(platform.settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert cli.returncode == 0, cli.stdout + cli.stderr
@@ -326,22 +299,14 @@ async def test_sync_client_and_failed_task_exit_code(platform: Platform):
 
     ok, bad = await asyncio.to_thread(use_sync)
     assert ok.state is TaskState.COMPLETED and bad.state is TaskState.FAILED
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli",
-            "task",
-            "submit",
-            "probe",
-            "--set",
-            "fail_with=x",
-            "--wait",
-        ],
+    cli = tradectl(
+        "task",
+        "submit",
+        "probe",
+        "--set",
+        "fail_with=x",
+        "--wait",
         env=service_env(platform.settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert cli.returncode == 1 and "RuntimeError: x" in cli.stdout

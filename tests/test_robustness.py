@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from shared.errors import IdempotencyConflictError
 from shared.messages import TaskState
 from shared.settings import Settings
 from shared.topology import Topology
-from tests.conftest import ROOT, Platform, ServiceProcess, service_env
+from tests.conftest import Platform, ServiceProcess, service_env, tradectl
 from tests.netproxy import TcpProxy
 from tests.test_pipeline import dead_letters, wait_state
 from tests.test_service_lifecycle import free_port
@@ -106,23 +105,15 @@ async def test_resubmitting_an_id_with_another_spec_is_refused(settings, client)
     await client.submit("probe", {"sleep_s": 1}, task_id="same-id")  # the same spec is fine
     with pytest.raises(IdempotencyConflictError, match="already exists"):
         await client.submit("probe", {"sleep_s": 2}, task_id="same-id")
-    cli = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shared.cli",
-            "task",
-            "submit",
-            "probe",
-            "--task-id",
-            "same-id",
-            "--set",
-            "steps=3",
-        ],
+    cli = tradectl(
+        "task",
+        "submit",
+        "probe",
+        "--task-id",
+        "same-id",
+        "--set",
+        "steps=3",
         env=service_env(settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=60,
     )
     assert cli.returncode == 2 and "already exists" in cli.stderr

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from tests.conftest import ROOT, ServiceProcess, service_env
+from tests.conftest import ROOT, ServiceProcess, service_env, tradectl
 
 
 def free_port() -> int:
@@ -46,13 +46,8 @@ def test_scheduler_started_before_broker_retries_and_stops_cleanly(settings, tmp
 
 
 async def test_wait_timeout_names_the_state(settings, client):
-    cli = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "task", "submit", "probe", "--wait", "--timeout", "1"],
-        env=service_env(settings),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
+    cli = tradectl(
+        "task", "submit", "probe", "--wait", "--timeout", "1", env=service_env(settings), timeout=60
     )
     assert cli.returncode == 124
     assert "still submitted after 1 s (is a scheduler running?)" in cli.stderr

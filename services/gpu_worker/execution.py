@@ -48,11 +48,8 @@ class TaskExecution:
 
     def __init__(self, submission: TaskSubmission, attempt: int, env: WorkerEnv) -> None:
         self.submission = submission
+        self.env = env
         self.attempt = attempt
-        self.settings = env.settings
-        self.store = env.store
-        self.broker = env.broker
-        self.worker = env.name
         self._last_progress = 0.0
         task_dir = env.settings.tasks_dir / submission.task_id
         self.child = ChildProcess(
@@ -73,7 +70,7 @@ class TaskExecution:
 
     async def run(self) -> TaskState:
         """Run the child to its end; returns the terminal state recorded."""
-        timeout = self.submission.timeout_s or self.settings.task_timeout_s
+        timeout = self.submission.timeout_s or self.env.settings.task_timeout_s
         log.info("task_started", attempt=self.attempt, timeout_s=timeout)
         try:
             outcome = await self.child.run(timeout, on_started=self.on_child_started)
@@ -90,9 +87,13 @@ class TaskExecution:
     ) -> None:
         """Publish a state event; best effort, since Redis already holds the truth."""
         try:
-            await self.broker.publish_event(
+            await self.env.broker.publish_event(
                 state_event(
-                    self.submission.task_id, state, worker=self.worker, error=error, metrics=metrics
+                    self.submission.task_id,
+                    state,
+                    worker=self.env.name,
+                    error=error,
+                    metrics=metrics,
                 )
             )
         except BrokerError as e:
@@ -100,7 +101,7 @@ class TaskExecution:
 
     async def on_child_started(self, pid: int) -> None:
         try:
-            await self.store.update_if(
+            await self.env.store.update_if(
                 self.submission.task_id, [TaskState.RUNNING], {"child_pid": pid}
             )
         except StoreError as e:
@@ -113,11 +114,11 @@ class TaskExecution:
         self._last_progress = now
         fields: dict[str, str | int | float] = {"progress": fraction, "progress_message": message}
         try:
-            await self.store.update_if(self.submission.task_id, [TaskState.RUNNING], fields)
-            await self.broker.publish_event(
+            await self.env.store.update_if(self.submission.task_id, [TaskState.RUNNING], fields)
+            await self.env.broker.publish_event(
                 progress_event(
                     self.submission.task_id,
-                    worker=self.worker,
+                    worker=self.env.name,
                     progress=fraction,
                     message=message,
                     metrics=metrics,
@@ -160,11 +161,11 @@ class TaskExecution:
         delay, deadline = 0.5, time.monotonic() + RECORD_RETRY_MAX_S
         while True:
             try:
-                return await self.store.transition(
+                return await self.env.store.transition(
                     self.submission.task_id,
                     [TaskState.RUNNING, TaskState.CANCELLING],
                     state,
-                    by=self.worker,
+                    by=self.env.name,
                     fields=fields,
                 )
             except StoreError as e:

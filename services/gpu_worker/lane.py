@@ -39,10 +39,6 @@ class Lane:
         self.route = route
         self.slots = slots
         self.env = env
-        self.settings = env.settings
-        self.store = env.store
-        self.broker = env.broker
-        self.worker = env.name
         self.running: dict[str, TaskExecution] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._channel: AbstractChannel | None = None
@@ -53,10 +49,10 @@ class Lane:
     @property
     def queue_name(self) -> str:
         """The queue this lane consumes."""
-        return self.broker.topology.queue(self.route)
+        return self.env.broker.topology.queue(self.route)
 
     async def start(self) -> None:
-        self._channel = await self.broker.consumer_channel(prefetch=self.slots)
+        self._channel = await self.env.broker.consumer_channel(prefetch=self.slots)
         self._queue = await self._channel.get_queue(self.queue_name)
         await self._resume()
 
@@ -96,16 +92,16 @@ class Lane:
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         await handle_delivery(
-            message, self._handle, broker=self.broker, source_queue=self.queue_name
+            message, self._handle, broker=self.env.broker, source_queue=self.queue_name
         )
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         try:
             submission = decode(
-                message.body, TaskSubmission, max_bytes=self.settings.max_message_bytes
+                message.body, TaskSubmission, max_bytes=self.env.settings.max_message_bytes
             )
         except DecodeError as e:
-            await self.broker.dead_letter(message, str(e), source_queue=self.queue_name)
+            await self.env.broker.dead_letter(message, str(e), source_queue=self.queue_name)
             await settle(message)
             return
         if len(self.running) >= self.slots:
@@ -113,17 +109,17 @@ class Lane:
             # back unclaimed so it keeps its place by priority.
             await settle(message, requeue=True)
             return
-        claim = await self.store.transition(
+        claim = await self.env.store.transition(
             submission.task_id,
             [TaskState.QUEUED],
             TaskState.RUNNING,
-            by=self.worker,
-            fields={"worker": self.worker, "+attempts": 1, "lease_until": time.time() + LEASE_S},
+            by=self.env.name,
+            fields={"worker": self.env.name, "+attempts": 1, "lease_until": time.time() + LEASE_S},
         )
         if claim.applied:
             await self._start(message, submission, claim.attempts)
         elif claim.previous is None:
-            await self.broker.dead_letter(
+            await self.env.broker.dead_letter(
                 message, f"no task record for {submission.task_id!r}", source_queue=self.queue_name
             )
             await settle(message)
@@ -165,7 +161,7 @@ class Lane:
         while True:
             await asyncio.sleep(LEASE_S / 3)
             try:
-                await self.store.update_if(
+                await self.env.store.update_if(
                     task_id, [TaskState.RUNNING], {"lease_until": time.time() + LEASE_S}
                 )
             except StoreError as e:
