@@ -22,7 +22,7 @@ from aio_pika.abc import (
 
 from shared.constants import PUBLISH_CONFIRM_TIMEOUT_S, ROUTE_SUBMIT
 from shared.errors import BrokerError, NotConnectedError
-from shared.messages import TaskEvent, TaskSubmission, encode
+from shared.messages import CancelRequest, TaskEvent, TaskSubmission, encode
 from shared.settings import Settings
 from shared.topology import DeclaredTopology, Topology, declare
 
@@ -123,6 +123,16 @@ class Broker:
             encode(submission),
             priority=submission.priority,
             message_id=submission.task_id,
+        )
+
+    async def publish_cancel(self, request: CancelRequest) -> None:
+        """Publish ``task.cancel`` on the control exchange (every worker hears it; confirmed)."""
+        await self._publish(
+            self.declared.control,
+            "task.cancel",
+            encode(request),
+            persistent=False,
+            message_id=request.task_id,
         )
 
     async def publish_event(self, event: TaskEvent) -> None:

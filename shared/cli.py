@@ -28,7 +28,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from shared.client import DistributedClient
+from shared.client import CancelResult, DistributedClient
 from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY
 from shared.errors import BrokerError, StoreError, TaskError, TaskNotFoundError
 from shared.messages import EventKind, TaskEvent, TaskState, describe_validation_error
@@ -348,15 +348,70 @@ def print_event(event: TaskEvent) -> None:
 
 @task_app.command("status")
 def status(task_id: str, as_json: JsonOpt = False) -> None:
-    """Show a task's state, timestamps and progress."""
-    record: TaskRecord = with_client(lambda c: c.status(task_id))
-    print_record(record, as_json=as_json)
-    if record.progress is not None and not as_json and not record.state.is_terminal:
+    """Show a task's state, timestamps, progress and history of transitions."""
+
+    async def body(c: DistributedClient) -> tuple[TaskRecord, list[dict[str, Any]]]:
+        record = await c.status(task_id)
+        return record, await c.history(record.task_id)
+
+    record, history = with_client(body)
+    if as_json:
+        data = json.loads(record_json(record))
+        data["history"] = history
+        print(json.dumps(data, indent=2))
+        return
+    print_record(record, as_json=False)
+    if record.progress is not None and not record.state.is_terminal:
         out.print(
             f"  progress {record.progress:.0%} {record.progress_message}",
             highlight=False,
             markup=False,
         )
+    table = Table("time", "from", "to", "by", "attempt", "reason", title="history")
+    for h in history:
+        table.add_row(
+            format_ts(h["ts"]),
+            h.get("from", ""),
+            h["to"],
+            escape(str(h.get("by", ""))),
+            str(h.get("attempt", "")),
+            escape(str(h.get("reason", ""))),
+        )
+    out.print(table)
+
+
+@task_app.command("cancel")
+def cancel(
+    task_id: str,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Do not wait for it to stop.")] = False,
+    timeout: Annotated[float, typer.Option(help="Wait at most this long (s).")] = 60.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Cancel a task: a queued one never runs; a running one is stopped (SIGTERM, then SIGKILL).
+
+    Exit 0 when the task is cancelled or had already finished (nothing changed then), 124 when
+    it is still stopping after --timeout.
+    """
+    result: CancelResult = with_client(
+        lambda c: c.cancel(task_id, wait_s=None if no_wait else timeout)
+    )
+    record = result.record
+    if as_json:
+        print(
+            json.dumps(
+                {"outcome": result.outcome, "task_id": record.task_id, "state": record.state}
+            )
+        )
+    elif result.outcome.startswith("already_"):
+        out.print(
+            f"task {record.task_id} already {record.state.value}; nothing changed",
+            markup=False,
+            highlight=False,
+        )
+    else:
+        out.print(f"task {record.task_id} {result.outcome}", markup=False, highlight=False)
+    if result.outcome == "cancelling" and not no_wait:
+        raise typer.Exit(124)
 
 
 @task_app.command("result")

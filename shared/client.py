@@ -15,6 +15,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -24,8 +25,17 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from shared.broker import Broker
 from shared.constants import DEFAULT_PRIORITY
-from shared.errors import DecodeError, IdempotencyConflictError
-from shared.messages import EventKind, TaskEvent, TaskState, TaskSubmission, decode, task_id_for_key
+from shared.errors import DecodeError, IdempotencyConflictError, StoreError, TaskNotFoundError
+from shared.events import state_event
+from shared.messages import (
+    CancelRequest,
+    EventKind,
+    TaskEvent,
+    TaskState,
+    TaskSubmission,
+    decode,
+    task_id_for_key,
+)
 from shared.settings import Settings
 from shared.store import StatusStore, TaskRecord
 from shared.task_types import validate_config
@@ -39,6 +49,14 @@ EventCallback = Callable[[TaskEvent], Awaitable[None] | None]
 SAFETY_RECHECK_S = 15.0
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class CancelResult:
+    """What ``cancel`` did: ``cancelled``, ``cancelling`` or ``already_<state>``, and the record."""
+
+    outcome: str
+    record: TaskRecord
 
 
 class DistributedClient:
@@ -141,6 +159,59 @@ class DistributedClient:
             await self.broker.publish_submission(submission)
         return record
 
+    async def cancel(self, task_id: str, *, wait_s: float | None = 30.0) -> CancelResult:
+        """Cancel a task; ``task_id`` may be a unique prefix.
+
+        A task not yet running is cancelled at once and never runs. A running one goes to
+        ``cancelling``; its worker SIGTERMs the child, waits ``TP_CANCEL_GRACE_S``, then
+        SIGKILLs it, and records ``cancelled``. A finished task is left as it is.
+
+        Args:
+            task_id: the task (or a unique prefix).
+            wait_s: for a running task, wait this long for it to end (None: do not wait).
+
+        Returns:
+            ``CancelResult(outcome, record)``; outcome is ``cancelled``, ``cancelling`` (still
+            stopping when the wait ended), or ``already_<state>`` for a finished task.
+
+        Raises:
+            TaskNotFoundError: no such task.
+        """
+        task_id = await self.store.resolve_id(task_id)
+        by = f"client:{socket.gethostname()}"
+        while True:
+            moved = await self.store.transition(
+                task_id,
+                [TaskState.SUBMITTED, TaskState.QUEUED],
+                TaskState.CANCELLED,
+                by=by,
+                reason="cancelled before it ran",
+            )
+            if moved.applied:
+                await self.broker.publish_event(state_event(task_id, TaskState.CANCELLED))
+                return CancelResult("cancelled", await self.store.get(task_id))
+            if moved.previous is None or moved.previous.is_terminal:
+                record = await self.store.get(task_id)
+                return CancelResult(f"already_{record.state.value}", record)
+            stopping = await self.store.transition(
+                task_id,
+                [TaskState.RUNNING],
+                TaskState.CANCELLING,
+                by=by,
+                reason="cancel requested",
+            )
+            if stopping.applied or stopping.previous is TaskState.CANCELLING:
+                break  # else it moved on meanwhile (finished, requeued): decide again
+        await self.broker.publish_cancel(CancelRequest(task_id=task_id, requested_by=by))
+        if wait_s is None:
+            return CancelResult("cancelling", await self.store.get(task_id))
+        try:
+            record = await self.wait(task_id, timeout_s=wait_s)
+        except TimeoutError:
+            return CancelResult("cancelling", await self.store.get(task_id))
+        outcome = "cancelled" if record.state is TaskState.CANCELLED else f"already_{record.state}"
+        return CancelResult(outcome, record)
+
     async def status(self, task_id: str) -> TaskRecord:
         """The task's current record; ``task_id`` may be a unique prefix.
 
@@ -154,8 +225,8 @@ class DistributedClient:
         return await self.store.list_recent(limit, state)
 
     async def history(self, task_id: str) -> list[dict[str, Any]]:
-        """The task's state transitions, oldest first."""
-        return await self.store.history(task_id)
+        """The task's transitions, oldest first: ``{from, to, ts, by, attempt, reason}``."""
+        return await self.store.history(await self.store.resolve_id(task_id))
 
     async def wait(
         self, task_id: str, *, timeout_s: float | None = None, on_event: EventCallback | None = None
@@ -232,7 +303,7 @@ class DistributedClient:
             try:
                 message = await asyncio.wait_for(inbox.get(), self.recheck_s)
             except TimeoutError:
-                record = await self.store.get(task_id)
+                record = await self._recheck(task_id, record)
                 continue
             event = _decode_event(message, self.settings.max_message_bytes)
             if event is None:
@@ -242,8 +313,18 @@ class DistributedClient:
                 if maybe is not None:
                     await maybe
             if event.kind is EventKind.STATE:
-                record = await self.store.get(task_id)
+                record = await self._recheck(task_id, record)
         return record
+
+    async def _recheck(self, task_id: str, last: TaskRecord) -> TaskRecord:
+        """Re-read the record; while Redis is away keep the last one and keep following."""
+        try:
+            return await self.store.get(task_id)
+        except TaskNotFoundError:
+            raise
+        except StoreError as e:
+            log.warning("recheck_failed", task_id=task_id, error=str(e))
+            return last
 
 
 def _decode_event(
@@ -287,6 +368,10 @@ class SyncClient:
     def submit(self, task_type: str, config: dict[str, Any] | None = None, **kw: Any) -> TaskRecord:
         """See ``DistributedClient.submit``."""
         return self._run(self._client.submit(task_type, config, **kw))
+
+    def cancel(self, task_id: str, *, wait_s: float | None = 30.0) -> CancelResult:
+        """See ``DistributedClient.cancel``."""
+        return self._run(self._client.cancel(task_id, wait_s=wait_s))
 
     def status(self, task_id: str) -> TaskRecord:
         """See ``DistributedClient.status``."""

@@ -14,6 +14,9 @@ class Keys:
                                     lease_until, progress, result, error, traceback
         ``<ns>:task:<id>:history``  list of JSON transitions ``{from, to, ts, by}``
         ``<ns>:tasks``              sorted set of task ids by submit time (listing)
+        ``<ns>:leases``             sorted set of running task ids by lease expiry (reaper)
+        ``<ns>:retries``            sorted set of task ids by retry due time (retry pump)
+        ``<ns>:worker:<name>``      a worker's heartbeat (JSON, with a TTL)
     """
 
     namespace: str
@@ -30,6 +33,20 @@ class Keys:
     def task_index(self) -> str:
         """Sorted set of all task ids, scored by submit time (Unix s)."""
         return f"{self.namespace}:tasks"
+
+    @property
+    def leases(self) -> str:
+        """Sorted set of running task ids scored by lease expiry (Unix s, Redis clock)."""
+        return f"{self.namespace}:leases"
+
+    @property
+    def retries(self) -> str:
+        """Sorted set of task ids waiting to be retried, scored by due time (Unix s)."""
+        return f"{self.namespace}:retries"
+
+    def worker(self, name: str) -> str:
+        """A worker's heartbeat key (JSON, expires when the worker stops renewing it)."""
+        return f"{self.namespace}:worker:{name}"
 
     @property
     def pattern(self) -> str:

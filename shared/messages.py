@@ -68,6 +68,7 @@ class TaskSubmission(WireModel):
     idempotency_key: str | None = Field(None, max_length=200)
     git_commit: str | None = Field(None, pattern=r"^[0-9a-f]{7,64}$")
     timeout_s: float | None = Field(None, gt=0, description="Maximum run time (s).")
+    max_attempts: int | None = Field(None, ge=1, le=100, description="Runs before giving up.")
 
 
 class EventKind(StrEnum):
@@ -95,6 +96,13 @@ class TaskEvent(WireModel):
         """Topic routing key: followers bind ``task.*.<id>`` for one task or ``task.#`` for all."""
         part = self.kind.value if self.kind is EventKind.PROGRESS else self.state.value
         return f"task.{part}.{self.task_id}"
+
+
+class CancelRequest(WireModel):
+    """``task.cancel`` on the control exchange: the worker running ``task_id`` stops it."""
+
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    requested_by: str = Field("", max_length=200)
 
 
 M = TypeVar("M", bound=WireModel)

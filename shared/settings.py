@@ -73,6 +73,33 @@ class Settings(BaseSettings):
     task_timeout_s: float = Field(
         6 * 3600.0, gt=0, description="Default maximum run time of a task (s)."
     )
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Runs a task gets (worker lost, retryable error) before failing.",
+    )
+    retry_base_s: float = Field(
+        2.0, gt=0, description="First retry back-off (s); doubles per attempt, full jitter."
+    )
+    retry_max_s: float = Field(300.0, gt=0, description="Longest retry back-off (s).")
+    lease_s: float = Field(
+        60.0, ge=1, description="Lease a worker holds on a running task (s); heartbeat = lease / 3."
+    )
+    reaper_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often the scheduler looks for expired leases and due retries (s).",
+    )
+    cancel_grace_s: float = Field(
+        10.0, ge=0, description="SIGTERM-to-SIGKILL grace for a cancelled or drained task (s)."
+    )
+    drain_timeout_s: float = Field(
+        60.0, ge=0, description="On SIGTERM, how long a worker lets running tasks finish (s)."
+    )
+    redis_max_connections: int = Field(
+        32, ge=1, le=10_000, description="Redis pool size; callers wait for a free connection."
+    )
     max_message_bytes: int = Field(
         DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="Largest message body accepted (bytes)."
     )

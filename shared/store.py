@@ -37,35 +37,118 @@ redis.call('RPUSH', KEYS[2], cjson.encode({to = 'submitted', ts = now}))
 return 1
 """
 
-# KEYS: task hash, history list. ARGV: new state, by, ttl seconds (0 = keep), n expected,
-# expected states..., then field/value pairs; a field named '+x' increments x by the value.
-# Returns {1 or 0, state before, attempts after}; state before is '' when the task does not exist.
+# KEYS: task hash, history list, leases zset, retries zset.
+# ARGV: new state, by, reason, ttl seconds (0 = keep), n expected, expected states..., then
+# field/value pairs. A field '+x' adds to x; 'lease_s' sets lease_until = now + value and
+# 'retry_in_s' sets retry_at = now + value (Redis clock). The leases and retries sorted sets
+# follow the state: a lease exists only while running/cancelling, a retry due time only while
+# queued. Returns {1 or 0, state before, attempts after}; state before is '' for no task.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
-local n = tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
 local ok = false
-for i = 1, n do if ARGV[4 + i] == cur then ok = true end end
+for i = 1, n do if ARGV[5 + i] == cur then ok = true end end
 if not ok then return {0, cur} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local new = ARGV[1]
+local id = redis.call('HGET', KEYS[1], 'task_id')
+local retry = false
 redis.call('HSET', KEYS[1], 'state', new, new .. '_at', now, 'updated_at', now)
-for i = 5 + n, #ARGV, 2 do
-  local f = ARGV[i]
+for i = 6 + n, #ARGV, 2 do
+  local f, v = ARGV[i], ARGV[i + 1]
   if string.sub(f, 1, 1) == '+' then
-    redis.call('HINCRBY', KEYS[1], string.sub(f, 2), ARGV[i + 1])
+    redis.call('HINCRBY', KEYS[1], string.sub(f, 2), v)
+  elseif f == 'lease_s' then
+    redis.call('HSET', KEYS[1], 'lease_until', now + tonumber(v))
+  elseif f == 'retry_in_s' then
+    redis.call('HSET', KEYS[1], 'retry_at', now + tonumber(v))
+    retry = true
   else
-    redis.call('HSET', KEYS[1], f, ARGV[i + 1])
+    redis.call('HSET', KEYS[1], f, v)
   end
 end
-redis.call('RPUSH', KEYS[2], cjson.encode({from = cur, to = new, ts = now, by = ARGV[2]}))
-local ttl = tonumber(ARGV[3])
+local lease = redis.call('HGET', KEYS[1], 'lease_until')
+if (new == 'running' or new == 'cancelling') and lease then
+  redis.call('ZADD', KEYS[3], lease, id)
+else
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('HDEL', KEYS[1], 'lease_until')
+end
+if new == 'queued' and retry then
+  redis.call('ZADD', KEYS[4], redis.call('HGET', KEYS[1], 'retry_at'), id)
+else
+  redis.call('ZREM', KEYS[4], id)
+  redis.call('HDEL', KEYS[1], 'retry_at')
+end
+local attempts = redis.call('HGET', KEYS[1], 'attempts')
+redis.call('RPUSH', KEYS[2], cjson.encode({from = cur, to = new, ts = now, by = ARGV[2],
+  attempt = tonumber(attempts), reason = ARGV[3]}))
+local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
 end
-return {1, cur, redis.call('HGET', KEYS[1], 'attempts')}
+return {1, cur, attempts}
+"""
+
+# KEYS: task hash, leases zset. ARGV: worker, lease seconds.
+# Renews the lease of a task this worker holds; returns its state ('' if not the worker's).
+_RENEW = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if (state ~= 'running' and state ~= 'cancelling')
+   or redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return '' end
+local t = redis.call('TIME')
+local lease = tonumber(t[1]) + tonumber(t[2]) / 1e6 + tonumber(ARGV[2])
+redis.call('HSET', KEYS[1], 'lease_until', lease)
+redis.call('ZADD', KEYS[2], lease, redis.call('HGET', KEYS[1], 'task_id'))
+return state
+"""
+
+# KEYS: task hash, history list, leases zset, retries zset. ARGV: task id, default max attempts,
+# ttl. A requeued task is put in the retries set, due now: the retry pump dispatches it.
+# Acts on a task whose lease expired (worker lost): cancelling -> cancelled; running -> queued
+# (to be dispatched again) or failed once attempts reached max_attempts. Returns
+# {outcome, attempts} with outcome one of cancelled, queued, failed, alive, gone.
+_REAP = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or (state ~= 'running' and state ~= 'cancelling') then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return {'gone', 0}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local lease = tonumber(redis.call('HGET', KEYS[1], 'lease_until') or '0')
+if lease > now then
+  redis.call('ZADD', KEYS[3], lease, ARGV[1])
+  return {'alive', 0}
+end
+local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts') or ARGV[2])
+local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
+local worker = redis.call('HGET', KEYS[1], 'worker') or ''
+local new, reason
+if state == 'cancelling' then
+  new, reason = 'cancelled', 'worker ' .. worker .. ' lost while cancelling'
+elseif attempts >= max then
+  new, reason = 'failed', 'worker lost ' .. lost .. ' times'
+  redis.call('HSET', KEYS[1], 'error', reason)
+else
+  new, reason = 'queued', 'worker ' .. worker .. ' lost (lease expired); requeued'
+  redis.call('HSET', KEYS[1], 'retry_at', now)
+  redis.call('ZADD', KEYS[4], now, ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'state', new, new .. '_at', now, 'updated_at', now)
+redis.call('HDEL', KEYS[1], 'lease_until', 'child_pid', 'worker')
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('RPUSH', KEYS[2], cjson.encode({from = state, to = new, ts = now, by = 'reaper',
+  attempt = attempts, reason = reason}))
+if new ~= 'queued' then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+end
+return {new, attempts}
 """
 
 # KEYS: task hash. ARGV: n expected, expected states..., then field/value pairs.
@@ -121,6 +204,10 @@ class TaskRecord(BaseModel):
     updated_at: float | None = None
     lease_until: float | None = None
     child_pid: int | None = None
+    max_attempts: int | None = None
+    lost: int = 0
+    retry_at: float | None = None
+    submitted_at_client: float | None = None
     progress: float | None = None
     progress_message: str = ""
     result: dict[str, Any] | None = None
@@ -131,6 +218,20 @@ class TaskRecord(BaseModel):
     def finished_at(self) -> float | None:
         """When the task reached its terminal state, if it has."""
         return self.completed_at or self.failed_at or self.cancelled_at
+
+    def to_submission(self) -> TaskSubmission:
+        """The task as submitted, to dispatch it again (a retry, a requeue after a lost worker)."""
+        return TaskSubmission(
+            task_id=self.task_id,
+            task_type=self.task_type,
+            config=self.config,
+            priority=self.priority,
+            submitted_at=self.submitted_at_client or self.submitted_at or 0.0,
+            submitted_by=self.submitted_by,
+            git_commit=self.git_commit,
+            timeout_s=self.timeout_s,
+            max_attempts=self.max_attempts,
+        )
 
     @classmethod
     def from_hash(cls, raw: Mapping[str, str]) -> TaskRecord:
@@ -178,7 +279,7 @@ class StatusStore:
             "socket_timeout": s.socket_timeout_s,
             "socket_connect_timeout": s.socket_timeout_s,
             "health_check_interval": 15,
-            "max_connections": 32,
+            "max_connections": s.redis_max_connections,
             "timeout": s.socket_timeout_s,
         }
         if s.redis_url.startswith("rediss://"):
@@ -198,6 +299,8 @@ class StatusStore:
         self._create = self._redis.register_script(_CREATE)
         self._transition = self._redis.register_script(_TRANSITION)
         self._update_if = self._redis.register_script(_UPDATE_IF)
+        self._renew = self._redis.register_script(_RENEW)
+        self._reap = self._redis.register_script(_REAP)
 
     async def stop(self) -> None:
         """Close the connection pool."""
@@ -228,6 +331,8 @@ class StatusStore:
             "submitted_by": submission.submitted_by,
             "git_commit": submission.git_commit or "",
             "timeout_s": "" if submission.timeout_s is None else str(submission.timeout_s),
+            "max_attempts": "" if submission.max_attempts is None else str(submission.max_attempts),
+            "submitted_at_client": str(submission.submitted_at),
         }
         keys = [
             self.keys.task(submission.task_id),
@@ -245,6 +350,7 @@ class StatusStore:
         new: TaskState,
         *,
         by: str = "",
+        reason: str = "",
         fields: Mapping[str, str | int | float] | None = None,
     ) -> Transition:
         """Atomically move a task to ``new`` if its state is one of ``expected``.
@@ -254,8 +360,10 @@ class StatusStore:
             expected: states from which the move is allowed.
             new: target state; ``<new>_at`` is stamped with the Redis clock.
             by: who made the move (worker name, ``scheduler``, ``client``), kept in history.
+            reason: why, kept in history (``retrying in 2.1 s after: ConnectionError...``).
             fields: extra hash fields set in the same step; a name starting with ``+`` is added
-                to (``{"+attempts": 1}``).
+                to (``{"+attempts": 1}``); ``lease_s`` and ``retry_in_s`` set ``lease_until`` and
+                ``retry_at`` that many seconds from now on the Redis clock.
 
         Returns:
             ``Transition(applied, previous)``; ``previous`` is None when the task does not exist.
@@ -263,10 +371,14 @@ class StatusStore:
         allowed = [s.value for s in expected]
         pairs = [str(x) for pair in (fields or {}).items() for x in pair]
         ttl = FINISHED_TASK_TTL_S if new.is_terminal else 0
-        args = [new.value, by, str(ttl), str(len(allowed)), *allowed, *pairs]
-        applied, before, *rest = await self._call(
-            self._transition, [self.keys.task(task_id), self.keys.history(task_id)], args
-        )
+        args = [new.value, by, reason, str(ttl), str(len(allowed)), *allowed, *pairs]
+        keys = [
+            self.keys.task(task_id),
+            self.keys.history(task_id),
+            self.keys.leases,
+            self.keys.retries,
+        ]
+        applied, before, *rest = await self._call(self._transition, keys, args)
         attempts = int(rest[0]) if rest and rest[0] is not None else 0
         return Transition(bool(applied), TaskState(before) if before else None, attempts)
 
@@ -282,6 +394,69 @@ class StatusStore:
                 self._update_if, [self.keys.task(task_id)], [str(len(allowed)), *allowed, *pairs]
             )
         )
+
+    @_store_errors
+    async def renew_lease(self, task_id: str, worker: str, lease_s: float) -> TaskState | None:
+        """Extend the lease of a task ``worker`` holds to now + ``lease_s`` (Redis clock).
+
+        Returns:
+            The task's state (``running`` or ``cancelling``: the worker learns of a cancel here
+            even if the control message was lost), or None if the task is no longer this
+            worker's (reaped, finished).
+        """
+        state = await self._call(
+            self._renew, [self.keys.task(task_id), self.keys.leases], [worker, str(lease_s)]
+        )
+        return TaskState(state) if state else None
+
+    @_store_errors
+    async def expired_leases(self, limit: int = 100) -> list[str]:
+        """Ids of tasks whose lease expired (by the Redis clock), oldest first."""
+        now = await self._now()
+        return cast(
+            list[str],
+            await self.redis.zrangebyscore(self.keys.leases, "-inf", now, start=0, num=limit),
+        )
+
+    @_store_errors
+    async def reap(self, task_id: str, default_max_attempts: int) -> tuple[str, int]:
+        """Act on an expired lease (see ``_REAP``): returns ``(outcome, attempts)``."""
+        keys = [
+            self.keys.task(task_id),
+            self.keys.history(task_id),
+            self.keys.leases,
+            self.keys.retries,
+        ]
+        outcome, attempts = await self._call(
+            self._reap, keys, [task_id, str(default_max_attempts), str(FINISHED_TASK_TTL_S)]
+        )
+        return str(outcome), int(attempts)
+
+    @_store_errors
+    async def due_dispatches(self, limit: int = 100) -> list[str]:
+        """Ids of queued tasks whose (re)dispatch is due.
+
+        Retries, and tasks requeued by the reaper or a draining worker. Remove each with
+        ``dispatched`` once it is published.
+        """
+        now = await self._now()
+        return cast(
+            list[str],
+            await self.redis.zrangebyscore(self.keys.retries, "-inf", now, start=0, num=limit),
+        )
+
+    @_store_errors
+    async def dispatched(self, task_id: str) -> None:
+        """Forget a due dispatch after publishing it.
+
+        A crash in between publishes it twice, which is harmless: a worker's claim takes a task
+        once.
+        """
+        await self.redis.zrem(self.keys.retries, task_id)
+
+    async def _now(self) -> float:
+        seconds, micros = await self.redis.time()
+        return float(seconds) + float(micros) / 1e6
 
     @_store_errors
     async def get(self, task_id: str) -> TaskRecord:

@@ -62,14 +62,20 @@ class TrainModelConfig(TaskConfig):
 class ProbeConfig(TaskConfig):
     """Config of ``probe``: a task that does nothing heavy, for health checks, tests and benchmarks.
 
-    It sleeps ``sleep_s`` in ``steps`` steps (reporting progress after each), then raises
-    ``RuntimeError(fail_with)`` if set, or kills its own process with SIGKILL if ``crash``.
+    It sleeps ``sleep_s`` in ``steps`` steps (reporting progress after each and checkpointing the
+    step count, so a retried probe resumes where it was), then raises ``fail_with`` if set (on the
+    first ``fail_times`` attempts only, when that is > 0; a ``RetryableTaskError`` if
+    ``retryable``, else ``RuntimeError``), or kills its own process with SIGKILL if ``crash``.
+    ``ignore_sigterm`` makes it ignore SIGTERM and stop requests (to test forced cancels).
     """
 
     sleep_s: float = Field(0.0, ge=0.0, le=24 * 3600)
     steps: int = Field(1, ge=1, le=100_000)
     fail_with: str | None = Field(None, max_length=1000)
+    fail_times: int = Field(0, ge=0, le=100)
+    retryable: bool = False
     crash: bool = False
+    ignore_sigterm: bool = False
     needs_gpu: bool = Field(False, description="Route to the gpu queue instead of cpu.")
 
 
@@ -107,6 +113,15 @@ def get_task_type(name: str) -> TaskType:
         raise UnknownTaskTypeError(
             f"unknown task type {name!r} (known: {known})", task_type=name
         ) from None
+
+
+def route_of(task_type: str, config: dict[str, Any]) -> str:
+    """The queue route (``gpu``/``cpu``) a task of this type and config goes to.
+
+    Raises:
+        UnknownTaskTypeError, TaskConfigError: as ``validate_config``.
+    """
+    return get_task_type(task_type).route_for(validate_config(task_type, config))
 
 
 def validate_config(task_type: str, config: dict[str, Any]) -> TaskConfig:

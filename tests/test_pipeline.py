@@ -14,6 +14,7 @@ import pytest
 
 from shared.broker import REASON_HEADER
 from shared.client import DistributedClient
+from shared.errors import TaskNotFoundError
 from shared.gitinfo import head_commit
 from shared.messages import TaskState
 from shared.topology import Topology
@@ -23,14 +24,18 @@ WAIT_S = 60
 
 
 async def wait_state(client: DistributedClient, task_id: str, state: TaskState, timeout=30):
+    """Poll until the task is in ``state`` (it may not exist yet when published raw)."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        record = await client.status(task_id)
-        if record.state is state:
+    record = None
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            record = await client.status(task_id)
+        except TaskNotFoundError:
+            record = None
+        if record is not None and record.state is state:
             return record
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"{task_id} still {record.state}, wanted {state}")
         await asyncio.sleep(0.05)
+    raise AssertionError(f"{task_id} is {record and record.state}, wanted {state}")
 
 
 async def test_lifecycle_timestamps_and_cli_result(platform: Platform, client: DistributedClient):
@@ -174,8 +179,9 @@ async def test_unknown_type_or_invalid_config_from_raw_publish_fails_the_task(
             {"task_id": task_id, "task_type": task_type, "config": config, "submitted_at": 1.0}
         ).encode()
         await tasks.publish(aio_pika.Message(body), "submit")
-    bad_type = await client.wait("bad-type", timeout_s=WAIT_S)
-    bad_cfg = await client.wait("bad-cfg", timeout_s=WAIT_S)
+    # Published raw, so the record exists only once the scheduler has read the message.
+    bad_type = await wait_state(client, "bad-type", TaskState.FAILED)
+    bad_cfg = await wait_state(client, "bad-cfg", TaskState.FAILED)
     assert (
         bad_type.state is TaskState.FAILED and "unknown task type 'train_modle'" in bad_type.error
     )
@@ -209,7 +215,9 @@ async def test_raising_task_fails_with_its_error(platform: Platform, client: Dis
     )
     assert record.state is TaskState.FAILED
     assert record.error == "RuntimeError: model exploded"
-    assert "raise RuntimeError(config.fail_with)" in record.traceback
+    assert "probe.py" in record.traceback and record.traceback.endswith(
+        "RuntimeError: model exploded\n"
+    )
 
 
 async def test_sigkilled_child_fails_and_worker_serves_next(

@@ -54,7 +54,7 @@ async def test_group_signal_hands_task_back_and_next_worker_finishes_it(
 ):
     """SIGTERM to the worker's whole process group (systemd's stop, Ctrl-C's SIGINT) reaches the
     worker only: the task is handed back, not failed or half-completed."""
-    await platform.start_all()
+    await platform.start_all(TP_DRAIN_TIMEOUT_S="1", TP_CANCEL_GRACE_S="2")
     task = await client.submit("probe", {"sleep_s": 30, "steps": 60})
     await wait_state(client, task.task_id, TaskState.RUNNING)
     worker = platform.procs["gpu_worker"]

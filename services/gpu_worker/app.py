@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import structlog
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from services.gpu_worker import runner
-from services.gpu_worker.execution import WorkerEnv
+from services.gpu_worker.execution import TaskExecution, WorkerEnv
+from services.gpu_worker.heartbeat import Heartbeat
 from services.gpu_worker.lane import Lane
-from shared.broker import Broker
+from services.gpu_worker.outcome import StopReason
+from shared.broker import BROKER_FAILURES, Broker
 from shared.constants import CHILD_EXIT_GRACE_S, ROUTE_CPU, ROUTE_GPU
-from shared.errors import BrokerError, StoreError
+from shared.errors import DecodeError
 from shared.gitinfo import head_commit
-from shared.messages import TaskState
+from shared.messages import CancelRequest, decode
 from shared.settings import Settings
 from shared.store import StatusStore
 
 log = structlog.get_logger(__name__)
-
-#: On stop, how long running tasks get to finish before they are handed back to the queue (s).
-STOP_GRACE_S = 5.0
 
 
 class Worker:
@@ -33,6 +34,7 @@ class Worker:
         self.store = StatusStore(settings)
         self.broker = Broker(settings, name=f"worker:{self.name}")
         self.lanes: list[Lane] = []
+        self._control: AbstractChannel | None = None
         self.env = WorkerEnv(
             settings,
             self.store,
@@ -40,6 +42,11 @@ class Worker:
             self.name,
             code_commit=head_commit(Path(__file__).resolve().parent),
         )
+        self.heartbeat = Heartbeat(self.env, self.running)
+
+    def running(self) -> dict[str, TaskExecution]:
+        """Every task this worker runs now, by id."""
+        return {task_id: ex for lane in self.lanes for task_id, ex in lane.running.items()}
 
     async def start(self) -> None:
         runner.warm_up()
@@ -53,46 +60,54 @@ class Worker:
                 lane = Lane(route, slots, self.env)
                 await lane.start()
                 self.lanes.append(lane)
+        self._control = await self.broker.consumer_channel(prefetch=16)
+        queue = await self._control.declare_queue(exclusive=True, auto_delete=True)
+        control = await self._control.get_exchange(self.broker.topology.control_exchange)
+        await queue.bind(control, routing_key="task.cancel")
+        await queue.consume(self.on_control, no_ack=True)
+        self.heartbeat.start()
         log.info("worker_ready", worker=self.name, lanes={ln.route: ln.slots for ln in self.lanes})
 
+    async def on_control(self, message: AbstractIncomingMessage) -> None:
+        """A cancel request: stop the task if it runs here (other workers ignore it)."""
+        try:
+            request = decode(message.body, CancelRequest, max_bytes=self.settings.max_message_bytes)
+        except DecodeError as e:
+            log.warning("control_message_undecodable", error=str(e))
+            return
+        execution = self.running().get(request.task_id)
+        if execution is not None:
+            execution.request_stop(StopReason.CANCEL)
+
     async def stop(self) -> None:
-        """Stop consuming; give running tasks ``STOP_GRACE_S``, then hand them back to the queue.
+        """Drain, then close.
+
+        Stops consuming, lets running tasks finish within ``drain_timeout_s``, then asks them to
+        stop (SIGTERM, ``cancel_grace_s``, SIGKILL) and hands them back to the queue.
 
         Every step is bounded, so a worker told to stop while RabbitMQ or Redis is down still
-        exits; a task it could not hand back keeps its expiring lease.
+        exits; a task it could not hand back keeps its expiring lease and the reaper requeues it.
         """
+        s = self.settings
         for lane in self.lanes:
             await lane.stop()
         idle = asyncio.gather(*(lane.wait_idle() for lane in self.lanes))
         try:
-            await asyncio.wait_for(asyncio.shield(idle), STOP_GRACE_S)
+            await asyncio.wait_for(asyncio.shield(idle), s.drain_timeout_s)
         except TimeoutError:
-            await self._hand_back()
+            for execution in self.running().values():
+                execution.request_stop(StopReason.DRAIN)
             try:
-                await asyncio.wait_for(idle, STOP_GRACE_S + CHILD_EXIT_GRACE_S)
+                await asyncio.wait_for(idle, s.cancel_grace_s + CHILD_EXIT_GRACE_S + 30)
             except TimeoutError:
                 log.error("tasks_did_not_stop")
+        await self.heartbeat.stop()
         for lane in self.lanes:
             await lane.close()
         self.lanes = []
+        if self._control is not None and not self._control.is_closed:
+            with contextlib.suppress(*BROKER_FAILURES):
+                await asyncio.wait_for(self._control.close(), 5)
+        self._control = None
         await self.broker.stop()
         await self.store.stop()
-
-    async def _hand_back(self) -> None:
-        for lane in self.lanes:
-            for task_id, execution in list(lane.running.items()):
-                execution.child.kill()
-                try:
-                    moved = await self.store.transition(
-                        task_id,
-                        [TaskState.RUNNING],
-                        TaskState.QUEUED,
-                        by=self.name,
-                        fields={"+attempts": -1, "worker": "", "child_pid": "", "progress": ""},
-                    )
-                    if moved.applied:
-                        await self.broker.publish_submission(execution.submission, lane.route)
-                        await execution.announce(TaskState.QUEUED)
-                        log.info("task_handed_back", task_id=task_id)
-                except (StoreError, BrokerError) as e:
-                    log.error("task_hand_back_failed", task_id=task_id, error=str(e))

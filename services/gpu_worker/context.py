@@ -10,6 +10,22 @@ from pathlib import Path
 ProgressSink = Callable[[float, str, dict[str, float]], None]
 
 
+class RetryableTaskError(Exception):
+    """Raised by task code for a failure worth retrying (a service briefly unreachable...).
+
+    The worker retries the task with exponential back-off until ``max_attempts``. Builtin
+    ``ConnectionError`` and ``TimeoutError`` raised by a task count as retryable too.
+    """
+
+
+#: Exceptions that make a task failure retryable.
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    RetryableTaskError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
 @dataclass
 class TaskContext:
     """Run-time facilities handed to a task's ``run(config, ctx)``.

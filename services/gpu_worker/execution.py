@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from services.gpu_worker.outcome import RetryPolicy, StopReason, Verdict, decide
 from services.gpu_worker.runner import ChildJob, ChildOutcome, ChildProcess
 from shared.broker import Broker
 from shared.constants import PROGRESS_MIN_INTERVAL_S
@@ -46,10 +46,19 @@ class TaskExecution:
         env: the worker's settings and connections.
     """
 
-    def __init__(self, submission: TaskSubmission, attempt: int, env: WorkerEnv) -> None:
+    def __init__(
+        self, submission: TaskSubmission, attempt: int, env: WorkerEnv, *, route: str
+    ) -> None:
         self.submission = submission
         self.env = env
         self.attempt = attempt
+        self.route = route
+        self.stop_reason: StopReason | None = None
+        self._kill_timer: asyncio.TimerHandle | None = None
+        s = env.settings
+        self.retry = RetryPolicy(
+            submission.max_attempts or s.max_attempts, s.retry_base_s, s.retry_max_s
+        )
         self._last_progress = 0.0
         task_dir = env.settings.tasks_dir / submission.task_id
         self.child = ChildProcess(
@@ -127,32 +136,57 @@ class TaskExecution:
         except (StoreError, BrokerError, ValueError) as e:  # progress is news; the task goes on
             log.warning("progress_not_relayed", error=str(e))
 
+    def request_stop(self, reason: StopReason) -> None:
+        """Ask the task to stop: SIGTERM now (it may checkpoint), SIGKILL after the grace period.
+
+        The first reason wins; the outcome is recorded by ``finish`` according to it.
+        """
+        if self.stop_reason is not None:
+            return
+        self.stop_reason = reason
+        log.info("task_stop_requested", reason=reason.value)
+        self.child.terminate()
+        grace = self.env.settings.cancel_grace_s
+        self._kill_timer = asyncio.get_running_loop().call_later(grace, self.child.kill)
+
     async def finish(self, outcome: ChildOutcome, timeout_s: float) -> TaskState:
         """Record the outcome (retrying through a Redis outage), then announce it."""
-        failure = outcome.failure
-        if outcome.timed_out:
-            failure = f"timed out after {timeout_s:g} s"
-        fields: dict[str, str | int | float]
-        if failure is None:
-            state = TaskState.COMPLETED
-            result = {**(outcome.result or {}), "git_commit": self.child.job.git_commit}
-            fields = {"result": json.dumps(result), "progress": 1.0}
-        else:
-            state = TaskState.FAILED
-            fields = {"error": failure, "traceback": outcome.traceback or ""}
-        moved = await self._record(state, fields)
+        if self._kill_timer is not None:
+            self._kill_timer.cancel()
+        if self.stop_reason is StopReason.LOST:
+            log.warning("task_abandoned", reason="lease lost to the reaper; nothing recorded")
+            return TaskState.QUEUED
+        verdict = decide(
+            outcome,
+            stop_reason=self.stop_reason,
+            attempt=self.attempt,
+            retry=self.retry,
+            timeout_s=timeout_s,
+            git_commit=self.child.job.git_commit,
+        )
+        moved = await self._record(verdict)
+        if moved is not None and not moved.applied and moved.previous is TaskState.CANCELLING:
+            # A cancel arrived while the run was failing or being handed back: it wins.
+            verdict = Verdict(TaskState.CANCELLED, (TaskState.CANCELLING,), reason="cancelled")
+            moved = await self._record(verdict)
         if moved is None or not moved.applied:
             found = None if moved is None else moved.previous
-            log.warning("task_outcome_not_recorded", found=found, outcome=state)
-            return found or state
-        metrics = (outcome.result or {}).get("metrics", {}) if failure is None else {}
-        await self.announce(state, error=failure, metrics=metrics)
-        log.info("task_" + state.value, error=failure, exitcode=outcome.exitcode)
-        return state
+            log.warning("task_outcome_not_recorded", found=found, outcome=verdict.state)
+            return found or verdict.state
+        if verdict.republish:
+            await self._republish()
+        metrics = (outcome.result or {}).get("metrics", {})
+        await self.announce(verdict.state, error=verdict.error, metrics=metrics)
+        log.info("task_" + verdict.state.value, reason=verdict.reason, exitcode=outcome.exitcode)
+        return verdict.state
 
-    async def _record(
-        self, state: TaskState, fields: dict[str, str | int | float]
-    ) -> Transition | None:
+    async def _republish(self) -> None:
+        try:
+            await self.env.broker.publish_submission(self.submission, self.route)
+        except BrokerError as e:  # the retry pump cannot see it; say so loudly
+            log.error("hand_back_publish_failed", error=str(e))
+
+    async def _record(self, verdict: Verdict) -> Transition | None:
         """The outcome's compare-and-set, retried with doubling back-off while Redis is away.
 
         Gives up after ``RECORD_RETRY_MAX_S`` (None): the task's lease then expires and the
@@ -163,14 +197,15 @@ class TaskExecution:
             try:
                 return await self.env.store.transition(
                     self.submission.task_id,
-                    [TaskState.RUNNING, TaskState.CANCELLING],
-                    state,
+                    verdict.expected,
+                    verdict.state,
                     by=self.env.name,
-                    fields=fields,
+                    reason=verdict.reason,
+                    fields=verdict.fields,
                 )
             except StoreError as e:
                 if time.monotonic() + delay > deadline:
-                    log.error("task_outcome_lost", outcome=state, error=str(e))
+                    log.error("task_outcome_lost", outcome=verdict.state, error=str(e))
                     return None
                 log.warning("task_outcome_retry", error=str(e), retry_in_s=delay)
                 await asyncio.sleep(delay)

@@ -10,7 +10,6 @@ frees. A refused claim (task taken, cancelled, finished) acks and drops the deli
 from __future__ import annotations
 
 import asyncio
-import time
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -18,7 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from services.gpu_worker.execution import TaskExecution, WorkerEnv
 from shared.broker import BROKER_FAILURES
 from shared.consuming import handle_delivery, settle
-from shared.errors import DecodeError, StoreError
+from shared.errors import DecodeError
 from shared.messages import TaskState, TaskSubmission, decode
 
 log = structlog.get_logger(__name__)
@@ -27,9 +26,6 @@ log = structlog.get_logger(__name__)
 RESUME_RETRY_S = 2.0
 #: Bound on a channel operation while stopping, so a dead broker cannot hang the stop (s).
 BROKER_OP_TIMEOUT_S = 5.0
-
-#: Lease a claim takes (s); renewed while the task runs (the reaper that acts on it is later work).
-LEASE_S = 60.0
 
 
 class Lane:
@@ -114,7 +110,7 @@ class Lane:
             [TaskState.QUEUED],
             TaskState.RUNNING,
             by=self.env.name,
-            fields={"worker": self.env.name, "+attempts": 1, "lease_until": time.time() + LEASE_S},
+            fields={"worker": self.env.name, "+attempts": 1, "lease_s": self.env.settings.lease_s},
         )
         if claim.applied:
             await self._start(message, submission, claim.attempts)
@@ -135,7 +131,7 @@ class Lane:
         A lost ack only means a redelivery, whose claim is then refused.
         """
         task_id = submission.task_id
-        self.running[task_id] = TaskExecution(submission, attempt, self.env)
+        self.running[task_id] = TaskExecution(submission, attempt, self.env, route=self.route)
         task = asyncio.create_task(self._execute(task_id), name=f"task-{task_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -146,23 +142,11 @@ class Lane:
     async def _execute(self, task_id: str) -> None:
         execution = self.running[task_id]
         structlog.contextvars.bind_contextvars(task_id=task_id)
-        renewal = asyncio.create_task(self._renew_lease(task_id))
         try:
             await execution.announce(TaskState.RUNNING)
             await execution.run()
         except Exception:
             log.exception("task_execution_crashed")
         finally:
-            renewal.cancel()
             del self.running[task_id]
             await self._resume()
-
-    async def _renew_lease(self, task_id: str) -> None:
-        while True:
-            await asyncio.sleep(LEASE_S / 3)
-            try:
-                await self.env.store.update_if(
-                    task_id, [TaskState.RUNNING], {"lease_until": time.time() + LEASE_S}
-                )
-            except StoreError as e:
-                log.warning("lease_not_renewed", error=str(e))

@@ -8,7 +8,7 @@ Child -> parent messages over a one-way pipe (picklable tuples, our own processe
     ("progress", fraction, message, metrics)
     ("result", result_dict)
     ("stopped", partial_result_dict)   the task returned early after a SIGTERM
-    ("error", error_text, traceback_text)
+    ("error", error_text, traceback_text, retryable)
 
 The child starts its own session, so signals sent to the worker's process group (Ctrl-C in a
 terminal, a group-wide SIGTERM) reach the worker only; the worker decides what its tasks get.
@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from services.gpu_worker.context import TaskContext
+from services.gpu_worker.context import RETRYABLE_ERRORS, TaskContext
 from services.gpu_worker.tasks import PRELOAD_MODULES, TASK_ENTRYPOINTS
 from shared.constants import CHILD_EXIT_GRACE_S, TRACEBACK_SUMMARY_CHARS
 from shared.settings import LogFormat, LogLevel
@@ -94,6 +94,7 @@ class ChildOutcome:
     exitcode: int | None = None
     timed_out: bool = False
     stopped: bool = False
+    retryable: bool = False
     progress_count: int = field(default=0)
 
     @property
@@ -144,7 +145,7 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         conn.send(("stopped" if ctx.should_stop() else "result", result))
     except BaseException as e:  # everything the task raises is reported, then the child exits
         tb = traceback.format_exc()[-TRACEBACK_SUMMARY_CHARS:]
-        conn.send(("error", f"{type(e).__name__}: {e}", tb))
+        conn.send(("error", f"{type(e).__name__}: {e}", tb, isinstance(e, RETRYABLE_ERRORS)))
     finally:
         conn.close()
 
@@ -174,6 +175,7 @@ class ChildProcess:
         self.job = job
         self._on_progress = on_progress
         self._process: multiprocessing.process.BaseProcess | None = None
+        self._pending_signal: signal.Signals | None = None
 
     @property
     def pid(self) -> int | None:
@@ -194,6 +196,8 @@ class ChildProcess:
         process = mp.Process(target=child_main, args=(self.job, sender), daemon=True)
         await asyncio.to_thread(process.start)  # blocks until the forkserver forked
         self._process = process
+        if self._pending_signal is not None:
+            self._signal(self._pending_signal)
         sender.close()  # the child holds the only write end: EOF means it is gone
         outcome = ChildOutcome()
         try:
@@ -212,11 +216,20 @@ class ChildProcess:
         outcome.exitcode = process.exitcode
         return outcome
 
+    def terminate(self) -> None:
+        """SIGTERM the child: the task is asked to stop (``ctx.should_stop()``)."""
+        self._signal(signal.SIGTERM)
+
     def kill(self) -> None:
         """SIGKILL the child (no-op if it already exited)."""
-        if self._process is not None and self._process.pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self._process.pid, signal.SIGKILL)
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: signal.Signals) -> None:
+        if self._process is None or self._process.pid is None:
+            self._pending_signal = sig  # sent as soon as the child exists
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._process.pid, sig)
 
     async def _relay(self, receiver: Connection, outcome: ChildOutcome) -> None:
         loop = asyncio.get_running_loop()
@@ -239,4 +252,4 @@ class ChildProcess:
                 outcome.result = item[1]
                 outcome.stopped = kind == "stopped"
             elif kind == "error":
-                outcome.error, outcome.traceback = item[1], item[2]
+                outcome.error, outcome.traceback, outcome.retryable = item[1], item[2], item[3]

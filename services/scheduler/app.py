@@ -6,6 +6,7 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from services.scheduler.intake import IntakeDecision, decide
+from services.scheduler.reaper import Reaper
 from shared.broker import Broker
 from shared.constants import ROUTE_SUBMIT, SCHEDULER_PREFETCH
 from shared.consuming import handle_delivery
@@ -30,6 +31,7 @@ class Scheduler:
         self.broker = Broker(settings, name="scheduler")
         self.store = StatusStore(settings)
         self._channel: AbstractChannel | None = None
+        self.reaper = Reaper(settings, self.store, self.broker)
 
     async def start(self) -> None:
         await self.store.start()
@@ -37,8 +39,10 @@ class Scheduler:
         self._channel = await self.broker.consumer_channel(SCHEDULER_PREFETCH)
         queue = await self._channel.get_queue(self.broker.topology.queue(ROUTE_SUBMIT))
         await queue.consume(self.on_message)
+        self.reaper.start()
 
     async def stop(self) -> None:
+        await self.reaper.stop()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
         self._channel = None

@@ -19,7 +19,7 @@ from shared.errors import DecodeError, TaskError
 from shared.messages import TaskState, TaskSubmission, decode
 from shared.settings import Settings
 from shared.store import StatusStore
-from shared.task_types import get_task_type, validate_config
+from shared.task_types import route_of
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +45,7 @@ async def decide(
         return IntakeDecision(dead_letter_reason=str(e))
     await store.create(submission)
     try:
-        config = validate_config(submission.task_type, submission.config)
-        route = get_task_type(submission.task_type).route_for(config)
+        route = route_of(submission.task_type, submission.config)
     except TaskError as e:
         moved = await store.transition(
             submission.task_id,

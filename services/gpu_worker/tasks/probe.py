@@ -5,32 +5,59 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
-from services.gpu_worker.context import TaskContext
+from services.gpu_worker.context import RetryableTaskError, TaskContext
 from shared.task_types import ProbeConfig
 
 
 def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
     """Sleep ``config.sleep_s`` in ``config.steps`` steps; stop early if asked.
 
+    Each finished step is checkpointed (``ctx.checkpoint_path`` holds the step count), so a probe
+    that is run again after its worker was lost resumes after the last finished step.
+
     Returns:
-        ``{"metrics": {"slept_s": s, "steps": n}, "pid": child pid}``.
+        ``{"metrics": {"slept_s", "steps", "resumed_from_step"}, "pid": child pid}``.
 
     Raises:
-        RuntimeError: ``config.fail_with`` is set (its text is the message).
+        RetryableTaskError, RuntimeError: ``config.fail_with`` is set (see ``ProbeConfig``).
     """
+    if config.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     step_s = config.sleep_s / config.steps
     started = time.monotonic()
-    done = 0
-    for done in range(1, config.steps + 1):
-        if ctx.should_stop():
+    resumed = done = _load_step(ctx.checkpoint_path)
+    while done < config.steps:
+        if ctx.should_stop() and not config.ignore_sigterm:
             break
         time.sleep(step_s)
+        done += 1
+        _save_step(ctx.checkpoint_path, done)
         ctx.report_progress(done / config.steps, f"step {done}/{config.steps} pid {os.getpid()}")
     if config.crash:
         os.kill(os.getpid(), signal.SIGKILL)
-    if config.fail_with is not None:
-        raise RuntimeError(config.fail_with)
-    slept = time.monotonic() - started
-    return {"metrics": {"slept_s": slept, "steps": float(done)}, "pid": os.getpid()}
+    if config.fail_with is not None and (
+        config.fail_times == 0 or ctx.attempt <= config.fail_times
+    ):
+        raise (RetryableTaskError if config.retryable else RuntimeError)(config.fail_with)
+    metrics = {
+        "slept_s": time.monotonic() - started,
+        "steps": float(done),
+        "resumed_from_step": float(resumed),
+    }
+    return {"metrics": metrics, "pid": os.getpid()}
+
+
+def _load_step(path: Path) -> int:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+def _save_step(path: Path, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(step))
+    tmp.replace(path)

@@ -1,0 +1,87 @@
+"""The worker's heartbeat: renew every running task's lease, publish the worker's liveness.
+
+Each beat (every ``lease_s / 3``) renews the lease of each task this worker runs. The renewal
+answers with the task's state, so the worker also learns here of a cancel whose control message
+it missed (``cancelling``), and of a task that is no longer its own (reaped after a partition):
+that one is stopped at once, so a task never runs twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import structlog
+
+from services.gpu_worker.execution import TaskExecution, WorkerEnv
+from services.gpu_worker.outcome import StopReason
+from shared.errors import StoreError
+from shared.messages import TaskState
+
+log = structlog.get_logger(__name__)
+
+
+class Heartbeat:
+    """Periodic lease renewal and liveness key for one worker.
+
+    Args:
+        env: the worker's settings and connections.
+        running: returns the worker's running executions by task id.
+    """
+
+    def __init__(self, env: WorkerEnv, running: Callable[[], dict[str, TaskExecution]]) -> None:
+        self.env = env
+        self._running = running
+        self._started = time.time()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def interval_s(self) -> float:
+        """Time between beats: a third of the lease, so two lost beats still keep it."""
+        return self.env.settings.lease_s / 3
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="heartbeat")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.beat()
+            except StoreError as e:
+                log.warning("heartbeat_failed", error=str(e))
+            await asyncio.sleep(self.interval_s)
+
+    async def beat(self) -> None:
+        """Renew leases, act on cancels and lost tasks, and refresh the worker's key."""
+        s = self.env.settings
+        running = self._running()
+        for task_id, execution in list(running.items()):
+            state = await self.env.store.renew_lease(task_id, self.env.name, s.lease_s)
+            if state is TaskState.CANCELLING:
+                execution.request_stop(StopReason.CANCEL)
+            elif state is None:
+                log.warning("lease_lost", task_id=task_id)
+                execution.request_stop(StopReason.LOST)
+                execution.child.kill()
+        info = {
+            "name": self.env.name,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": self._started,
+            "ts": time.time(),
+            "running": sorted(running),
+            "code_commit": self.env.code_commit,
+        }
+        await self.env.store.redis.set(
+            self.env.store.keys.worker(self.env.name), json.dumps(info), ex=int(s.lease_s) + 1
+        )

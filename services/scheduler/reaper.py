@@ -1,0 +1,91 @@
+"""The reaper and the dispatch pump: the scheduler's periodic duties.
+
+Every ``reaper_interval_s``:
+    1. tasks whose lease expired (worker killed, machine off, network gone) are reaped in one
+       Lua step each: ``running -> queued`` (due for dispatch now), or ``failed`` "worker lost N
+       times" once ``max_attempts`` runs were started, or ``cancelling -> cancelled``;
+    2. queued tasks whose dispatch is due (retries after their back-off, reaped tasks, tasks a
+       draining worker handed back) are published to their queue, then crossed off. Due times
+       live in Redis, never as unacked messages held in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from shared.broker import Broker
+from shared.errors import BrokerError, StoreError, TaskError, TaskNotFoundError
+from shared.events import state_event
+from shared.messages import TaskState
+from shared.settings import Settings
+from shared.store import StatusStore
+from shared.task_types import route_of
+
+log = structlog.get_logger(__name__)
+
+
+class Reaper:
+    """Runs the reaper and the dispatch pump in the scheduler's event loop."""
+
+    def __init__(self, settings: Settings, store: StatusStore, broker: Broker) -> None:
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="reaper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.reap_expired()
+                await self.dispatch_due()
+            except (StoreError, BrokerError) as e:
+                log.warning("reaper_pass_failed", error=str(e))
+            await asyncio.sleep(self.settings.reaper_interval_s)
+
+    async def reap_expired(self) -> None:
+        """Act on every expired lease."""
+        for task_id in await self.store.expired_leases():
+            outcome, attempts = await self.store.reap(task_id, self.settings.max_attempts)
+            if outcome in ("alive", "gone"):
+                continue
+            log.warning("lease_expired", task_id=task_id, outcome=outcome, attempts=attempts)
+            if outcome != "queued":
+                record = await self.store.get(task_id)
+                await self._announce(task_id, TaskState(outcome), record.error)
+
+    async def dispatch_due(self) -> None:
+        """Publish every queued task whose dispatch is due."""
+        for task_id in await self.store.due_dispatches():
+            try:
+                record = await self.store.get(task_id)
+            except TaskNotFoundError:
+                await self.store.dispatched(task_id)
+                continue
+            if record.state is TaskState.QUEUED:
+                submission = record.to_submission()
+                try:
+                    route = route_of(submission.task_type, submission.config)
+                except TaskError as e:  # cannot happen for a task that was queued once
+                    log.error("dispatch_impossible", task_id=task_id, error=str(e))
+                    continue
+                await self.broker.publish_submission(submission, route)
+                await self._announce(task_id, TaskState.QUEUED, None)
+                log.info("task_dispatched", task_id=task_id, attempts=record.attempts)
+            await self.store.dispatched(task_id)
+
+    async def _announce(self, task_id: str, state: TaskState, error: str | None) -> None:
+        try:
+            await self.broker.publish_event(state_event(task_id, state, error=error))
+        except BrokerError as e:
+            log.warning("event_not_published", task_id=task_id, error=str(e))
