@@ -241,6 +241,14 @@ def submit(
     ] = None,
     task_id: Annotated[str | None, typer.Option("--task-id", help="Choose the task id.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Same key, same task.")] = None,
+    time_limit: Annotated[
+        float | None,
+        typer.Option(help="Kill and fail the task after this long (s); default TP_TASK_TIMEOUT_S."),
+    ] = None,
+    max_attempts: Annotated[
+        int | None,
+        typer.Option(min=1, max=100, help="Runs before giving up; default TP_MAX_ATTEMPTS."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Validate and submit a task; with --wait follow its progress and print its metrics."""
@@ -251,6 +259,8 @@ def submit(
             "priority": priority,
             "task_id": task_id,
             "idempotency_key": idempotency_key,
+            "timeout_s": time_limit,
+            "max_attempts": max_attempts,
         }
         if not wait:
             return await client.submit(task_type, config, **submit_kw)

@@ -108,6 +108,7 @@ class DistributedClient:
         idempotency_key: str | None = None,
         git_commit: str | None = None,
         timeout_s: float | None = None,
+        max_attempts: int | None = None,
     ) -> TaskRecord:
         """Validate and submit a task; idempotent per task id.
 
@@ -119,6 +120,8 @@ class DistributedClient:
             idempotency_key: derive the id from this key (uuid5) so a retried submit is one task.
             git_commit: the commit the task's code is at (recorded, tagged in MLflow).
             timeout_s: maximum run time (s); default ``TP_TASK_TIMEOUT_S``.
+            max_attempts: runs before giving up (lost workers, retryable errors); default
+                ``TP_MAX_ATTEMPTS``.
 
         Returns:
             The task's record right after the submit (``submitted``, or further on when the id
@@ -144,6 +147,7 @@ class DistributedClient:
             idempotency_key=idempotency_key,
             git_commit=git_commit,
             timeout_s=timeout_s,
+            max_attempts=max_attempts,
         )
         created = await self.store.create(submission)
         record = await self.store.get(task_id)
