@@ -2,10 +2,12 @@
 
 Runs in the worker's child process. Features come from :mod:`.ohlcv` (no look-ahead, train-only
 standardisation, chronological split); the model is an MLP over the flattened window or an LSTM
-over the window's bars; the loss is binary cross-entropy on logits. Every epoch reports progress,
-writes a checkpoint and logs metrics to MLflow. Reported metrics are those of the **final** model
-(the last epoch run), not the best epoch on validation: choosing an epoch by validation loss would
-make the validation figures optimistic.
+over the window's bars; the loss is binary cross-entropy on logits. Every epoch writes a checkpoint
+(:mod:`.checkpoints`), reports progress and logs metrics to MLflow. A retried task resumes from
+its checkpoint when it was written for the same config: it skips the epochs already done and ends
+with the same model and metrics as an uninterrupted run. Reported metrics are those of the
+**final** model (the last epoch run), not the best epoch on validation: choosing an epoch by
+validation loss would make the validation figures optimistic.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,12 @@ import torch
 from torch import nn
 
 from services.gpu_worker.context import TaskContext
+from services.gpu_worker.tasks.checkpoints import (
+    Checkpoint,
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+)
 from services.gpu_worker.tasks.ohlcv import (
     FEATURE_NAMES,
     SplitData,
@@ -46,8 +55,8 @@ _EVAL_BATCH = 4096
 #: Keeps the baseline's log-probabilities finite when the train set is all one class.
 _PROB_EPS = 1e-7
 
-#: ``(epoch, metrics, model, optimizer) -> keep going``, called after each epoch (1-based).
-EpochCallback = Callable[[int, dict[str, float], nn.Module, torch.optim.Optimizer], bool]
+#: ``(epoch, metrics, state) -> keep going``, called after each epoch (1-based).
+EpochCallback = Callable[[int, dict[str, float], TrainState], bool]
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -118,7 +127,7 @@ def build_model(config: TrainModelConfig, n_features: int) -> nn.Module:
 
 @contextlib.contextmanager
 def deterministic(seed: int) -> Iterator[None]:
-    """Seed torch and numpy and select deterministic kernels; restore the global flags after.
+    """Seed torch, numpy and ``random``, select deterministic kernels; restore the flags after.
 
     cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` before its first use to be deterministic; an op with no
     deterministic kernel warns rather than failing the task (``warn_only``).
@@ -132,6 +141,7 @@ def deterministic(seed: int) -> Iterator[None]:
     )
     torch.manual_seed(seed)
     np.random.seed(seed)  # the legacy global seed, for any numpy code a model calls
+    random.seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
@@ -147,14 +157,22 @@ class TrainOutcome:
 
     Attributes:
         model: the final model (after the last epoch run), in eval mode.
-        history: one entry per epoch run: ``epoch`` plus train/val loss and accuracy, all measured
-            after that epoch in eval mode (no dropout) over the whole split.
+        history: one entry per epoch run, resumed ones included: ``epoch`` plus train/val loss
+            and accuracy, all measured after that epoch in eval mode (no dropout) over the whole
+            split.
         stopped_early: the callback asked to stop before the configured epochs were done.
+        resumed_from_epoch: epochs taken from a checkpoint rather than trained (0: fresh start).
     """
 
     model: nn.Module
     history: list[dict[str, float]]
     stopped_early: bool
+    resumed_from_epoch: int = 0
+
+    @property
+    def epochs_trained(self) -> int:
+        """Epochs trained by this call (not taken from the checkpoint)."""
+        return len(self.history) - self.resumed_from_epoch
 
     @property
     def final(self) -> dict[str, float]:
@@ -162,51 +180,61 @@ class TrainOutcome:
         return {k: v for k, v in self.history[-1].items() if k != "epoch"}
 
 
+def new_train_state(config: TrainModelConfig, n_features: int, device: torch.device) -> TrainState:
+    """A new model (initialised from the global torch RNG), its AdamW and shuffling generator."""
+    model = build_model(config, n_features).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    return TrainState(model, optimizer, torch.Generator().manual_seed(config.seed), history=[])
+
+
 def train_classifier(
     data: SplitData,
     config: TrainModelConfig,
     device: torch.device,
     on_epoch: EpochCallback | None = None,
+    resume: Checkpoint | None = None,
 ) -> TrainOutcome:
     """Fit the configured model with AdamW and BCE-with-logits, deterministically from the seed.
 
     Training batches are shuffled within the training set only (seeded generator); validation
-    samples are never seen by the optimiser. At least one epoch runs; ``on_epoch`` returning False
-    stops after that epoch. After each epoch the train and validation losses must be finite: a
-    model whose loss became NaN or infinite stays broken, so training stops there with an error
-    (before ``on_epoch``, so no NaN is reported, checkpointed or logged).
+    samples are never seen by the optimiser. ``on_epoch`` returning False stops after that epoch.
+    With ``resume``, training continues after the checkpoint's last epoch (none run if it has
+    them all) and ends exactly as an uninterrupted run would. After each epoch the train and
+    validation losses must be finite: a model whose loss became NaN or infinite stays broken, so
+    training stops there with an error (before ``on_epoch``, so no NaN is reported, checkpointed
+    or logged).
 
     Args:
         data: the standardised chronological split.
         config: model and optimiser settings (``epochs``, ``batch_size``, ``seed`` ...).
         device: where to train.
         on_epoch: called after each epoch; returns whether to continue.
+        resume: a checkpoint of this config (from :func:`.checkpoints.load_checkpoint`).
 
     Returns:
-        The final model and the per-epoch history.
+        The final model and the per-epoch history (resumed epochs included).
 
     Raises:
         FloatingPointError: a loss is not finite after an epoch (training diverged), e.g.
             ``training diverged: train_loss is nan after epoch 3/20 ...``.
     """
     with deterministic(config.seed):
-        model = build_model(config, data.n_features).to(device)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
+        state = new_train_state(config, data.n_features, device)
+        if resume is not None:
+            resume.restore(state)  # after building: the RNGs continue from the checkpoint
+        start = state.epoch
         tensors = [torch.from_numpy(a).to(device) for a in (data.x_train, data.y_train)]
-        generator = torch.Generator().manual_seed(config.seed)
-        history: list[dict[str, float]] = []
-        for epoch in range(1, config.epochs + 1):
-            _train_one_epoch(
-                model, optimizer, *tensors, batch_size=config.batch_size, generator=generator
-            )
-            metrics = evaluate_split(model, data, device)
+        for epoch in range(start + 1, config.epochs + 1):
+            _train_one_epoch(state, *tensors, batch_size=config.batch_size)
+            metrics = evaluate_split(state.model, data, device)
             _check_converging(metrics, epoch, config)
-            history.append({"epoch": float(epoch), **metrics})
-            if on_epoch is not None and not on_epoch(epoch, metrics, model, optimizer):
-                return TrainOutcome(model, history, stopped_early=epoch < config.epochs)
-    return TrainOutcome(model, history, stopped_early=False)
+            state.history.append({"epoch": float(epoch), **metrics})
+            if on_epoch is not None and not on_epoch(epoch, metrics, state):
+                return TrainOutcome(state.model, state.history, epoch < config.epochs, start)
+    state.model.eval()  # a checkpoint with every epoch done trains nothing
+    return TrainOutcome(state.model, state.history, stopped_early=False, resumed_from_epoch=start)
 
 
 def _check_converging(metrics: dict[str, float], epoch: int, config: TrainModelConfig) -> None:
@@ -222,17 +250,12 @@ def _check_converging(metrics: dict[str, float], epoch: int, config: TrainModelC
 
 
 def _train_one_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    batch_size: int,
-    generator: torch.Generator,
+    state: TrainState, x: torch.Tensor, y: torch.Tensor, *, batch_size: int
 ) -> None:
+    model, optimizer = state.model, state.optimizer
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
-    order = torch.randperm(len(y), generator=generator).to(x.device)
+    order = torch.randperm(len(y), generator=state.generator).to(x.device)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         optimizer.zero_grad(set_to_none=True)
@@ -290,26 +313,6 @@ def baseline_metrics(
     return metrics
 
 
-def save_checkpoint(
-    path: Path,
-    epoch: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: TrainModelConfig,
-) -> None:
-    """Write model + optimiser state after ``epoch`` (1-based), atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".tmp")
-    state = {
-        "epoch": epoch,
-        "model_state": model.state_dict(),
-        "optimizer_state": optimizer.state_dict(),
-        "config": config.model_dump(),
-    }
-    torch.save(state, temp)
-    temp.replace(path)
-
-
 def write_artifacts(
     artifact_dir: Path,
     outcome: TrainOutcome,
@@ -340,6 +343,7 @@ def write_artifacts(
         "metrics": metrics,
         "metrics_of": "final_model",
         "stopped_early": outcome.stopped_early,
+        "resumed_from_epoch": outcome.resumed_from_epoch,
         "history": outcome.history,
     }
     (artifact_dir / METRICS_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -371,11 +375,18 @@ def plot_loss_curve(history: list[dict[str, float]], baseline_loss: float, path:
 def run(config: TrainModelConfig, ctx: TaskContext) -> dict[str, Any]:
     """Train the configured model on the configured bars; the ``train_model`` entry point.
 
+    A retry (same task, same config) resumes from the checkpoint at ``ctx.checkpoint_path``: the
+    epochs it holds are not trained again, and a new MLflow run (tagged ``tp.attempt`` and
+    ``tp.resumed_from_epoch``) logs the new epochs only, at their own epoch numbers. A checkpoint
+    of another config, or one that cannot be used, is ignored (warning ``checkpoint_ignored``).
+
     Returns:
         JSON-serialisable result: ``metrics`` (final model and baseline, see
         :func:`evaluate_split` and :func:`baseline_metrics`, plus ``n_train``/``n_val``),
         ``artifacts`` (file names in ``ctx.artifact_dir``), ``mlflow_run_id``, ``device``,
-        ``dataset`` (name, bars, first/last bar ISO time), ``epochs_run``, ``stopped_early``.
+        ``dataset`` (name, bars, first/last bar ISO time), ``epochs_run`` (all epochs in the
+        history, resumed ones included), ``resumed_from_epoch`` (0 for a fresh start),
+        ``epochs_trained_this_attempt``, ``stopped_early``.
 
     Raises:
         RuntimeError: ``cuda`` requested without CUDA.
@@ -390,9 +401,15 @@ def run(config: TrainModelConfig, ctx: TaskContext) -> dict[str, Any]:
     data = split_chronological(
         build_features(bars, config.feature_window), config.validation_fraction
     )
-    with mlflow_run(ctx, EXPERIMENT_NAME, {"tp.device": device.type}) as recorder:
+    cpu = torch.device("cpu")
+    resume = load_checkpoint(
+        ctx.checkpoint_path, config, lambda: new_train_state(config, data.n_features, cpu)
+    )
+    tags = {"tp.device": device.type, "tp.resumed_from_epoch": str(resume.epoch if resume else 0)}
+    with mlflow_run(ctx, EXPERIMENT_NAME, tags) as recorder:
         recorder.log_params(config.model_dump())
-        outcome = train_classifier(data, config, device, _epoch_hook(config, ctx, recorder))
+        hook = _epoch_hook(config, ctx, recorder)
+        outcome = train_classifier(data, config, device, hook, resume)
         metrics = {
             **outcome.final,
             **baseline_metrics(data.y_train, data.y_val),
@@ -416,6 +433,8 @@ def run(config: TrainModelConfig, ctx: TaskContext) -> dict[str, Any]:
             "end": bars.index[-1].isoformat(),
         },
         "epochs_run": len(outcome.history),
+        "resumed_from_epoch": outcome.resumed_from_epoch,
+        "epochs_trained_this_attempt": outcome.epochs_trained,
         "stopped_early": outcome.stopped_early,
     }
 
@@ -423,11 +442,10 @@ def run(config: TrainModelConfig, ctx: TaskContext) -> dict[str, Any]:
 def _epoch_hook(
     config: TrainModelConfig, ctx: TaskContext, recorder: MlflowRecorder
 ) -> EpochCallback:
-    def on_epoch(
-        epoch: int, metrics: dict[str, float], model: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> bool:
+    def on_epoch(epoch: int, metrics: dict[str, float], state: TrainState) -> bool:
+        # Checkpoint first: progress then never claims an epoch a retry would train again.
+        save_checkpoint(ctx.checkpoint_path, state, config)
         ctx.report_progress(epoch / config.epochs, f"epoch {epoch}/{config.epochs}", metrics)
-        save_checkpoint(ctx.checkpoint_path, epoch, model, optimizer, config)
         recorder.log_metrics(metrics, step=epoch)
         return not ctx.should_stop()
 
