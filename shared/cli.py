@@ -259,7 +259,7 @@ def submit(
             "priority": priority,
             "task_id": task_id,
             "idempotency_key": idempotency_key,
-            "timeout_s": time_limit,
+            "time_limit_s": time_limit,
             "max_attempts": max_attempts,
         }
         if not wait:

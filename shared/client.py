@@ -107,7 +107,7 @@ class DistributedClient:
         task_id: str | None = None,
         idempotency_key: str | None = None,
         git_commit: str | None = None,
-        timeout_s: float | None = None,
+        time_limit_s: float | None = None,
         max_attempts: int | None = None,
     ) -> TaskRecord:
         """Validate and submit a task; idempotent per task id.
@@ -119,7 +119,8 @@ class DistributedClient:
             task_id: choose the id (any ``[A-Za-z0-9_.-]`` up to 128); default a new UUID4.
             idempotency_key: derive the id from this key (uuid5) so a retried submit is one task.
             git_commit: the commit the task's code is at (recorded, tagged in MLflow).
-            timeout_s: maximum run time (s); default ``TP_TASK_TIMEOUT_S``.
+            time_limit_s: maximum run time (s), then the task is killed and fails; default
+                ``TP_TASK_TIMEOUT_S``.
             max_attempts: runs before giving up (lost workers, retryable errors); default
                 ``TP_MAX_ATTEMPTS``.
 
@@ -146,7 +147,7 @@ class DistributedClient:
             submitted_by=socket.gethostname(),
             idempotency_key=idempotency_key,
             git_commit=git_commit,
-            timeout_s=timeout_s,
+            timeout_s=time_limit_s,
             max_attempts=max_attempts,
         )
         created = await self.store.create(submission)

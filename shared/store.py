@@ -33,7 +33,8 @@ redis.call('HSET', KEYS[1], 'state', 'submitted', 'submitted_at', now, 'updated_
            'attempts', 0)
 for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[3], now, redis.call('HGET', KEYS[1], 'task_id'))
-redis.call('RPUSH', KEYS[2], cjson.encode({to = 'submitted', ts = now}))
+redis.call('RPUSH', KEYS[2], cjson.encode({to = 'submitted', ts = now, attempt = 0,
+  by = redis.call('HGET', KEYS[1], 'submitted_by'), reason = 'submitted'}))
 return 1
 """
 
@@ -125,7 +126,7 @@ if lease > now then
   return {'alive', 0}
 end
 local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
-local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts') or ARGV[2])
+local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts')) or tonumber(ARGV[2])
 local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
 local worker = redis.call('HGET', KEYS[1], 'worker') or ''
 local new, reason

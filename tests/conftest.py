@@ -194,9 +194,11 @@ class Platform:
         self.procs[module] = proc
         return proc
 
-    async def start_all(self, **worker_env: str) -> None:
-        self.start("scheduler")
-        self.start("gpu_worker", **worker_env)
+    async def start_all(self, **env: str) -> None:
+        """Scheduler and one worker, both with ``env`` (each reads the settings it uses)."""
+        worker_env = env
+        self.start("scheduler", **env)
+        self.start("gpu_worker", **env)
         t = Topology(self.settings.namespace)
         want = {t.queue("submit"): 1}
         if worker_env.get("TP_WORKER_GPU_SLOTS", "1") != "0":

@@ -49,7 +49,7 @@ class Worker:
         return {task_id: ex for lane in self.lanes for task_id, ex in lane.running.items()}
 
     async def start(self) -> None:
-        runner.warm_up()
+        runner.warm_up(self.settings.worker_preload)
         await self.store.start()
         await self.broker.start()
         for route, slots in (

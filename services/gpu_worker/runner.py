@@ -18,36 +18,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib
 import multiprocessing
 import os
 import signal
 import threading
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from services.gpu_worker.context import RETRYABLE_ERRORS, TaskContext
-from services.gpu_worker.tasks import PRELOAD_MODULES, TASK_ENTRYPOINTS
+from services.gpu_worker.tasks import TASK_ENTRYPOINTS
 from shared.constants import CHILD_EXIT_GRACE_S, TRACEBACK_SUMMARY_CHARS
 from shared.settings import LogFormat, LogLevel
 
 _context: multiprocessing.context.ForkServerContext | None = None
 
 
-def forkserver() -> multiprocessing.context.ForkServerContext:
-    """The process-wide forkserver context, preloading the task modules (started lazily)."""
+def forkserver(
+    preload: Sequence[str] = (),
+) -> multiprocessing.context.ForkServerContext:
+    """The process-wide forkserver context; ``preload`` applies when it is first created."""
     global _context  # noqa: PLW0603 - one forkserver per process is the point
     if _context is None:
         _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(list(PRELOAD_MODULES))
+        _context.set_forkserver_preload(list(preload))
     return _context
 
 
-def warm_up() -> None:
+def warm_up(preload: Sequence[str]) -> None:
     """Start the forkserver now (it imports torch, ~1-3 s) so the first task starts fast.
 
     Call from the main thread. The forkserver is started with SIGINT and SIGTERM ignored (ignored
@@ -57,7 +60,7 @@ def warm_up() -> None:
     """
     from multiprocessing import forkserver as fs
 
-    forkserver()
+    forkserver(preload)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for sig in previous:
@@ -132,6 +135,7 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         _progress_sink=lambda f, m, metrics: conn.send(("progress", f, m, metrics)),
     )
     os.setsid()
+    _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_child_logging(job)
     signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
@@ -148,6 +152,25 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         conn.send(("error", f"{type(e).__name__}: {e}", tb, isinstance(e, RETRYABLE_ERRORS)))
     finally:
         conn.close()
+
+
+#: prctl option: signal to deliver to this process when its parent dies (Linux).
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this child when its parent, the forkserver, dies.
+
+    The forkserver exits as soon as the worker does, even when the worker was SIGKILLed, so a
+    lost worker never leaves a task running (and holding GPU memory) behind it.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the broken pipe ends the child instead
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _configure_child_logging(job: ChildJob) -> None:
