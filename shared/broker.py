@@ -187,5 +187,10 @@ class Broker:
         )
         try:
             await exchange.publish(message, routing_key, timeout=PUBLISH_CONFIRM_TIMEOUT_S)
+        except aio_pika.exceptions.ChannelInvalidStateError as e:
+            raise BrokerError(
+                f"publish to {exchange.name}/{routing_key} failed: the broker connection is down "
+                "or reconnecting"
+            ) from e
         except BROKER_FAILURES as e:
             raise BrokerError(f"publish to {exchange.name}/{routing_key} failed: {e}") from e

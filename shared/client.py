@@ -304,11 +304,13 @@ class DistributedClient:
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         await queue.consume(inbox.put, no_ack=True)
         record = await self.store.get(task_id)
+        recheck_s = self.recheck_s
         while not record.state.is_terminal:
             try:
-                message = await asyncio.wait_for(inbox.get(), self.recheck_s)
+                message = await asyncio.wait_for(inbox.get(), recheck_s)
             except TimeoutError:
-                record = await self._recheck(task_id, record)
+                record, fresh = await self._recheck(task_id, record)
+                recheck_s = self.recheck_s if fresh else min(1.0, self.recheck_s)
                 continue
             event = _decode_event(message, self.settings.max_message_bytes)
             if event is None:
@@ -318,18 +320,22 @@ class DistributedClient:
                 if maybe is not None:
                     await maybe
             if event.kind is EventKind.STATE:
-                record = await self._recheck(task_id, record)
+                record, fresh = await self._recheck(task_id, record)
+                recheck_s = self.recheck_s if fresh else min(1.0, self.recheck_s)
         return record
 
-    async def _recheck(self, task_id: str, last: TaskRecord) -> TaskRecord:
-        """Re-read the record; while Redis is away keep the last one and keep following."""
+    async def _recheck(self, task_id: str, last: TaskRecord) -> tuple[TaskRecord, bool]:
+        """Re-read the record: ``(record, True)``, or ``(last, False)`` while Redis is away.
+
+        After a failed re-read the caller tries again within a second.
+        """
         try:
-            return await self.store.get(task_id)
+            return await self.store.get(task_id), True
         except TaskNotFoundError:
             raise
         except StoreError as e:
             log.warning("recheck_failed", task_id=task_id, error=str(e))
-            return last
+            return last, False
 
 
 def _decode_event(

@@ -279,7 +279,9 @@ class StatusStore:
             "decode_responses": True,
             "socket_timeout": s.socket_timeout_s,
             "socket_connect_timeout": s.socket_timeout_s,
-            "health_check_interval": 15,
+            # A connection idle for over a second is PINGed (and reconnected) before use, so the
+            # first call after a Redis restart does not fail on a stale pooled connection.
+            "health_check_interval": 1,
             "max_connections": s.redis_max_connections,
             "timeout": s.socket_timeout_s,
         }
