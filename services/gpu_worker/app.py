@@ -50,6 +50,7 @@ class Worker:
 
     async def start(self) -> None:
         runner.warm_up(self.settings.worker_preload)
+        await asyncio.to_thread(runner.wait_until_warm)
         await self.store.start()
         await self.broker.start()
         for route, slots in (

@@ -54,6 +54,8 @@ class TaskExecution:
         self.attempt = attempt
         self.route = route
         self.stop_reason: StopReason | None = None
+        #: Set once the child ended and the outcome is being recorded.
+        self.finishing = False
         self._kill_timer: asyncio.TimerHandle | None = None
         s = env.settings
         self.retry = RetryPolicy(
@@ -151,6 +153,7 @@ class TaskExecution:
 
     async def finish(self, outcome: ChildOutcome, timeout_s: float) -> TaskState:
         """Record the outcome (retrying through a Redis outage), then announce it."""
+        self.finishing = True
         if self._kill_timer is not None:
             self._kill_timer.cancel()
         if self.stop_reason is StopReason.LOST:

@@ -66,10 +66,12 @@ class Heartbeat:
         s = self.env.settings
         running = self._running()
         for task_id, execution in list(running.items()):
+            if execution.finishing:
+                continue  # its outcome is being recorded; the lease ends with it
             state = await self.env.store.renew_lease(task_id, self.env.name, s.lease_s)
             if state is TaskState.CANCELLING:
                 execution.request_stop(StopReason.CANCEL)
-            elif state is None:
+            elif state is None and not execution.finishing:
                 log.warning("lease_lost", task_id=task_id)
                 execution.request_stop(StopReason.LOST)
                 execution.child.kill()

@@ -71,6 +71,17 @@ def warm_up(preload: Sequence[str]) -> None:
             signal.signal(sig, handler)
 
 
+def wait_until_warm() -> None:
+    """Block until the forkserver finished its preload, by forking one no-op child from it.
+
+    A worker consumes only after this, so it never claims a task it cannot start yet (a claimed
+    task waiting seconds for torch to import would be stranded if the worker died meanwhile).
+    """
+    process = forkserver().Process(target=os.getpid, daemon=True)
+    process.start()
+    process.join()
+
+
 @dataclass(frozen=True)
 class ChildJob:
     """What the child needs to run one task (picklable)."""
@@ -132,9 +143,10 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         checkpoint_path=job.checkpoint_path,
         tracking_uri=job.tracking_uri,
         git_commit=job.git_commit,
-        _progress_sink=lambda f, m, metrics: conn.send(("progress", f, m, metrics)),
+        _progress_sink=lambda f, m, metrics: _report(conn, ("progress", f, m, metrics)),
     )
     os.setsid()
+    _release_forkserver()
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_child_logging(job)
@@ -146,12 +158,37 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         module_name, func_name = TASK_ENTRYPOINTS[job.task_type].split(":")
         run = getattr(importlib.import_module(module_name), func_name)
         result = run(config, ctx)
-        conn.send(("stopped" if ctx.should_stop() else "result", result))
+        _report(conn, ("stopped" if ctx.should_stop() else "result", result))
     except BaseException as e:  # everything the task raises is reported, then the child exits
         tb = traceback.format_exc()[-TRACEBACK_SUMMARY_CHARS:]
-        conn.send(("error", f"{type(e).__name__}: {e}", tb, isinstance(e, RETRYABLE_ERRORS)))
+        _report(conn, ("error", f"{type(e).__name__}: {e}", tb, isinstance(e, RETRYABLE_ERRORS)))
     finally:
         conn.close()
+
+
+def _report(conn: Connection, message: tuple[Any, ...]) -> None:
+    """Send to the worker; if the worker is gone there is no one to work for: exit at once."""
+    try:
+        conn.send(message)
+    except (BrokenPipeError, ConnectionResetError):
+        os._exit(1)
+
+
+def _release_forkserver() -> None:
+    """Close the forkserver "alive" pipe end every forkserver child inherits.
+
+    CPython hands each child a copy of the worker's end of that pipe, so the forkserver would
+    only notice its worker died once every child had exited too. Without the copy, a SIGKILLed
+    worker takes the forkserver down at once, and ``_die_with_parent`` then ends the child.
+    """
+    from multiprocessing import forkserver as fs
+
+    server: Any = fs._forkserver  # no public way to drop the inherited end
+    fd = server._forkserver_alive_fd
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None
 
 
 #: prctl option: signal to deliver to this process when its parent dies (Linux).

@@ -54,35 +54,47 @@ class Reaper:
             await asyncio.sleep(self.settings.reaper_interval_s)
 
     async def reap_expired(self) -> None:
-        """Act on every expired lease."""
+        """Act on every expired lease (a task that fails to reap does not block the others)."""
         for task_id in await self.store.expired_leases():
-            outcome, attempts = await self.store.reap(task_id, self.settings.max_attempts)
-            if outcome in ("alive", "gone"):
-                continue
-            log.warning("lease_expired", task_id=task_id, outcome=outcome, attempts=attempts)
-            if outcome != "queued":
-                record = await self.store.get(task_id)
-                await self._announce(task_id, TaskState(outcome), record.error)
+            try:
+                await self._reap_one(task_id)
+            except (StoreError, BrokerError) as e:
+                log.error("reap_failed", task_id=task_id, error=str(e))
+
+    async def _reap_one(self, task_id: str) -> None:
+        outcome, attempts = await self.store.reap(task_id, self.settings.max_attempts)
+        if outcome in ("alive", "gone"):
+            return
+        log.warning("lease_expired", task_id=task_id, outcome=outcome, attempts=attempts)
+        if outcome != "queued":
+            record = await self.store.get(task_id)
+            await self._announce(task_id, TaskState(outcome), record.error)
 
     async def dispatch_due(self) -> None:
-        """Publish every queued task whose dispatch is due."""
+        """Publish every queued task whose dispatch is due (one failure does not block others)."""
         for task_id in await self.store.due_dispatches():
             try:
-                record = await self.store.get(task_id)
-            except TaskNotFoundError:
-                await self.store.dispatched(task_id)
-                continue
-            if record.state is TaskState.QUEUED:
-                submission = record.to_submission()
-                try:
-                    route = route_of(submission.task_type, submission.config)
-                except TaskError as e:  # cannot happen for a task that was queued once
-                    log.error("dispatch_impossible", task_id=task_id, error=str(e))
-                    continue
-                await self.broker.publish_submission(submission, route)
-                await self._announce(task_id, TaskState.QUEUED, None)
-                log.info("task_dispatched", task_id=task_id, attempts=record.attempts)
+                await self._dispatch_one(task_id)
+            except (StoreError, BrokerError) as e:
+                log.error("dispatch_failed", task_id=task_id, error=str(e))
+
+    async def _dispatch_one(self, task_id: str) -> None:
+        try:
+            record = await self.store.get(task_id)
+        except TaskNotFoundError:
             await self.store.dispatched(task_id)
+            return
+        if record.state is TaskState.QUEUED:
+            submission = record.to_submission()
+            try:
+                route = route_of(submission.task_type, submission.config)
+            except TaskError as e:  # cannot happen for a task that was queued once
+                log.error("dispatch_impossible", task_id=task_id, error=str(e))
+                return
+            await self.broker.publish_submission(submission, route)
+            await self._announce(task_id, TaskState.QUEUED, None)
+            log.info("task_dispatched", task_id=task_id, attempts=record.attempts)
+        await self.store.dispatched(task_id)
 
     async def _announce(self, task_id: str, state: TaskState, error: str | None) -> None:
         try:
