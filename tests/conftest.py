@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
-import redis
 
+from shared.admin import delete_namespace
 from shared.client import DistributedClient
 from shared.settings import Settings
 from shared.topology import Topology
@@ -75,24 +75,7 @@ def settings(namespace: str, tmp_path: Path) -> Iterator[Settings]:
 
 def cleanup(s: Settings) -> None:
     """Delete the namespace's queues, exchanges and Redis keys."""
-    r = redis.Redis.from_url(s.redis_url)
-    keys = list(r.scan_iter(match=f"{s.namespace}:*", count=1000))
-    if keys:
-        r.delete(*keys)
-    r.close()
-
-    async def drop() -> None:
-        connection = await aio_pika.connect(s.amqp_url)
-        async with connection:
-            topology = Topology(s.namespace)
-            for name in topology.all_queues:
-                channel = await connection.channel()
-                await channel.queue_delete(name)
-            for name in topology.all_exchanges:
-                channel = await connection.channel()
-                await channel.exchange_delete(name)
-
-    asyncio.run(drop())
+    asyncio.run(delete_namespace(s))
 
 
 def service_env(s: Settings, **extra: str) -> dict[str, str]:

@@ -8,7 +8,6 @@ that one is stopped at once, so a task never runs twice.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
@@ -19,8 +18,8 @@ import structlog
 
 from services.gpu_worker.execution import TaskExecution, WorkerEnv
 from services.gpu_worker.outcome import StopReason
-from shared.errors import StoreError
 from shared.messages import TaskState
+from shared.periodic import Periodic
 
 log = structlog.get_logger(__name__)
 
@@ -37,29 +36,14 @@ class Heartbeat:
         self.env = env
         self._running = running
         self._started = time.time()
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def interval_s(self) -> float:
-        """Time between beats: a third of the lease, so two lost beats still keep it."""
-        return self.env.settings.lease_s / 3
+        # A beat every third of the lease, so two lost beats still keep it.
+        self._periodic = Periodic("heartbeat", env.settings.lease_s / 3, self.beat)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="heartbeat")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.beat()
-            except StoreError as e:
-                log.warning("heartbeat_failed", error=str(e))
-            await asyncio.sleep(self.interval_s)
+        await self._periodic.stop()
 
     async def beat(self) -> None:
         """Renew leases, act on cancels and lost tasks, and refresh the worker's key."""

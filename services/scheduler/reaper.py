@@ -11,14 +11,13 @@ Every ``reaper_interval_s``:
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 
 from shared.broker import Broker
 from shared.errors import BrokerError, StoreError, TaskError, TaskNotFoundError
 from shared.events import state_event
 from shared.messages import TaskState
+from shared.periodic import Periodic
 from shared.settings import Settings
 from shared.store import StatusStore
 from shared.task_types import route_of
@@ -33,25 +32,18 @@ class Reaper:
         self.settings = settings
         self.store = store
         self.broker = broker
-        self._task: asyncio.Task[None] | None = None
+        self._periodic = Periodic("reaper", settings.reaper_interval_s, self.run_once)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="reaper")
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._periodic.stop()
 
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.reap_expired()
-                await self.dispatch_due()
-            except (StoreError, BrokerError) as e:
-                log.warning("reaper_pass_failed", error=str(e))
-            await asyncio.sleep(self.settings.reaper_interval_s)
+    async def run_once(self) -> None:
+        """One pass: reap expired leases, then dispatch what is due."""
+        await self.reap_expired()
+        await self.dispatch_due()
 
     async def reap_expired(self) -> None:
         """Act on every expired lease (a task that fails to reap does not block the others)."""

@@ -1,0 +1,50 @@
+"""A duty run every few seconds in a service's event loop (heartbeat, reaper)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from shared.errors import BrokerError, StoreError
+
+log = structlog.get_logger(__name__)
+
+
+class Periodic:
+    """Runs ``duty()`` every ``interval_s`` seconds until stopped.
+
+    A pass that fails because Redis or the broker is away is logged (``<name>_failed``) and the
+    next pass runs on schedule; any other exception is a bug and ends the loop loudly.
+
+    Args:
+        name: task name and log event prefix.
+        interval_s: pause between passes (s).
+        duty: the coroutine function run each pass.
+    """
+
+    def __init__(self, name: str, interval_s: float, duty: Callable[[], Awaitable[None]]) -> None:
+        self.name = name
+        self.interval_s = interval_s
+        self._duty = duty
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin the loop (first pass at once)."""
+        self._task = asyncio.create_task(self._loop(), name=self.name)
+
+    async def stop(self) -> None:
+        """Cancel the loop and wait for it to end."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._duty()
+            except (StoreError, BrokerError) as e:
+                log.warning(f"{self.name}_failed", error=str(e))
+            await asyncio.sleep(self.interval_s)
