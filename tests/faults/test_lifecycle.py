@@ -266,3 +266,25 @@ async def test_status_shows_every_transition(platform: Platform, client: Distrib
     ]
     assert all({"ts", "to"} <= h.keys() for h in history)
     assert [h.get("attempt") for h in history if h["to"] == "running"] == [1, 2]
+
+
+async def test_killed_training_resumes_from_its_checkpoint_on_another_worker(
+    platform: Platform, client: DistributedClient
+):
+    """The acceptance case with a real training: epochs done before the kill are not redone."""
+    await platform.start_all(**FAST_LEASES, TP_WORKER_CPU_SLOTS="0")
+    config = {"dataset": "GOOG", "model": "mlp", "epochs": 40, "hidden_size": 32}
+    task = await client.submit("train_model", config)
+    await wait_progress(client, task.task_id, 0.2, timeout=120)
+    first = platform.procs["gpu_worker"]
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    await wait_state(client, task.task_id, TaskState.QUEUED, timeout=20)
+    platform.start("gpu_worker", **FAST_LEASES, TP_WORKER_CPU_SLOTS="0", TP_WORKER_NAME="second")
+    done = await client.wait(task.task_id, timeout_s=180)
+    assert done.state is TaskState.COMPLETED and done.worker == "second" and done.attempts == 2
+    result = done.result
+    assert result["resumed_from_epoch"] >= 8
+    assert result["epochs_trained_this_attempt"] == 40 - result["resumed_from_epoch"]
+    assert result["epochs_run"] == 40
+    assert [h["to"] for h in await client.history(task.task_id)].count("completed") == 1
