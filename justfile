@@ -26,3 +26,7 @@ scheduler:
 # Run a worker in the foreground.
 worker:
     .venv/bin/python -m services.gpu_worker
+
+# Soak: 2,000 probe tasks while a random worker is SIGKILLed every 3 s; fails on a lost or doubled task.
+bench-soak *ARGS:
+    .venv/bin/python -m bench.soak {{ARGS}}

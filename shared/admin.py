@@ -5,6 +5,7 @@ from __future__ import annotations
 import aio_pika
 import redis.asyncio as aioredis
 
+from shared.keys import Keys
 from shared.settings import Settings
 from shared.topology import Topology
 
@@ -18,7 +19,9 @@ async def delete_namespace(settings: Settings) -> int:
     client = aioredis.Redis.from_url(settings.redis_url)
     deleted = 0
     try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.namespace}:*", count=1000)]
+        keys = [
+            k async for k in client.scan_iter(match=Keys(settings.namespace).pattern, count=1000)
+        ]
         for start in range(0, len(keys), 1000):
             deleted += await client.delete(*keys[start : start + 1000])
     finally:
