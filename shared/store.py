@@ -39,25 +39,36 @@ return 1
 """
 
 # KEYS: task hash, history list, leases zset, retries zset.
-# ARGV: new state, by, reason, ttl seconds (0 = keep), n expected, expected states..., then
-# field/value pairs. A field '+x' adds to x; 'lease_s' sets lease_until = now + value and
+# ARGV: new state, by, reason, ttl seconds (0 = keep), owner, owner attempt, n expected, expected
+# states..., then field/value pairs. With an owner, the move applies only if the task's worker and
+# attempts still match (a worker that lost its lease cannot record over the next run). A move to
+# running is refused while a retry is not yet due (a stray duplicate message cannot skip the
+# back-off). A field '+x' adds to x; 'lease_s' sets lease_until = now + value and
 # 'retry_in_s' sets retry_at = now + value (Redis clock). The leases and retries sorted sets
 # follow the state: a lease exists only while running/cancelling, a retry due time only while
 # queued. Returns {1 or 0, state before, attempts after}; state before is '' for no task.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return {0, ''} end
-local n = tonumber(ARGV[5])
+local n = tonumber(ARGV[7])
 local ok = false
-for i = 1, n do if ARGV[5 + i] == cur then ok = true end end
+for i = 1, n do if ARGV[7 + i] == cur then ok = true end end
 if not ok then return {0, cur} end
+if ARGV[5] ~= '' and (redis.call('HGET', KEYS[1], 'worker') ~= ARGV[5]
+    or redis.call('HGET', KEYS[1], 'attempts') ~= ARGV[6]) then
+  return {0, cur}
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local new = ARGV[1]
+if new == 'running' then
+  local due = tonumber(redis.call('HGET', KEYS[1], 'retry_at'))
+  if due and due > now then return {0, cur} end
+end
 local id = redis.call('HGET', KEYS[1], 'task_id')
 local retry = false
 redis.call('HSET', KEYS[1], 'state', new, new .. '_at', now, 'updated_at', now)
-for i = 6 + n, #ARGV, 2 do
+for i = 8 + n, #ARGV, 2 do
   local f, v = ARGV[i], ARGV[i + 1]
   if string.sub(f, 1, 1) == '+' then
     redis.call('HINCRBY', KEYS[1], string.sub(f, 2), v)
@@ -152,16 +163,17 @@ end
 return {new, attempts}
 """
 
-# KEYS: task hash. ARGV: n expected, expected states..., then field/value pairs.
+# KEYS: task hash. ARGV: owner ('' = anyone), n expected, expected states..., field/value pairs.
 # Updates fields (progress, lease) only while the task is in one of the expected states.
 _UPDATE_IF = """
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return 0 end
-local n = tonumber(ARGV[1])
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] then return 0 end
+local n = tonumber(ARGV[2])
 local ok = false
-for i = 1, n do if ARGV[1 + i] == cur then ok = true end end
+for i = 1, n do if ARGV[2 + i] == cur then ok = true end end
 if not ok then return 0 end
-for i = 2 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 3 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
@@ -355,6 +367,7 @@ class StatusStore:
         by: str = "",
         reason: str = "",
         fields: Mapping[str, str | int | float] | None = None,
+        owner: tuple[str, int] | None = None,
     ) -> Transition:
         """Atomically move a task to ``new`` if its state is one of ``expected``.
 
@@ -364,6 +377,7 @@ class StatusStore:
             new: target state; ``<new>_at`` is stamped with the Redis clock.
             by: who made the move (worker name, ``scheduler``, ``client``), kept in history.
             reason: why, kept in history (``retrying in 2.1 s after: ConnectionError...``).
+            owner: ``(worker, attempt)`` that must still hold the task for the move to apply.
             fields: extra hash fields set in the same step; a name starting with ``+`` is added
                 to (``{"+attempts": 1}``); ``lease_s`` and ``retry_in_s`` set ``lease_until`` and
                 ``retry_at`` that many seconds from now on the Redis clock.
@@ -374,7 +388,18 @@ class StatusStore:
         allowed = [s.value for s in expected]
         pairs = [str(x) for pair in (fields or {}).items() for x in pair]
         ttl = FINISHED_TASK_TTL_S if new.is_terminal else 0
-        args = [new.value, by, reason, str(ttl), str(len(allowed)), *allowed, *pairs]
+        worker, attempt = owner if owner is not None else ("", "")
+        args = [
+            new.value,
+            by,
+            reason,
+            str(ttl),
+            worker,
+            str(attempt),
+            str(len(allowed)),
+            *allowed,
+            *pairs,
+        ]
         keys = [
             self.keys.task(task_id),
             self.keys.history(task_id),
@@ -387,14 +412,21 @@ class StatusStore:
 
     @_store_errors
     async def update_if(
-        self, task_id: str, states: Iterable[TaskState], fields: Mapping[str, str | int | float]
+        self,
+        task_id: str,
+        states: Iterable[TaskState],
+        fields: Mapping[str, str | int | float],
+        *,
+        worker: str = "",
     ) -> bool:
-        """Set ``fields`` only while the task is in one of ``states`` (progress, lease renewal)."""
+        """Set ``fields`` only while the task is in one of ``states`` (and held by ``worker``)."""
         allowed = [s.value for s in states]
         pairs = [str(x) for pair in fields.items() for x in pair]
         return bool(
             await self._call(
-                self._update_if, [self.keys.task(task_id)], [str(len(allowed)), *allowed, *pairs]
+                self._update_if,
+                [self.keys.task(task_id)],
+                [worker, str(len(allowed)), *allowed, *pairs],
             )
         )
 

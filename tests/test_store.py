@@ -103,3 +103,56 @@ async def test_resolve_id_by_unique_prefix(settings):
             await store.resolve_id("q")
     finally:
         await store.stop()
+
+
+async def test_stale_owner_cannot_record_over_the_next_run(settings):
+    """A worker that lost its lease (reaped, claimed again elsewhere) cannot record its outcome."""
+    store = await started_store(settings)
+    try:
+        await store.create(submission("stale-1"))
+        await store.transition("stale-1", [TaskState.SUBMITTED], TaskState.QUEUED)
+        claim = {"+attempts": 1}
+        await store.transition(
+            "stale-1", [TaskState.QUEUED], TaskState.RUNNING, fields={**claim, "worker": "w1"}
+        )
+        await store.transition("stale-1", [TaskState.RUNNING], TaskState.QUEUED, by="reaper")
+        await store.transition(
+            "stale-1", [TaskState.QUEUED], TaskState.RUNNING, fields={**claim, "worker": "w2"}
+        )
+        stale = await store.transition(
+            "stale-1",
+            [TaskState.RUNNING],
+            TaskState.FAILED,
+            owner=("w1", 1),
+            fields={"error": "old run"},
+        )
+        assert not stale.applied and stale.previous is TaskState.RUNNING
+        assert not await store.update_if(
+            "stale-1", [TaskState.RUNNING], {"progress": 0.9}, worker="w1"
+        )
+        current = await store.transition(
+            "stale-1", [TaskState.RUNNING], TaskState.COMPLETED, owner=("w2", 2)
+        )
+        assert current.applied
+        record = await store.get("stale-1")
+        assert record.state is TaskState.COMPLETED and record.error is None
+    finally:
+        await store.stop()
+
+
+async def test_claim_waits_for_a_pending_retry(settings):
+    """A stray duplicate message cannot start a task before its retry back-off is over."""
+    store = await started_store(settings)
+    try:
+        await store.create(submission("later-1"))
+        await store.transition(
+            "later-1", [TaskState.SUBMITTED], TaskState.QUEUED, fields={"retry_in_s": 0.5}
+        )
+        early = await store.transition("later-1", [TaskState.QUEUED], TaskState.RUNNING)
+        assert not early.applied
+        assert await store.due_dispatches() == []
+        await asyncio.sleep(0.6)
+        assert await store.due_dispatches() == ["later-1"]
+        assert (await store.transition("later-1", [TaskState.QUEUED], TaskState.RUNNING)).applied
+    finally:
+        await store.stop()

@@ -56,7 +56,7 @@ class TaskExecution:
         self.stop_reason: StopReason | None = None
         #: Set once the child ended and the outcome is being recorded.
         self.finishing = False
-        self._kill_timer: asyncio.TimerHandle | None = None
+        self._timers: list[asyncio.TimerHandle] = []
         s = env.settings
         self.retry = RetryPolicy(
             submission.max_attempts or s.max_attempts, s.retry_base_s, s.retry_max_s
@@ -113,7 +113,10 @@ class TaskExecution:
     async def on_child_started(self, pid: int) -> None:
         try:
             await self.env.store.update_if(
-                self.submission.task_id, [TaskState.RUNNING], {"child_pid": pid}
+                self.submission.task_id,
+                [TaskState.RUNNING],
+                {"child_pid": pid},
+                worker=self.env.name,
             )
         except StoreError as e:
             log.warning("child_pid_not_recorded", error=str(e))
@@ -125,7 +128,9 @@ class TaskExecution:
         self._last_progress = now
         fields: dict[str, str | int | float] = {"progress": fraction, "progress_message": message}
         try:
-            await self.env.store.update_if(self.submission.task_id, [TaskState.RUNNING], fields)
+            await self.env.store.update_if(
+                self.submission.task_id, [TaskState.RUNNING], fields, worker=self.env.name
+            )
             await self.env.broker.publish_event(
                 progress_event(
                     self.submission.task_id,
@@ -147,15 +152,20 @@ class TaskExecution:
             return
         self.stop_reason = reason
         log.info("task_stop_requested", reason=reason.value)
-        self.child.terminate()
         grace = self.env.settings.cancel_grace_s
-        self._kill_timer = asyncio.get_running_loop().call_later(grace, self.child.kill)
+        loop = asyncio.get_running_loop()
+        # SIGTERM again every quarter second: a child still starting up ignores the signal until
+        # its handler is installed, and must not lose the request (and its checkpoint).
+        self._timers = [
+            loop.call_later(i * 0.25, self.child.terminate) for i in range(int(grace / 0.25) + 1)
+        ]
+        self._timers.append(loop.call_later(grace, self.child.kill))
 
     async def finish(self, outcome: ChildOutcome, timeout_s: float) -> TaskState:
         """Record the outcome (retrying through a Redis outage), then announce it."""
         self.finishing = True
-        if self._kill_timer is not None:
-            self._kill_timer.cancel()
+        for timer in self._timers:
+            timer.cancel()
         if self.stop_reason is StopReason.LOST:
             log.warning("task_abandoned", reason="lease lost to the reaper; nothing recorded")
             return TaskState.QUEUED
@@ -205,6 +215,7 @@ class TaskExecution:
                     by=self.env.name,
                     reason=verdict.reason,
                     fields=verdict.fields,
+                    owner=(self.env.name, self.attempt),
                 )
             except StoreError as e:
                 if time.monotonic() + delay > deadline:

@@ -73,7 +73,13 @@ def decide(
     finished = outcome.result is not None and not outcome.stopped and outcome.error is None
     if finished and not outcome.timed_out:
         result = {**(outcome.result or {}), "git_commit": git_commit}
-        return Verdict(TaskState.COMPLETED, RUNNING, {"result": json.dumps(result), "progress": 1})
+        fields: dict[str, str | int | float] = {
+            "result": json.dumps(result),
+            "progress": 1,
+            "error": "",
+            "traceback": "",
+        }
+        return Verdict(TaskState.COMPLETED, RUNNING, fields)
     if stop_reason is StopReason.CANCEL:
         return Verdict(TaskState.CANCELLED, RUNNING, reason="cancelled while running")
     if stop_reason is StopReason.DRAIN:

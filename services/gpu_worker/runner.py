@@ -145,12 +145,12 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         git_commit=job.git_commit,
         _progress_sink=lambda f, m, metrics: _report(conn, ("progress", f, m, metrics)),
     )
+    signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())  # first: a stop is never lost
     os.setsid()
     _release_forkserver()
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_child_logging(job)
-    signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
     try:
         from shared.task_types import validate_config
 
@@ -288,6 +288,8 @@ class ChildProcess:
         if self._process is None or self._process.pid is None:
             self._pending_signal = sig  # sent as soon as the child exists
             return
+        if self._process.exitcode is not None:
+            return  # gone (and reaped): its pid may already belong to another process
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._process.pid, sig)
 

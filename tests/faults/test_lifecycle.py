@@ -143,6 +143,18 @@ async def test_cancel_latency_through_the_client(platform: Platform, client: Dis
     assert time.monotonic() - started < 2.0
 
 
+async def test_cancel_just_after_start_is_not_lost(platform: Platform, client: DistributedClient):
+    """A cancel that reaches a child still starting up must still ask it to stop (no waiting
+    out the whole grace period for the SIGKILL)."""
+    await platform.start_all(TP_CANCEL_GRACE_S="6", TP_WORKER_GPU_SLOTS="0")
+    task = await client.submit("probe", {"sleep_s": 30, "steps": 300})
+    await wait_state(client, task.task_id, TaskState.RUNNING)
+    started = time.monotonic()
+    result = await client.cancel(task.task_id, wait_s=20)
+    assert result.outcome == "cancelled"
+    assert time.monotonic() - started < 4  # well under the 6 s grace: SIGTERM was honoured
+
+
 async def test_retryable_error_backs_off_and_succeeds_on_attempt_3(
     platform: Platform, client: DistributedClient
 ):
@@ -150,6 +162,7 @@ async def test_retryable_error_backs_off_and_succeeds_on_attempt_3(
     config = {"fail_with": "feed unreachable", "fail_times": 2, "retryable": True}
     record = await client.submit_and_wait("probe", config, max_attempts=3, timeout_s=WAIT_S)
     assert record.state is TaskState.COMPLETED and record.attempts == 3
+    assert record.error is None and record.traceback is None  # earlier attempts' error cleared
     history = await client.history(record.task_id)
     retries = [h for h in history if h.get("reason", "").startswith("retrying in")]
     assert len(retries) == 2
