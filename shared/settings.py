@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -177,3 +178,33 @@ class Settings(BaseSettings):
             return url
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
         return parts._replace(netloc=netloc).geturl()
+
+
+def service_environment(
+    settings: Settings, base: Mapping[str, str], **extra: str
+) -> dict[str, str]:
+    """The environment for a service started as a child process (tests, benchmarks, scripts).
+
+    Args:
+        settings: whose broker and Redis URLs, namespace, data folder and tracking URI it gets.
+        base: the environment to start from (``os.environ``); its ``TP_*`` variables are dropped
+            so nothing leaks in from the caller's shell.
+        **extra: further variables, applied last (``TP_WORKER_GPU_SLOTS="0"``).
+
+    Returns:
+        A new mapping with JSON logs and unbuffered output set.
+    """
+    env = {k: v for k, v in base.items() if not k.startswith("TP_")}
+    env.update(
+        {
+            "TP_AMQP_URL": settings.amqp_url,
+            "TP_REDIS_URL": settings.redis_url,
+            "TP_NAMESPACE": settings.namespace,
+            "TP_DATA_DIR": str(settings.data_dir),
+            "TP_MLFLOW_TRACKING_URI": settings.tracking_uri,
+            "TP_LOG_FORMAT": "json",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env

@@ -22,7 +22,7 @@ import pytest
 
 from shared.admin import delete_namespace
 from shared.client import DistributedClient
-from shared.settings import Settings
+from shared.settings import Settings, service_environment
 from shared.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,22 +79,8 @@ def cleanup(s: Settings) -> None:
 
 
 def service_env(s: Settings, **extra: str) -> dict[str, str]:
-    """Environment for a service process using the test's namespace and folders."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
-    env.update(
-        {
-            "TP_AMQP_URL": s.amqp_url,
-            "TP_REDIS_URL": s.redis_url,
-            "TP_NAMESPACE": s.namespace,
-            "TP_DATA_DIR": str(s.data_dir),
-            "TP_MLFLOW_TRACKING_URI": s.tracking_uri,
-            "TP_WORKER_NAME": s.worker_name,
-            "TP_LOG_FORMAT": "json",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    env.update(extra)
-    return env
+    """Environment for a service process using the test's namespace, folders and worker name."""
+    return service_environment(s, os.environ, **{"TP_WORKER_NAME": s.worker_name, **extra})
 
 
 def tradectl(

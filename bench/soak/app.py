@@ -14,7 +14,7 @@ from typing import Any
 
 import aio_pika
 
-from shared.settings import Settings
+from shared.settings import Settings, service_environment
 from shared.topology import Topology
 
 from .cleanup import cleanup_namespace
@@ -100,20 +100,7 @@ def soak_settings(namespace: str, run_dir: Path, data_dir: Path) -> Settings:
 
 def service_env(s: Settings, preload: str | None) -> dict[str, str]:
     """The services' environment: no inherited ``TP_*``, the soak's settings, JSON logs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
-    env.update(
-        {
-            "TP_AMQP_URL": s.amqp_url,
-            "TP_REDIS_URL": s.redis_url,
-            "TP_NAMESPACE": s.namespace,
-            "TP_DATA_DIR": str(s.data_dir),
-            "TP_MLFLOW_TRACKING_URI": s.tracking_uri,
-            "TP_LOG_FORMAT": "json",
-            "TP_LOG_LEVEL": "info",
-            "PYTHONUNBUFFERED": "1",
-            **SOAK_SERVICE_ENV,
-        }
-    )
+    env = service_environment(s, os.environ, TP_LOG_LEVEL="info", **SOAK_SERVICE_ENV)
     if preload is not None:
         env["TP_WORKER_PRELOAD"] = preload
     return env
