@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-#: Wire schema version written into every message; a reader refuses versions it does not know.
-SCHEMA_VERSION = 1
-
 #: RabbitMQ classic priority queues: 0-9 as users write it. Each extra level costs the broker an
 #: internal sub-queue, so we take the ten levels users think in, not 255.
 MAX_PRIORITY = 9

@@ -1,8 +1,8 @@
 """One error tree for the whole platform.
 
-``TradePlatError`` is the root. Branches: broker, status store, decoding, task failures, and
-``ControlFlow`` (reject, skip) which logs and metrics do not count as failures. Every error carries
-structured fields so a log line or a dead-letter reason can name what went wrong.
+``TradePlatError`` is the root. Branches: broker, status store, decoding, task refusals. A refused
+claim or a duplicate submit is not an error: it is a decision, logged where it is taken. Every
+error carries structured fields so a log line or a dead-letter reason can name what went wrong.
 """
 
 from __future__ import annotations
@@ -29,10 +29,6 @@ class TradePlatError(Exception):
 
 class NotConnectedError(TradePlatError):
     """A connection-backed object was used before ``start()``/``connect()`` or after ``stop()``."""
-
-
-class ConfigError(TradePlatError):
-    """A setting is missing or invalid (refused at start-up, before anything runs)."""
 
 
 class BrokerError(TradePlatError):
@@ -73,15 +69,3 @@ class TaskConfigError(TaskError):
 
 class IdempotencyConflictError(TaskError):
     """A submit reused a task id (or idempotency key) that names a task with another spec."""
-
-
-class TaskFailedError(TaskError):
-    """The task's code raised, or its child process died; ``fields`` holds error and traceback."""
-
-
-class ControlFlow(TradePlatError):  # noqa: N818 - a branch name, not an error kind
-    """Not a failure: a decision that changes how a delivery is handled (logged at info level)."""
-
-
-class ClaimRefused(ControlFlow):
-    """Another party already moved the task on (claimed, cancelled, finished): drop the delivery."""

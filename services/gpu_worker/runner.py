@@ -26,7 +26,7 @@ import signal
 import threading
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -109,7 +109,6 @@ class ChildOutcome:
     timed_out: bool = False
     stopped: bool = False
     retryable: bool = False
-    progress_count: int = field(default=0)
 
     @property
     def failure(self) -> str | None:
@@ -308,7 +307,6 @@ class ChildProcess:
         while (item := await queue.get()) is not None:
             kind = item[0]
             if kind == "progress":
-                outcome.progress_count += 1
                 await self._on_progress(item[1], item[2], item[3])
             elif kind in ("result", "stopped"):
                 outcome.result = item[1]

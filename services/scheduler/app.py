@@ -11,7 +11,6 @@ from shared.broker import Broker
 from shared.constants import ROUTE_SUBMIT, SCHEDULER_PREFETCH
 from shared.consuming import handle_delivery
 from shared.events import state_event
-from shared.messages import TaskState
 from shared.settings import Settings
 from shared.store import StatusStore
 
@@ -66,12 +65,11 @@ class Scheduler:
                 decision.dead_letter_reason,
                 source_queue=self.broker.topology.queue(ROUTE_SUBMIT),
             )
-        elif decision.route is not None and decision.submission is not None:
-            await self.broker.publish_submission(decision.submission, decision.route)
+        else:
+            if decision.route is not None and decision.submission is not None:
+                await self.broker.publish_submission(decision.submission, decision.route)
             if decision.moved_to is not None:
                 await self._announce(decision)
-        elif decision.moved_to is not None:
-            await self._announce(decision)
         await message.ack()
 
     async def _announce(self, decision: IntakeDecision) -> None:
@@ -86,6 +84,3 @@ class Scheduler:
             route=decision.route,
             error=decision.error,
         )
-
-
-__all__ = ["Scheduler", "TaskState"]
