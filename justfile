@@ -27,6 +27,10 @@ scheduler:
 worker:
     .venv/bin/python -m services.gpu_worker
 
+# Run git-sync in the foreground (keeps TP_CODE_DIR current: fetch + fast-forward only).
+git-sync:
+    .venv/bin/python -m services.git_sync
+
 # Soak: 2,000 probe tasks while a random worker is SIGKILLed every 3 s; fails on a lost or doubled task.
 bench-soak *ARGS:
     .venv/bin/python -m bench.soak {{ARGS}}

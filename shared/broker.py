@@ -22,6 +22,7 @@ from aio_pika.abc import (
 
 from shared.constants import PUBLISH_CONFIRM_TIMEOUT_S, ROUTE_SUBMIT
 from shared.errors import BrokerError, NotConnectedError
+from shared.gitsync import SyncEvent, SyncRequest
 from shared.messages import CancelRequest, TaskEvent, TaskSubmission, encode
 from shared.settings import Settings
 from shared.topology import DeclaredTopology, Topology, declare
@@ -144,6 +145,16 @@ class Broker:
             persistent=False,
             message_id=event.task_id,
         )
+
+    async def publish_sync_event(self, event: SyncEvent) -> None:
+        """Publish git-sync news (``sync.<event>``) on the events exchange (confirmed)."""
+        await self._publish(
+            self.declared.events, event.routing_key, encode(event), persistent=False
+        )
+
+    async def request_sync(self, request: SyncRequest) -> None:
+        """Publish ``sync.now`` on the control exchange: git-sync fetches at once (confirmed)."""
+        await self._publish(self.declared.control, "sync.now", encode(request), persistent=False)
 
     async def dead_letter(
         self, message: AbstractIncomingMessage, reason: str, *, source_queue: str

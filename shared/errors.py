@@ -69,3 +69,7 @@ class TaskConfigError(TaskError):
 
 class IdempotencyConflictError(TaskError):
     """A submit reused a task id (or idempotency key) that names a task with another spec."""
+
+
+class CommitCheckError(TaskError):
+    """A submit refused because the checkout it is pinned to is dirty or its commit unpushed."""

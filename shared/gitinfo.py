@@ -1,32 +1,106 @@
-"""The commit a checkout is at, read without prompting or hanging."""
+"""Local facts about a git checkout, read without prompting or hanging.
+
+Every call runs ``git`` with ``GIT_TERMINAL_PROMPT=0`` and a short timeout, and only reads local
+state (no network): the commit at ``HEAD``, whether the tree is dirty, whether a commit is pushed
+(on a remote-tracking branch as last fetched), whether one commit contains another. Any failure
+(not a repository, git missing, timeout) gives the "don't know" answer documented per function
+rather than an error.
+"""
 
 from __future__ import annotations
 
 import os
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
-#: ``git rev-parse`` is local and instant; anything slower means a broken filesystem (s).
+#: Local git commands are instant; anything slower means a broken filesystem (s).
 GIT_TIMEOUT_S = 5.0
 
+#: Environment for every git process: never prompt for a credential, never open an editor.
+GIT_ENV = {"GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true", "GCM_INTERACTIVE": "never"}
 
-def head_commit(path: Path) -> str | None:
-    """Full SHA of ``HEAD`` in the git checkout containing ``path``, or None if there is none.
 
-    Runs ``git rev-parse HEAD`` with ``GIT_TERMINAL_PROMPT=0`` and a timeout; any failure (not a
-    repository, git missing, timeout) gives None rather than an error.
-    """
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+def _git(path: Path, *args: str) -> subprocess.CompletedProcess[str] | None:
     try:
-        done = subprocess.run(
-            ["git", "-C", str(path), "rev-parse", "HEAD"],
+        return subprocess.run(
+            ["git", "-C", str(path), *args],
             capture_output=True,
             text=True,
             timeout=GIT_TIMEOUT_S,
-            env=env,
+            env={**os.environ, **GIT_ENV},
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    sha = done.stdout.strip()
-    return sha if done.returncode == 0 and len(sha) >= 40 else None
+
+
+def head_commit(path: Path) -> str | None:
+    """Full SHA of ``HEAD`` in the git checkout containing ``path``, or None if there is none."""
+    done = _git(path, "rev-parse", "--verify", "HEAD")
+    sha = done.stdout.strip() if done is not None else ""
+    return sha if done is not None and done.returncode == 0 and len(sha) >= 40 else None
+
+
+def resolve_commit(path: Path, commit: str) -> str | None:
+    """Full SHA of ``commit`` (full or abbreviated) if the checkout has it, else None."""
+    done = _git(path, "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}")
+    return done.stdout.strip() if done is not None and done.returncode == 0 else None
+
+
+def contains(path: Path, head: str, commit: str) -> bool:
+    """True if ``head`` contains ``commit`` (``commit`` is ``head`` or one of its ancestors).
+
+    False when either commit is unknown to the checkout (not fetched yet) or git fails.
+    """
+    done = _git(path, "merge-base", "--is-ancestor", commit, head)
+    return done is not None and done.returncode == 0
+
+
+def dirty_files(path: Path) -> list[str]:
+    """Tracked files with uncommitted changes (staged or not); untracked files are ignored."""
+    done = _git(path, "status", "--porcelain", "--untracked-files=no")
+    if done is None or done.returncode != 0:
+        return []
+    return [line[3:] for line in done.stdout.splitlines() if line.strip()]
+
+
+def is_pushed(path: Path, commit: str) -> bool:
+    """True if a remote-tracking branch (as of the last fetch) contains ``commit``."""
+    done = _git(path, "branch", "--remotes", "--contains", commit)
+    return done is not None and done.returncode == 0 and bool(done.stdout.strip())
+
+
+@dataclass(frozen=True)
+class CheckoutState:
+    """What the laptop's checkout says about the commit a task is submitted from.
+
+    Attributes:
+        commit: full SHA of ``HEAD``; None when ``path`` is not a git checkout.
+        dirty: tracked files with uncommitted changes (they will not run on the desktop).
+        pushed: whether a remote-tracking branch contains ``commit``.
+    """
+
+    commit: str | None
+    dirty: tuple[str, ...] = ()
+    pushed: bool = False
+
+    def problems(self) -> list[str]:
+        """Why the desktop may not run exactly this code (empty when it will)."""
+        if self.commit is None:
+            return []
+        found = []
+        if self.dirty:
+            shown = ", ".join(self.dirty[:5]) + (" ..." if len(self.dirty) > 5 else "")
+            found.append(f"uncommitted changes in {shown} will not run on the desktop")
+        if not self.pushed:
+            found.append(f"commit {self.commit[:12]} is not pushed; the desktop cannot fetch it")
+        return found
+
+
+def checkout_state(path: Path) -> CheckoutState:
+    """Commit, dirty files and pushed-ness of the checkout at ``path`` (local facts only)."""
+    commit = head_commit(path)
+    if commit is None:
+        return CheckoutState(None)
+    return CheckoutState(commit, tuple(dirty_files(path)), is_pushed(path, commit))

@@ -17,6 +17,7 @@ class Keys:
         ``<ns>:leases``             sorted set of running task ids by lease expiry (reaper)
         ``<ns>:retries``            sorted set of task ids by retry due time (retry pump)
         ``<ns>:worker:<name>``      a worker's heartbeat (JSON, with a TTL)
+        ``<ns>:gitsync:<host>``     git-sync's last report for one desktop's checkout (JSON)
     """
 
     namespace: str
@@ -47,6 +48,15 @@ class Keys:
     def worker(self, name: str) -> str:
         """A worker's heartbeat key (JSON, expires when the worker stops renewing it)."""
         return f"{self.namespace}:worker:{name}"
+
+    def git_sync(self, host: str) -> str:
+        """git-sync's status for the checkout on ``host`` (JSON ``SyncStatus``)."""
+        return f"{self.namespace}:gitsync:{host}"
+
+    @property
+    def git_sync_pattern(self) -> str:
+        """Glob matching every desktop's git-sync status key."""
+        return f"{self.namespace}:gitsync:*"
 
     @property
     def pattern(self) -> str:

@@ -20,6 +20,11 @@ from shared.constants import DEFAULT_MAX_MESSAGE_BYTES
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
+CommitCheck = Literal["warn", "refuse", "off"]
+CodeUpdate = Literal["reexec", "exit", "ignore"]
+
+#: The checkout this code runs from (``shared/`` sits at its top level).
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
 
 
 def describe_settings_error(error: ValidationError) -> str:
@@ -116,6 +121,46 @@ class Settings(BaseSettings):
     socket_timeout_s: float = Field(
         10.0, gt=0, description="Redis socket timeout, so no call hangs on a dead socket (s)."
     )
+    code_dir: Path | None = Field(
+        None,
+        description=(
+            "The platform's git checkout on this machine: the laptop pins tasks to its HEAD, "
+            "git-sync keeps the desktop's current, the worker checks commits against it; "
+            "default the checkout this code runs from."
+        ),
+    )
+    commit_check: CommitCheck = Field(
+        "warn",
+        description=(
+            "Submitting from a dirty or unpushed checkout: warn, refuse, or off (no commit "
+            "recorded, tasks run on whatever the desktop has)."
+        ),
+    )
+    commit_wait_s: float = Field(
+        900.0,
+        ge=0,
+        description="How long a worker holds a task whose commit the desktop lacks (s).",
+    )
+    git_remote: str = Field(
+        "origin", pattern=r"^[A-Za-z0-9_.-]+$", description="Remote git-sync fetches."
+    )
+    git_branch: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_./-]+$",
+        description="Branch git-sync fast-forwards; default the branch checked out.",
+    )
+    git_sync_interval_s: float = Field(60.0, gt=0, description="Pause between two fetches (s).")
+    git_timeout_s: float = Field(
+        60.0, gt=0, description="A fetch running longer is killed with all its processes (s)."
+    )
+    worker_code_update: CodeUpdate = Field(
+        "reexec",
+        description=(
+            "When the checkout moves to a new commit, the worker finishes its running tasks, then "
+            "re-executes itself (reexec), exits 75 for systemd/compose to restart it (exit), or "
+            "keeps running the old code (ignore)."
+        ),
+    )
 
     @field_validator("amqp_url")
     @classmethod
@@ -152,6 +197,11 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def checkout_dir(self) -> Path:
+        """``code_dir``, else the checkout this code runs from."""
+        return self.code_dir if self.code_dir is not None else PACKAGE_ROOT
 
     @property
     def tasks_dir(self) -> Path:
