@@ -22,11 +22,20 @@ from typing import Any, TypeVar
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
+from redis.exceptions import RedisError
 
 from shared.broker import Broker
 from shared.constants import DEFAULT_PRIORITY
-from shared.errors import DecodeError, IdempotencyConflictError, StoreError, TaskNotFoundError
+from shared.errors import (
+    CommitCheckError,
+    DecodeError,
+    IdempotencyConflictError,
+    StoreError,
+    TaskNotFoundError,
+)
 from shared.events import state_event
+from shared.gitinfo import CheckoutState, checkout_state
+from shared.gitsync import SyncRequest, SyncStatus
 from shared.messages import (
     CancelRequest,
     EventKind,
@@ -118,7 +127,10 @@ class DistributedClient:
             priority: 0 (lowest) to 9 (highest).
             task_id: choose the id (any ``[A-Za-z0-9_.-]`` up to 128); default a new UUID4.
             idempotency_key: derive the id from this key (uuid5) so a retried submit is one task.
-            git_commit: the commit the task's code is at (recorded, tagged in MLflow).
+            git_commit: the commit the task must run on; default ``HEAD`` of the checkout
+                (``TP_CODE_DIR``), checked per ``TP_COMMIT_CHECK``: a dirty tree or an unpushed
+                commit is warned about (``warn``) or refused (``refuse``); ``off`` pins nothing.
+                The worker runs the task only on code that contains this commit.
             time_limit_s: maximum run time (s), then the task is killed and fails; default
                 ``TP_TASK_TIMEOUT_S``.
             max_attempts: runs before giving up (lost workers, retryable errors); default
@@ -131,11 +143,14 @@ class DistributedClient:
         Raises:
             UnknownTaskTypeError, TaskConfigError: refused, nothing queued.
             IdempotencyConflictError: the id is taken by a task of another type or config.
+            CommitCheckError: ``TP_COMMIT_CHECK=refuse`` and the checkout is dirty or unpushed.
             pydantic.ValidationError: a bad id or priority.
             StoreError, BrokerError: Redis or RabbitMQ failed.
         """
         # The record and the wire carry the config as it will run: validated, defaults filled in.
         config = validate_config(task_type, dict(config or {})).model_dump(mode="json")
+        if git_commit is None:
+            git_commit = await self.pinned_commit()
         if task_id is None:
             task_id = task_id_for_key(idempotency_key) if idempotency_key else str(uuid.uuid4())
         submission = TaskSubmission(
@@ -163,6 +178,75 @@ class DistributedClient:
         if created or record.state is TaskState.SUBMITTED:
             await self.broker.publish_submission(submission)
         return record
+
+    async def pinned_commit(self, *, warn: Callable[[list[str]], None] | None = None) -> str | None:
+        """The commit a task submitted now is pinned to: ``HEAD`` of ``TP_CODE_DIR``.
+
+        None when ``TP_COMMIT_CHECK=off`` or the folder is not a git checkout. Dirty files and an
+        unpushed commit are passed to ``warn`` (default: logged as a warning), or refused with
+        ``TP_COMMIT_CHECK=refuse``.
+
+        Raises:
+            CommitCheckError: refused (the message lists each problem).
+        """
+        policy = self.settings.commit_check
+        if policy == "off":
+            return None
+        state = await self.checkout()
+        problems = state.problems()
+        if problems and policy == "refuse":
+            raise CommitCheckError(
+                "not submitted: " + "; ".join(problems) + " (TP_COMMIT_CHECK=refuse)",
+                commit=state.commit,
+            )
+        if problems and warn is not None:
+            warn(problems)
+        elif problems:
+            log.warning("commit_check", problems=problems, commit=state.commit)
+        return state.commit
+
+    async def checkout(self) -> CheckoutState:
+        """The local checkout's commit, dirty files and pushed-ness (``TP_CODE_DIR``)."""
+        return await asyncio.to_thread(checkout_state, self.settings.checkout_dir)
+
+    async def sync_status(self) -> list[SyncStatus]:
+        """git-sync's last report from every desktop, by host name.
+
+        Raises:
+            StoreError: Redis failed.
+        """
+        try:
+            keys = [k async for k in self.store.redis.scan_iter(self.store.keys.git_sync_pattern)]
+            raw = await self.store.redis.mget(keys) if keys else []
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis read of git-sync status failed: {e}") from e
+        found = [SyncStatus.model_validate_json(r) for r in raw if r]
+        return sorted(found, key=lambda st: st.host)
+
+    async def sync_now(self, *, host: str | None = None, wait_s: float = 90.0) -> list[SyncStatus]:
+        """Ask git-sync to fetch now and wait for the report(s) of that pass.
+
+        Args:
+            host: one desktop, or None for all.
+            wait_s: how long to wait for fresh reports (s).
+
+        Returns:
+            Every report; those still older than the request after ``wait_s`` are included as
+            they are (compare ``checked_at``).
+        """
+        # Fresh = checked after the request; judged by each desktop's own clock (its previous
+        # report's time), so laptop/desktop clock skew cannot fool it.
+        before = {r.host: r.checked_at for r in await self.sync_status()}
+        await self.broker.request_sync(
+            SyncRequest(host=host, requested_by=f"client:{socket.gethostname()}", ts=time.time())
+        )
+        deadline = time.monotonic() + wait_s
+        while True:
+            reports = [r for r in await self.sync_status() if host in (None, r.host)]
+            fresh = all(r.checked_at > before.get(r.host, 0.0) for r in reports)
+            if (reports and fresh) or time.monotonic() > deadline:
+                return reports
+            await asyncio.sleep(0.2)
 
     async def cancel(self, task_id: str, *, wait_s: float | None = 30.0) -> CancelResult:
         """Cancel a task; ``task_id`` may be a unique prefix.

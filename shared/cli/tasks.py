@@ -1,100 +1,32 @@
-"""``tradectl``: the laptop's command line (typer + rich).
-
-Text that comes from outside this file (task errors, config and settings messages, worker names,
-metric names, event messages) is escaped before rich prints it: ``[/data/x.csv]`` or ``[a-z]`` in
-an error must be printed as is, never read as rich markup.
-
-Exit codes: 0 success; 1 the task failed or was cancelled; 2 bad input (unknown type, bad
-config, bad option), nothing queued; 3 the broker or Redis cannot be reached; 4 no such task;
-124 ``--wait`` timed out.
-"""
+"""``tradectl task ...``: submit, follow, inspect and cancel tasks (exit codes in ``common``)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
-import structlog
 import typer
 import yaml
 from pydantic import ValidationError
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
+from shared.cli.common import JsonOpt, err, fail, format_ts, out, with_client
 from shared.client import CancelResult, DistributedClient
 from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY
-from shared.errors import BrokerError, StoreError, TaskError, TaskNotFoundError
+from shared.errors import TaskError
 from shared.messages import EventKind, TaskEvent, TaskState, describe_validation_error
-from shared.settings import Settings, describe_settings_error
 from shared.store import TaskRecord
 
-app = typer.Typer(
-    help="Submit and follow trading-research tasks on the desktop.", no_args_is_help=True
-)
 task_app = typer.Typer(help="Submit, follow and inspect tasks.", no_args_is_help=True)
-app.add_typer(task_app, name="task")
-
-# soft_wrap: lines that do not fit are not broken, so logs and pipes get one line per event; a
-# pipe gets wide tables (rich would assume 80 columns) so task ids stay whole.
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-err = Console(stderr=True, soft_wrap=True)
-T = TypeVar("T")
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
 
 class WaitTimedOutError(Exception):
     """``--wait --timeout`` passed before the task ended; the message says in which state."""
-
-
-def fail(message: str, code: int) -> NoReturn:
-    """Print ``message`` (plain text, not markup) on stderr and exit with ``code``."""
-    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
-    raise typer.Exit(code)
-
-
-def load_settings() -> Settings:
-    """Settings from the environment, or exit 2 naming the bad variable."""
-    try:
-        return Settings()
-    except ValidationError as e:
-        fail(f"bad settings: {describe_settings_error(e)}", 2)
-
-
-def with_client(body: Callable[[DistributedClient], Awaitable[T]]) -> T:
-    """Run ``body(client)`` in a fresh event loop with a connected client; map errors to exits."""
-
-    async def main() -> T:
-        # Warnings go to stderr: structlog's default is stdout, which --json keeps for JSON.
-        structlog.configure(
-            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        )
-        # aio-pika logs a failed connect itself; the CLI reports it once, as an error.
-        for name in ("aio_pika", "aiormq"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-        async with DistributedClient(load_settings(), name="tradectl") as client:
-            result: T = await body(client)
-            return result
-
-    try:
-        return run(main())
-    except TaskNotFoundError as e:
-        fail(str(e), 4)
-    except (StoreError, BrokerError) as e:
-        fail(str(e), 3)
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` for the CLI."""
-    return asyncio.run(coro)
 
 
 #: Help of ``--set``; typer renders help as rich markup, so brackets are escaped.
@@ -201,6 +133,16 @@ def print_record(record: TaskRecord, *, as_json: bool) -> None:
             out.print(f"  {name:<13} {format_ts(value)}", highlight=False)
     if record.error:
         out.print(f"  [red]error[/red] {escape(record.error)}", highlight=False)
+    if record.waiting:
+        out.print(f"  [yellow]waiting[/yellow] {escape(record.waiting)}", highlight=False)
+    ran_on = (record.result or {}).get("git_commit") or record.code_commit
+    if record.git_commit or ran_on:
+        out.print(
+            f"  commit        submitted {(record.git_commit or '-')[:12]}, "
+            f"ran on {(ran_on or '-')[:12]}",
+            highlight=False,
+            markup=False,
+        )
     metrics = (record.result or {}).get("metrics") or {}
     if metrics:
         table = Table("metric", "value", title="metrics")
@@ -208,13 +150,6 @@ def print_record(record: TaskRecord, *, as_json: bool) -> None:
             shown = f"{value:.6g}" if isinstance(value, float) else str(value)
             table.add_row(escape(str(key)), escape(shown))
         out.print(table)
-
-
-def format_ts(ts: float) -> str:
-    """Unix seconds as local ISO time with milliseconds."""
-    from datetime import datetime
-
-    return datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds")
 
 
 def _positive(value: float | None) -> float | None:
@@ -255,7 +190,9 @@ def submit(
     config = parse_config(config_file, assignments or [])
 
     async def body(client: DistributedClient) -> TaskRecord:
+        commit = await client.pinned_commit(warn=print_warnings)
         submit_kw: dict[str, Any] = {
+            "git_commit": commit,
             "priority": priority,
             "task_id": task_id,
             "idempotency_key": idempotency_key,
@@ -281,6 +218,12 @@ def submit(
         print(record_json(record))
     else:
         out.print(record.task_id, highlight=False, markup=False)
+
+
+def print_warnings(problems: list[str]) -> None:
+    """Print commit-check problems on stderr (the task is submitted anyway)."""
+    for problem in problems:
+        err.print(f"[yellow]warning:[/yellow] {escape(problem)}", highlight=False)
 
 
 async def follow(
@@ -483,7 +426,3 @@ def list_tasks(
             escape(r.worker or ""),
         )
     out.print(table)
-
-
-if __name__ == "__main__":
-    app()

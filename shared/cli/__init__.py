@@ -1,0 +1,19 @@
+"""``tradectl``: the laptop's command line (typer + rich).
+
+``tradectl task ...`` submits and follows tasks, ``tradectl sync ...`` shows and drives git-sync.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from shared.cli.sync import sync_app
+from shared.cli.tasks import parse_config, parse_set_value, print_event, task_app
+
+app = typer.Typer(
+    help="Submit and follow trading-research tasks on the desktop.", no_args_is_help=True
+)
+app.add_typer(task_app, name="task")
+app.add_typer(sync_app, name="sync")
+
+__all__ = ["app", "parse_config", "parse_set_value", "print_event"]

@@ -1,0 +1,85 @@
+"""What every ``tradectl`` command shares: consoles, errors to exit codes, a connected client.
+
+Text that comes from outside the CLI (task errors, config and settings messages, worker names,
+metric names, event messages) is escaped before rich prints it: ``[/data/x.csv]`` or ``[a-z]`` in
+an error must be printed as is, never read as rich markup.
+
+Exit codes: 0 success; 1 the task failed or was cancelled; 2 bad input (unknown type, bad
+config, bad option), nothing queued; 3 the broker or Redis cannot be reached; 4 no such task;
+124 ``--wait`` timed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import datetime
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import structlog
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+from shared.client import DistributedClient
+from shared.errors import BrokerError, StoreError, TaskNotFoundError
+from shared.settings import Settings, describe_settings_error
+
+# soft_wrap: lines that do not fit are not broken, so logs and pipes get one line per event; a
+# pipe gets wide tables (rich would assume 80 columns) so task ids stay whole.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, soft_wrap=True)
+T = TypeVar("T")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print ``message`` (plain text, not markup) on stderr and exit with ``code``."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
+    raise typer.Exit(code)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, or exit 2 naming the bad variable."""
+    try:
+        return Settings()
+    except ValidationError as e:
+        fail(f"bad settings: {describe_settings_error(e)}", 2)
+
+
+def with_client(body: Callable[[DistributedClient], Awaitable[T]]) -> T:
+    """Run ``body(client)`` in a fresh event loop with a connected client; map errors to exits."""
+
+    async def main() -> T:
+        # Warnings go to stderr: structlog's default is stdout, which --json keeps for JSON.
+        structlog.configure(
+            wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        )
+        # aio-pika logs a failed connect itself; the CLI reports it once, as an error.
+        for name in ("aio_pika", "aiormq"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        async with DistributedClient(load_settings(), name="tradectl") as client:
+            result: T = await body(client)
+            return result
+
+    try:
+        return run(main())
+    except TaskNotFoundError as e:
+        fail(str(e), 4)
+    except (StoreError, BrokerError) as e:
+        fail(str(e), 3)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run`` for the CLI."""
+    return asyncio.run(coro)
+
+
+def format_ts(ts: float) -> str:
+    """Unix seconds as local ISO time with milliseconds."""
+    return datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds")
