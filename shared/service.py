@@ -1,12 +1,15 @@
 """Process lifecycle shared by every service: settings, logging, signals, start/stop.
 
 Exit codes: 0 after a signal-driven stop; 2 for bad settings (the message names the ``TP_*``
-variable).
+variable); 75 (``EX_TEMPFAIL``) when a worker ends itself to be restarted on new code by systemd or
+compose (``TP_WORKER_CODE_UPDATE=exit``). With ``reexec`` the process replaces itself instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -25,6 +28,8 @@ log = structlog.get_logger(__name__)
 #: service started before its broker (compose, boot order) comes up as soon as the broker does.
 START_RETRY_FIRST_S = 1.0
 START_RETRY_MAX_S = 30.0
+#: Exit status asking the supervisor for a restart on new code (sysexits.h ``EX_TEMPFAIL``).
+EXIT_RESTART = 75
 
 
 class Service(Protocol):
@@ -65,9 +70,16 @@ async def run_until_signalled(service: Service) -> None:
     if not await start_with_retry(service, stop):
         return
     log.info("service_started")
+    # A service may end itself (a worker restarting on new code) by setting ``finished``.
+    finished: asyncio.Event | None = getattr(service, "finished", None)
+    waits = [asyncio.create_task(stop.wait())]
+    if finished is not None:
+        waits.append(asyncio.create_task(finished.wait()))
     try:
-        await stop.wait()
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        for waiter in waits:
+            waiter.cancel()
         log.info("service_stopping")
         await service.stop()
         log.info("service_stopped")
@@ -81,4 +93,13 @@ def main(name: str, factory: Callable[[Settings], Service]) -> None:
         print(f"{name}: bad settings: {describe_settings_error(e)}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings, service=name)
-    asyncio.run(run_until_signalled(factory(settings)))
+    service = factory(settings)
+    asyncio.run(run_until_signalled(service))
+    action = getattr(service, "exit_action", None)
+    if action == "reexec":
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606 - same argv
+    if action == "exit":
+        sys.exit(EXIT_RESTART)

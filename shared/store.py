@@ -177,6 +177,22 @@ for i = 3 + n, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 return 1
 """
 
+# KEYS: task hash, retries zset. ARGV: delay seconds, what the task waits for.
+# Holds a queued task back: due for dispatch again in ARGV[1] s (claims are refused until then),
+# and remembers since when it has waited (the first deferral). Returns {1, waited seconds as a
+# string} or {0, state} when the task is not queued.
+_DEFER = """
+local cur = redis.call('HGET', KEYS[1], 'state')
+if cur ~= 'queued' then return {0, cur or ''} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('HSETNX', KEYS[1], 'waiting_since', now)
+local since = tonumber(redis.call('HGET', KEYS[1], 'waiting_since'))
+local due = now + tonumber(ARGV[1])
+redis.call('HSET', KEYS[1], 'retry_at', due, 'waiting', ARGV[2], 'updated_at', now)
+redis.call('ZADD', KEYS[2], due, redis.call('HGET', KEYS[1], 'task_id'))
+return {1, tostring(now - since)}
+"""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -223,6 +239,11 @@ class TaskRecord(BaseModel):
     submitted_at_client: float | None = None
     progress: float | None = None
     progress_message: str = ""
+    #: The commit of the code the task's last run was started on (the worker's checkout).
+    code_commit: str | None = None
+    #: What a queued task is held back for (a commit the desktop lacks), and since when (s).
+    waiting: str = ""
+    waiting_since: float | None = None
     result: dict[str, Any] | None = None
     error: str | None = None
     traceback: str | None = None
@@ -316,6 +337,7 @@ class StatusStore:
         self._update_if = self._redis.register_script(_UPDATE_IF)
         self._renew = self._redis.register_script(_RENEW)
         self._reap = self._redis.register_script(_REAP)
+        self._defer = self._redis.register_script(_DEFER)
 
     async def stop(self) -> None:
         """Close the connection pool."""
@@ -466,6 +488,28 @@ class StatusStore:
             self._reap, keys, [task_id, str(default_max_attempts), str(FINISHED_TASK_TTL_S)]
         )
         return str(outcome), int(attempts)
+
+    @_store_errors
+    async def defer(self, task_id: str, delay_s: float, waiting: str) -> float | None:
+        """Hold a queued task back for ``delay_s`` seconds, then have it dispatched again.
+
+        Until then every claim is refused; the scheduler's dispatch pump republishes it when due.
+
+        Args:
+            task_id: the task (must be ``queued``).
+            delay_s: seconds until it is dispatched again.
+            waiting: what it waits for, shown by ``task status``.
+
+        Returns:
+            Seconds since the task was first held back, or None when it is not queued (taken,
+            cancelled, finished: nothing was changed).
+        """
+        applied, value = await self._call(
+            self._defer,
+            [self.keys.task(task_id), self.keys.retries],
+            [str(delay_s), waiting],
+        )
+        return float(value) if applied else None
 
     @_store_errors
     async def due_dispatches(self, limit: int = 100) -> list[str]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from pathlib import Path
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from services.gpu_worker import runner
+from services.gpu_worker.commits import CodeWatcher, CommitGate, short
 from services.gpu_worker.execution import TaskExecution, WorkerEnv
 from services.gpu_worker.heartbeat import Heartbeat
 from services.gpu_worker.lane import Lane
@@ -19,7 +19,7 @@ from shared.constants import CHILD_EXIT_GRACE_S, ROUTE_CPU, ROUTE_GPU
 from shared.errors import DecodeError
 from shared.gitinfo import head_commit
 from shared.messages import CancelRequest, decode
-from shared.settings import Settings
+from shared.settings import CodeUpdate, Settings
 from shared.store import StatusStore
 
 log = structlog.get_logger(__name__)
@@ -40,9 +40,15 @@ class Worker:
             self.store,
             self.broker,
             self.name,
-            code_commit=head_commit(Path(__file__).resolve().parent),
+            code_commit=head_commit(settings.checkout_dir),
         )
         self.heartbeat = Heartbeat(self.env, self.running)
+        self.gate = CommitGate(self.env)
+        self.code_watcher = CodeWatcher(self.env, self.on_new_commit)
+        #: Set when the worker ends itself (new code); ``exit_action`` says how to come back.
+        self.finished = asyncio.Event()
+        self.exit_action: CodeUpdate | None = None
+        self._restart: asyncio.Task[None] | None = None
 
     def running(self) -> dict[str, TaskExecution]:
         """Every task this worker runs now, by id."""
@@ -58,7 +64,7 @@ class Worker:
             (ROUTE_CPU, self.settings.worker_cpu_slots),
         ):
             if slots > 0:
-                lane = Lane(route, slots, self.env)
+                lane = Lane(route, slots, self.env, self.gate)
                 await lane.start()
                 self.lanes.append(lane)
         self._control = await self.broker.consumer_channel(prefetch=16)
@@ -67,7 +73,36 @@ class Worker:
         await queue.bind(control, routing_key="task.cancel")
         await queue.consume(self.on_control, no_ack=True)
         self.heartbeat.start()
-        log.info("worker_ready", worker=self.name, lanes={ln.route: ln.slots for ln in self.lanes})
+        if self.settings.worker_code_update != "ignore":
+            self.code_watcher.start()
+        log.info(
+            "worker_ready",
+            worker=self.name,
+            lanes={ln.route: ln.slots for ln in self.lanes},
+            code_commit=self.env.code_commit,
+        )
+
+    async def on_new_commit(self, head: str) -> None:
+        """The checkout moved: take no new task, let running ones finish, then end for a restart.
+
+        Never mid-task: the running tasks have no time limit here beyond their own.
+        """
+        log.info(
+            "code_updated_restart_pending",
+            loaded=short(self.env.code_commit),
+            checkout=short(head),
+            running=sorted(self.running()),
+        )
+        self.heartbeat.restart_pending = True
+        self._restart = asyncio.create_task(self._restart_when_idle(), name="restart")
+
+    async def _restart_when_idle(self) -> None:
+        for lane in self.lanes:
+            await lane.stop()
+        await asyncio.gather(*(lane.wait_idle() for lane in self.lanes))
+        log.info("worker_restarting_for_new_code", how=self.settings.worker_code_update)
+        self.exit_action = self.settings.worker_code_update
+        self.finished.set()
 
     async def on_control(self, message: AbstractIncomingMessage) -> None:
         """A cancel request: stop the task if it runs here (other workers ignore it)."""
@@ -90,6 +125,7 @@ class Worker:
         exits; a task it could not hand back keeps its expiring lease and the reaper requeues it.
         """
         s = self.settings
+        await self.code_watcher.stop()
         for lane in self.lanes:
             await lane.stop()
         idle = asyncio.gather(*(lane.wait_idle() for lane in self.lanes))

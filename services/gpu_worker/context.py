@@ -36,7 +36,8 @@ class TaskContext:
         artifact_dir: the task's own folder (exists); everything written here is the task's output.
         checkpoint_path: where the task may save a checkpoint to resume from.
         tracking_uri: MLflow tracking URI to log the run to.
-        git_commit: the commit the task was submitted from, if known (MLflow tag).
+        git_commit: the commit of the code the task runs on, if known (MLflow tag
+            ``mlflow.source.git.commit``).
     """
 
     task_id: str

@@ -33,7 +33,7 @@ class WorkerEnv:
     store: StatusStore
     broker: Broker
     name: str
-    #: Commit of the code the worker runs; recorded on tasks submitted without one.
+    #: Commit of the code the worker loaded: what its tasks run on (result, MLflow tag).
     code_commit: str | None = None
 
 
@@ -72,7 +72,7 @@ class TaskExecution:
                 artifact_dir=task_dir / "artifacts",
                 checkpoint_path=task_dir / "checkpoints" / "last.pt",
                 tracking_uri=env.settings.tracking_uri,
-                git_commit=submission.git_commit or env.code_commit,
+                git_commit=env.code_commit,
                 log_level=env.settings.log_level,
                 log_format=env.settings.log_format,
             ),
@@ -176,6 +176,7 @@ class TaskExecution:
             retry=self.retry,
             timeout_s=timeout_s,
             git_commit=self.child.job.git_commit,
+            submitted_commit=self.submission.git_commit,
         )
         moved = await self._record(verdict)
         if moved is not None and not moved.applied and moved.previous is TaskState.CANCELLING:

@@ -36,6 +36,8 @@ class Heartbeat:
         self.env = env
         self._running = running
         self._started = time.time()
+        #: True once the worker waits to restart on new code (it takes no new task).
+        self.restart_pending = False
         # A beat every third of the lease, so two lost beats still keep it.
         self._periodic = Periodic("heartbeat", env.settings.lease_s / 3, self.beat)
 
@@ -67,6 +69,7 @@ class Heartbeat:
             "ts": time.time(),
             "running": sorted(running),
             "code_commit": self.env.code_commit,
+            "restart_pending": self.restart_pending,
         }
         await self.env.store.redis.set(
             self.env.store.keys.worker(self.env.name), json.dumps(info), ex=int(s.lease_s) + 1

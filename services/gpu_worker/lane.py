@@ -14,10 +14,12 @@ import asyncio
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from services.gpu_worker.commits import CommitGate, Gate
 from services.gpu_worker.execution import TaskExecution, WorkerEnv
 from shared.broker import BROKER_FAILURES
 from shared.consuming import handle_delivery, settle
-from shared.errors import DecodeError
+from shared.errors import BrokerError, DecodeError
+from shared.events import state_event
 from shared.messages import TaskState, TaskSubmission, decode
 
 log = structlog.get_logger(__name__)
@@ -31,10 +33,11 @@ BROKER_OP_TIMEOUT_S = 5.0
 class Lane:
     """Consumes ``route``'s queue with ``slots`` slots (prefetch = slots)."""
 
-    def __init__(self, route: str, slots: int, env: WorkerEnv) -> None:
+    def __init__(self, route: str, slots: int, env: WorkerEnv, gate: CommitGate) -> None:
         self.route = route
         self.slots = slots
         self.env = env
+        self.gate = gate
         self.running: dict[str, TaskExecution] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._channel: AbstractChannel | None = None
@@ -105,12 +108,21 @@ class Lane:
             # back unclaimed so it keeps its place by priority.
             await settle(message, requeue=True)
             return
+        if not await self._commit_ready(submission):
+            await settle(message)
+            return
         claim = await self.env.store.transition(
             submission.task_id,
             [TaskState.QUEUED],
             TaskState.RUNNING,
             by=self.env.name,
-            fields={"worker": self.env.name, "+attempts": 1, "lease_s": self.env.settings.lease_s},
+            fields={
+                "worker": self.env.name,
+                "+attempts": 1,
+                "lease_s": self.env.settings.lease_s,
+                "code_commit": self.env.code_commit or "",
+                "waiting": "",
+            },
         )
         if claim.applied:
             await self._start(message, submission, claim.attempts)
@@ -122,6 +134,39 @@ class Lane:
         else:
             log.info("claim_refused", task_id=submission.task_id, state=claim.previous)
             await settle(message)
+
+    async def _commit_ready(self, submission: TaskSubmission) -> bool:
+        """True if this worker's code may run the task now; else it was held back or failed."""
+        verdict = await self.gate.check(submission)
+        if verdict.action is Gate.RUN:
+            return True
+        task_id = submission.task_id
+        if verdict.action is Gate.DEFER:
+            waited = await self.env.store.defer(task_id, verdict.delay_s, verdict.waiting)
+            if waited is None or waited < self.env.settings.commit_wait_s:
+                log.info(
+                    "task_held_back", task_id=task_id, waiting=verdict.waiting, waited_s=waited
+                )
+                return False
+        moved = await self.env.store.transition(
+            task_id,
+            [TaskState.QUEUED],
+            TaskState.FAILED,
+            by=self.env.name,
+            reason=verdict.failure,
+            fields={"error": verdict.failure, "waiting": ""},
+        )
+        if moved.applied:
+            log.warning("task_failed_commit_missing", task_id=task_id, error=verdict.failure)
+            try:
+                await self.env.broker.publish_event(
+                    state_event(
+                        task_id, TaskState.FAILED, worker=self.env.name, error=verdict.failure
+                    )
+                )
+            except BrokerError as e:
+                log.warning("event_not_published", error=str(e))
+        return False
 
     async def _start(
         self, message: AbstractIncomingMessage, submission: TaskSubmission, attempt: int

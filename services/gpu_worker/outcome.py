@@ -68,11 +68,20 @@ def decide(
     retry: RetryPolicy,
     timeout_s: float,
     git_commit: str | None,
+    submitted_commit: str | None = None,
 ) -> Verdict:
-    """The verdict for a run that ended with ``outcome``."""
+    """The verdict for a run that ended with ``outcome``.
+
+    ``git_commit`` is the commit the worker's code was at (what the task ran on),
+    ``submitted_commit`` the one it was pinned to; both go into a completed task's result.
+    """
     finished = outcome.result is not None and not outcome.stopped and outcome.error is None
     if finished and not outcome.timed_out:
-        result = {**(outcome.result or {}), "git_commit": git_commit}
+        result = {
+            **(outcome.result or {}),
+            "git_commit": git_commit,
+            "submitted_commit": submitted_commit,
+        }
         fields: dict[str, str | int | float] = {
             "result": json.dumps(result),
             "progress": 1,

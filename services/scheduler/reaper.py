@@ -84,7 +84,8 @@ class Reaper:
                 log.error("dispatch_impossible", task_id=task_id, error=str(e))
                 return
             await self.broker.publish_submission(submission, route)
-            await self._announce(task_id, TaskState.QUEUED, None)
+            if not record.waiting:  # a held-back task offered again is not news
+                await self._announce(task_id, TaskState.QUEUED, None)
             log.info("task_dispatched", task_id=task_id, attempts=record.attempts)
         await self.store.dispatched(task_id)
 

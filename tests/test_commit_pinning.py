@@ -1,0 +1,186 @@
+"""Commit-pinned execution with real git repositories, services as real processes.
+
+The laptop clone pins each task to its ``HEAD``; the desktop clone is the worker's and git-sync's
+checkout (``TP_CODE_DIR``). A task runs only on code containing its commit; the worker restarts on
+new code only between tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.client import DistributedClient
+from shared.errors import CommitCheckError
+from shared.messages import TaskState
+from shared.settings import Settings
+from tests.conftest import Platform, service_env, tradectl
+from tests.gitrepos import GIT_TEST_ENV, Repos, make_repos
+
+WAIT_S = 120
+
+
+@pytest.fixture(autouse=True)
+def isolated_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in GIT_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def repos(tmp_path: Path) -> Repos:
+    return make_repos(tmp_path)
+
+
+@pytest.fixture
+async def laptop(settings: Settings, repos: Repos) -> DistributedClient:
+    """A client pinning tasks to the laptop clone's ``HEAD``."""
+    client = DistributedClient(settings.model_copy(update={"code_dir": repos.laptop}))
+    await client.connect()
+    yield client
+    await client.close()
+
+
+async def start_desktop(platform: Platform, repos: Repos, **env: str) -> None:
+    """Scheduler, worker and git-sync on the desktop clone (plain processes)."""
+    desktop = {"TP_CODE_DIR": str(repos.desktop), **env}
+    platform.start("git_sync", **desktop)
+    await platform.start_all(**desktop)
+
+
+def log_events(platform: Platform, module: str) -> list[dict]:
+    """The JSON log lines of a service, in order."""
+    lines = []
+    for line in platform.procs[module].log_text().splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+async def heartbeat(client: DistributedClient, name: str) -> dict:
+    raw = await client.store.redis.get(client.store.keys.worker(name))
+    return json.loads(raw) if raw else {}
+
+
+async def wait_heartbeat(client: DistributedClient, name: str, commit: str) -> dict:
+    deadline = time.monotonic() + 60
+    while (beat := await heartbeat(client, name)).get("code_commit") != commit:
+        assert time.monotonic() < deadline, beat
+        await asyncio.sleep(0.2)
+    return beat
+
+
+async def test_task_at_a_commit_the_desktop_lacks_runs_after_the_sync_on_that_commit(
+    platform: Platform, repos: Repos, laptop: DistributedClient
+) -> None:
+    # An hour-long interval: only the worker's own sync request can bring the commit in time.
+    await start_desktop(platform, repos, TP_GIT_SYNC_INTERVAL_S="3600")
+    old = repos.head(repos.desktop)
+    new = repos.commit(repos.laptop, "strategy.py", "FAST = 21\n", push=True)
+    config = {"dataset": "GOOG", "epochs": 1, "hidden_size": 8, "feature_window": 8}
+    record = await laptop.submit_and_wait("train_model", config, timeout_s=WAIT_S)
+
+    assert record.state is TaskState.COMPLETED, record.error
+    assert record.git_commit == new and record.attempts == 1
+    assert record.result["git_commit"] == new and record.result["submitted_commit"] == new
+    assert repos.head(repos.desktop) == new
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(laptop.settings.tracking_uri).get_run(record.result["mlflow_run_id"])
+    assert run.data.tags["mlflow.source.git.commit"] == new
+    events = [e["event"] for e in log_events(platform, "gpu_worker")]
+    assert "task_held_back" in events and "worker_restarting_for_new_code" in events
+    assert events.index("task_held_back") < events.index("task_completed")
+    beat = await heartbeat(laptop, platform.settings.worker_name)
+    assert beat["code_commit"] == new != old
+    assert platform.procs["gpu_worker"].proc.poll() is None  # re-executed in place, still up
+
+
+async def test_task_at_a_commit_that_never_arrives_fails_with_push_it(
+    platform: Platform, repos: Repos, laptop: DistributedClient
+) -> None:
+    await start_desktop(platform, repos, TP_COMMIT_WAIT_S="3", TP_GIT_SYNC_INTERVAL_S="1")
+    desktop_at = repos.head(repos.desktop)
+    unpushed = repos.commit(repos.laptop, "strategy.py", "FAST = 30\n")  # never pushed
+    warnings: list[str] = []
+    commit = await laptop.pinned_commit(warn=warnings.extend)
+    assert commit == unpushed
+    assert warnings == [f"commit {unpushed[:12]} is not pushed; the desktop cannot fetch it"]
+
+    record = await laptop.submit_and_wait("probe", {"steps": 1}, timeout_s=WAIT_S)
+    assert record.state is TaskState.FAILED
+    assert record.error == (
+        f"desktop code at {desktop_at[:12]} does not contain commit {unpushed[:12]}; push it"
+    )
+    assert record.attempts == 0 and record.running_at is None  # it never ran
+    assert record.failed_at - record.submitted_at >= 3
+
+
+async def test_refuse_mode_queues_nothing_from_a_dirty_or_unpushed_checkout(
+    settings: Settings, repos: Repos
+) -> None:
+    strict = settings.model_copy(update={"code_dir": repos.laptop, "commit_check": "refuse"})
+    async with DistributedClient(strict) as client:
+        (repos.laptop / "strategy.py").write_text("FAST = 1  # not committed\n")
+        with pytest.raises(CommitCheckError, match=r"uncommitted changes in strategy\.py"):
+            await client.submit("probe", {})
+        repos.commit(repos.laptop, "strategy.py", "FAST = 2\n")
+        with pytest.raises(CommitCheckError, match="is not pushed"):
+            await client.submit("probe", {})
+        assert await client.list_tasks() == []
+        repos.commit(repos.laptop, "strategy.py", "FAST = 3\n", push=True)
+        record = await client.submit("probe", {})
+        assert record.git_commit == repos.head(repos.laptop)
+    off = settings.model_copy(update={"code_dir": repos.laptop, "commit_check": "off"})
+    async with DistributedClient(off) as client:
+        assert (await client.submit("probe", {})).git_commit is None
+
+
+async def test_cli_warns_or_refuses_naming_the_problem(settings: Settings, repos: Repos) -> None:
+    (repos.laptop / "strategy.py").write_text("FAST = 5  # not committed\n")
+    env = service_env(settings, TP_CODE_DIR=str(repos.laptop), TP_COMMIT_CHECK="refuse")
+    refused = await asyncio.to_thread(tradectl, "task", "submit", "probe", "--json", env=env)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "uncommitted changes in strategy.py" in refused.stderr
+    assert "TP_COMMIT_CHECK=refuse" in refused.stderr
+    env["TP_COMMIT_CHECK"] = "warn"
+    warned = await asyncio.to_thread(tradectl, "task", "submit", "probe", "--json", env=env)
+    assert warned.returncode == 0, warned.stderr
+    assert "warning: uncommitted changes in strategy.py" in warned.stderr
+    assert json.loads(warned.stdout)["git_commit"] == repos.head(repos.laptop)
+
+
+async def test_worker_restarts_on_new_code_only_between_tasks(
+    platform: Platform, repos: Repos, laptop: DistributedClient
+) -> None:
+    await start_desktop(platform, repos, TP_GIT_SYNC_INTERVAL_S="1", TP_WORKER_GPU_SLOTS="0")
+    old = repos.head(repos.desktop)
+    long = await laptop.submit("probe", {"sleep_s": 6, "steps": 6})
+    deadline = time.monotonic() + 60
+    while (await laptop.status(long.task_id)).state is not TaskState.RUNNING:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    new = repos.commit(repos.laptop, "strategy.py", "FAST = 40\n", push=True)
+    while repos.head(repos.desktop) != new:  # git-sync fast-forwards within its interval
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+
+    done = await laptop.wait(long.task_id, timeout_s=WAIT_S)
+    assert done.state is TaskState.COMPLETED and done.attempts == 1  # not interrupted
+    assert done.result["git_commit"] == old  # it ran, start to end, on the code it started on
+    beat = await wait_heartbeat(laptop, platform.settings.worker_name, new)
+    assert beat["restart_pending"] is False
+
+    events = log_events(platform, "gpu_worker")
+    names = [e["event"] for e in events]
+    pending = names.index("code_updated_restart_pending")
+    finished = names.index("task_completed")
+    restarting = names.index("worker_restarting_for_new_code")
+    assert pending < finished < restarting
+    assert events[pending]["running"] == [long.task_id]
+
+    after = await laptop.submit_and_wait("probe", {"steps": 1}, timeout_s=WAIT_S)
+    assert after.state is TaskState.COMPLETED and after.result["git_commit"] == new
