@@ -20,7 +20,8 @@ from aio_pika.abc import (
     DeliveryMode,
 )
 
-from shared.constants import PUBLISH_CONFIRM_TIMEOUT_S, ROUTE_SUBMIT
+from shared.artifacts import ArtifactEvent, ArtifactRequest
+from shared.constants import PUBLISH_CONFIRM_TIMEOUT_S, ROUTE_ARTIFACTS, ROUTE_SUBMIT
 from shared.errors import BrokerError, NotConnectedError
 from shared.gitsync import SyncEvent, SyncRequest
 from shared.messages import CancelRequest, TaskEvent, TaskSubmission, encode
@@ -144,6 +145,18 @@ class Broker:
             encode(event),
             persistent=False,
             message_id=event.task_id,
+        )
+
+    async def publish_artifact_request(self, request: ArtifactRequest) -> None:
+        """Queue an artifact sync on ``<ns>.artifacts`` (persistent, confirmed)."""
+        await self._publish(
+            self.declared.tasks, ROUTE_ARTIFACTS, encode(request), message_id=request.task_id
+        )
+
+    async def publish_artifact_event(self, event: ArtifactEvent) -> None:
+        """Publish ``artifact.<state>.<id>`` on the events exchange (confirmed, transient)."""
+        await self._publish(
+            self.declared.events, event.routing_key, encode(event), persistent=False
         )
 
     async def publish_sync_event(self, event: SyncEvent) -> None:

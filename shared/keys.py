@@ -18,6 +18,7 @@ class Keys:
         ``<ns>:retries``            sorted set of task ids by retry due time (retry pump)
         ``<ns>:worker:<name>``      a worker's heartbeat (JSON, with a TTL)
         ``<ns>:gitsync:<host>``     git-sync's last report for one desktop's checkout (JSON)
+        ``<ns>:artifacts:<id>``     a task's artifact sync state (JSON)
     """
 
     namespace: str
@@ -52,6 +53,15 @@ class Keys:
     def git_sync(self, host: str) -> str:
         """git-sync's status for the checkout on ``host`` (JSON ``SyncStatus``)."""
         return f"{self.namespace}:gitsync:{host}"
+
+    def artifacts(self, task_id: str) -> str:
+        """A task's artifact sync state (JSON ``ArtifactStatus``)."""
+        return f"{self.namespace}:artifacts:{task_id}"
+
+    @property
+    def artifacts_pattern(self) -> str:
+        """Glob matching every task's artifact sync state."""
+        return f"{self.namespace}:artifacts:*"
 
     @property
     def git_sync_pattern(self) -> str:

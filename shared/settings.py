@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.constants import DEFAULT_MAX_MESSAGE_BYTES
@@ -22,6 +22,9 @@ LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
 CommitCheck = Literal["warn", "refuse", "off"]
 CodeUpdate = Literal["reexec", "exit", "ignore"]
+ArtifactBackend = Literal["none", "s3", "path"]
+ChecksumMode = Literal["when_supported", "when_required"]
+AddressingStyle = Literal["auto", "path", "virtual"]
 
 #: The checkout this code runs from (``shared/`` sits at its top level).
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -160,6 +163,59 @@ class Settings(BaseSettings):
             "re-executes itself (reexec), exits 75 for systemd/compose to restart it (exit), or "
             "keeps running the old code (ignore)."
         ),
+    )
+
+    artifact_backend: ArtifactBackend = Field(
+        "none",
+        description=(
+            "Where finished tasks' artifacts are copied: s3 (S3/MinIO), path (a mounted network "
+            "drive), or none (they stay on the desktop's disk)."
+        ),
+    )
+    artifact_dir: Path | None = Field(None, description="Root folder of the path backend.")
+    artifact_prefix: str = Field(
+        "tasks",
+        pattern=r"^[A-Za-z0-9_./-]{0,200}$",
+        description="Key prefix (S3) or sub-folder (path) holding one folder per task.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint for MinIO or another S3-compatible server; unset = AWS."
+    )
+    s3_bucket: str = Field(
+        "tradeplat-artifacts",
+        pattern=r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$",
+        description="Bucket for artifacts.",
+    )
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    s3_access_key_id: str | None = Field(
+        None, description="S3 access key; unset = the AWS default chain (AWS_* env, profiles)."
+    )
+    s3_secret_access_key: SecretStr | None = Field(None, description="S3 secret key.")
+    s3_checksum: ChecksumMode = Field(
+        "when_required",
+        description=(
+            "botocore's request_checksum_calculation and response_checksum_validation: "
+            "when_required suits MinIO and other S3-compatible servers (uploads are verified by "
+            "Content-MD5 and ETag either way); when_supported adds CRC checksums."
+        ),
+    )
+    s3_addressing_style: AddressingStyle = Field(
+        "path", description="path suits MinIO and servers without bucket DNS names."
+    )
+    artifact_multipart_threshold_bytes: int = Field(
+        16 * 1024 * 1024, ge=5 * 1024 * 1024, description="Files this large or more go multipart."
+    )
+    artifact_part_size_bytes: int = Field(
+        16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3, description="Multipart part size."
+    )
+    artifact_concurrency: int = Field(
+        16, ge=1, le=256, description="Files, and parts of one file, uploaded at once."
+    )
+    artifact_max_attempts: int = Field(
+        4, ge=1, le=20, description="Tries of one artifact sync before it is marked failed."
+    )
+    artifact_retry_base_s: float = Field(
+        2.0, gt=0, description="First back-off between artifact sync tries (s); doubles."
     )
 
     @field_validator("amqp_url")

@@ -1,0 +1,291 @@
+"""An S3-compatible bucket (AWS S3, MinIO) as shared storage, with aioboto3.
+
+Small files (below ``TP_ARTIFACT_MULTIPART_THRESHOLD_BYTES``) go in one ``PutObject`` with
+``Content-MD5``; larger ones as a multipart upload of ``TP_ARTIFACT_PART_SIZE_BYTES`` parts, at most
+``TP_ARTIFACT_CONCURRENCY`` in flight. Each object carries its SHA-256 as metadata
+(``x-amz-meta-sha256``) and is verified after upload by its ETag: the MD5 of the body for a single
+PUT, and MD5(concatenated part MD5s)-N for a multipart upload (S3's documented ETag for
+unencrypted objects; MinIO and moto follow it). A multipart upload that fails is aborted before
+the error is reported, and uploads an interrupted sync left open are aborted at the next sync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from shared.settings import Settings
+from shared.storage.base import MANIFEST_NAME, Opener, StorageError, open_binary
+from shared.storage.manifest import HASH_CHUNK, Manifest, ManifestEntry
+
+#: What botocore and aiohttp raise for a failed request.
+S3_FAILURES = (BotoCoreError, ClientError, OSError, asyncio.TimeoutError)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode()
+
+
+class S3Storage:
+    """Artifacts under ``s3://<bucket>/<prefix>/<task_id>/``."""
+
+    kind = "s3"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bucket = settings.s3_bucket
+        self.prefix = settings.artifact_prefix.strip("/")
+        self._session = aioboto3.Session()
+        self._client_cm: Any = None
+        self._client: Any = None
+        self._files = asyncio.Semaphore(settings.artifact_concurrency)
+        self._parts = asyncio.Semaphore(settings.artifact_concurrency)
+
+    async def __aenter__(self) -> S3Storage:
+        s = self.settings
+        config = Config(
+            request_checksum_calculation=s.s3_checksum,
+            response_checksum_validation=s.s3_checksum,
+            max_pool_connections=2 * s.artifact_concurrency + 2,
+            s3={"addressing_style": s.s3_addressing_style},
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=10,
+            read_timeout=120,
+        )
+        secret = s.s3_secret_access_key.get_secret_value() if s.s3_secret_access_key else None
+        self._client_cm = self._session.client(
+            "s3",
+            endpoint_url=s.s3_endpoint_url,
+            region_name=s.s3_region,
+            aws_access_key_id=s.s3_access_key_id,
+            aws_secret_access_key=secret,
+            config=config,
+        )
+        self._client = await self._client_cm.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client_cm is not None:
+            await self._client_cm.__aexit__(None, None, None)
+            self._client_cm = self._client = None
+
+    @property
+    def client(self) -> Any:
+        """The aiobotocore S3 client (only inside ``async with``)."""
+        if self._client is None:
+            raise StorageError("S3 storage used outside 'async with'")
+        return self._client
+
+    def key(self, task_id: str, rel: str) -> str:
+        """Object key of a task's file."""
+        return f"{self.prefix}/{task_id}/{rel}" if self.prefix else f"{task_id}/{rel}"
+
+    def location(self, task_id: str) -> str:  # noqa: D102
+        return f"s3://{self.bucket}/{self.key(task_id, '')}"
+
+    async def read_manifest(self, task_id: str) -> Manifest | None:  # noqa: D102
+        try:
+            response = await self.client.get_object(
+                Bucket=self.bucket, Key=self.key(task_id, MANIFEST_NAME)
+            )
+            body = response["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise StorageError(f"reading the manifest of {task_id} failed: {e}") from e
+        except S3_FAILURES as e:
+            raise StorageError(f"reading the manifest of {task_id} failed: {e}") from e
+        return Manifest.model_validate_json(data)
+
+    async def sizes(self, task_id: str) -> dict[str, int]:  # noqa: D102
+        base = self.key(task_id, "")
+        found: dict[str, int] = {}
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
+                for item in page.get("Contents", []):
+                    rel = item["Key"][len(base) :]
+                    if rel != MANIFEST_NAME:
+                        found[rel] = int(item["Size"])
+        except S3_FAILURES as e:
+            raise StorageError(f"listing {self.location(task_id)} failed: {e}") from e
+        return found
+
+    async def upload(  # noqa: D102
+        self,
+        task_id: str,
+        entry: ManifestEntry,
+        source: Path,
+        *,
+        on_bytes: Callable[[int], None],
+        opener: Opener = open_binary,
+    ) -> None:
+        key = self.key(task_id, entry.path)
+        async with self._files:
+            try:
+                if entry.size < self.settings.artifact_multipart_threshold_bytes:
+                    await self._put_small(key, entry, source, opener, on_bytes)
+                else:
+                    await self._put_multipart(key, entry, source, opener, on_bytes)
+            except S3_FAILURES as e:
+                raise StorageError(f"upload of {entry.path} to {key} failed: {e}") from e
+
+    async def _put_small(
+        self,
+        key: str,
+        entry: ManifestEntry,
+        source: Path,
+        opener: Opener,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        def read() -> tuple[bytes, bytes, str]:
+            with opener(source) as f:
+                data = f.read()
+            return data, hashlib.md5(data).digest(), hashlib.sha256(data).hexdigest()  # noqa: S324
+
+        data, md5, sha256 = await asyncio.to_thread(read)
+        if sha256 != entry.sha256:
+            raise StorageError(f"{entry.path} changed while it was synced (SHA-256 differs)")
+        response = await self.client.put_object(
+            Bucket=self.bucket,
+            Key=key,
+            Body=data,
+            ContentMD5=_b64(md5),
+            Metadata={"sha256": entry.sha256},
+        )
+        self._verify(entry, response["ETag"], md5.hex())
+        on_bytes(len(data))
+
+    async def _put_multipart(
+        self,
+        key: str,
+        entry: ManifestEntry,
+        source: Path,
+        opener: Opener,
+        on_bytes: Callable[[int], None],
+    ) -> None:
+        part_size = self.settings.artifact_part_size_bytes
+        count = max(1, -(-entry.size // part_size))
+        created = await self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, Metadata={"sha256": entry.sha256}
+        )
+        upload_id = created["UploadId"]
+        try:
+            with opener(source) as f:
+                md5s = await self._send_parts(f, key, upload_id, count, part_size, on_bytes)
+            parts = [{"PartNumber": i + 1, "ETag": f'"{m.hex()}"'} for i, m in enumerate(md5s)]
+            done = await self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            await asyncio.shield(self._abort(key, upload_id))
+            raise
+        expected = hashlib.md5(b"".join(md5s)).hexdigest() + f"-{count}"  # noqa: S324
+        self._verify(entry, done["ETag"], expected)
+
+    async def _send_parts(  # noqa: PLR0917 - private, called once
+        self,
+        f: Any,
+        key: str,
+        upload_id: str,
+        count: int,
+        part_size: int,
+        on_bytes: Callable[[int], None],
+    ) -> list[bytes]:
+        """Upload every part (bounded concurrency); the first failure cancels the rest."""
+        lock = threading.Lock()
+        md5s: list[bytes] = [b""] * count
+
+        def read(index: int) -> tuple[bytes, bytes]:
+            with lock:
+                f.seek(index * part_size)
+                data = f.read(part_size)
+            return data, hashlib.md5(data).digest()  # noqa: S324
+
+        async def send(index: int) -> None:
+            async with self._parts:
+                data, md5 = await asyncio.to_thread(read, index)
+                response = await self.client.upload_part(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=index + 1,
+                    Body=data,
+                    ContentMD5=_b64(md5),
+                )
+                if response["ETag"].strip('"') != md5.hex():
+                    raise StorageError(f"part {index + 1} of {key} did not verify")
+                md5s[index] = md5
+                on_bytes(len(data))
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for index in range(count):
+                    group.create_task(send(index))
+        except BaseExceptionGroup as e:
+            raise e.exceptions[0] from None
+        return md5s
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        with contextlib.suppress(*S3_FAILURES):
+            await self.client.abort_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id
+            )
+
+    @staticmethod
+    def _verify(entry: ManifestEntry, etag: str, expected: str) -> None:
+        if etag.strip('"') != expected:
+            raise StorageError(
+                f"{entry.path} did not verify after upload: ETag {etag} != {expected}"
+            )
+
+    async def write_manifest(self, manifest: Manifest) -> None:  # noqa: D102
+        try:
+            await self.client.put_object(
+                Bucket=self.bucket,
+                Key=self.key(manifest.task_id, MANIFEST_NAME),
+                Body=manifest.model_dump_json(indent=1).encode(),
+                ContentType="application/json",
+            )
+        except S3_FAILURES as e:
+            raise StorageError(f"writing the manifest of {manifest.task_id} failed: {e}") from e
+
+    async def download(self, task_id: str, rel: str, dest: Path) -> None:  # noqa: D102
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            response = await self.client.get_object(Bucket=self.bucket, Key=self.key(task_id, rel))
+            body = response["Body"]
+            try:
+                with dest.open("wb") as out:
+                    while chunk := await body.read(HASH_CHUNK):
+                        await asyncio.to_thread(out.write, chunk)
+            finally:
+                body.close()
+        except S3_FAILURES as e:
+            raise StorageError(f"download of {rel} failed: {e}") from e
+
+    async def remove_partial(self, task_id: str) -> int:  # noqa: D102
+        try:
+            listed = await self.client.list_multipart_uploads(
+                Bucket=self.bucket, Prefix=self.key(task_id, "")
+            )
+            uploads = listed.get("Uploads", [])
+            for upload in uploads:
+                await self._abort(upload["Key"], upload["UploadId"])
+        except S3_FAILURES as e:
+            raise StorageError(f"listing open uploads of {task_id} failed: {e}") from e
+        return len(uploads)
