@@ -24,6 +24,7 @@ import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 from redis.exceptions import RedisError
 
+from shared.artifacts import ArtifactRequest, ArtifactStatus
 from shared.broker import Broker
 from shared.constants import DEFAULT_PRIORITY
 from shared.errors import (
@@ -208,6 +209,38 @@ class DistributedClient:
     async def checkout(self) -> CheckoutState:
         """The local checkout's commit, dirty files and pushed-ness (``TP_CODE_DIR``)."""
         return await asyncio.to_thread(checkout_state, self.settings.checkout_dir)
+
+    async def artifact_status(self, task_id: str | None = None) -> list[ArtifactStatus]:
+        """Artifact sync state of one task (id or unique prefix), or of every task, newest first.
+
+        Raises:
+            StoreError: Redis failed.
+        """
+        redis, keys = self.store.redis, self.store.keys
+        try:
+            if task_id is not None:
+                # The sync state can outlive (or predate) the task's record.
+                with contextlib.suppress(TaskNotFoundError):
+                    task_id = await self.store.resolve_id(task_id)
+                names = [keys.artifacts(task_id)]
+            else:
+                names = [k async for k in redis.scan_iter(keys.artifacts_pattern, count=1000)]
+            raw = await redis.mget(names) if names else []
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis read of artifact status failed: {e}") from e
+        found = [ArtifactStatus.model_validate_json(r) for r in raw if r]
+        return sorted(found, key=lambda st: st.updated_at, reverse=True)
+
+    async def request_artifact_sync(self, task_id: str) -> str:
+        """Queue a (re)sync of a finished task's artifacts; returns the full task id."""
+        task_id = await self.store.resolve_id(task_id)
+        record = await self.store.get(task_id)
+        await self.broker.publish_artifact_request(
+            ArtifactRequest(
+                task_id=task_id, reason="requested", final=record.state.is_terminal, ts=time.time()
+            )
+        )
+        return task_id
 
     async def sync_status(self) -> list[SyncStatus]:
         """git-sync's last report from every desktop, by host name.

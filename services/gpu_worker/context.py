@@ -38,6 +38,9 @@ class TaskContext:
         tracking_uri: MLflow tracking URI to log the run to.
         git_commit: the commit of the code the task runs on, if known (MLflow tag
             ``mlflow.source.git.commit``).
+        artifact_location: where artifact-sync copies the task's folder
+            (``s3://bucket/prefix/<id>/`` or a path), if shared storage is configured (MLflow
+            tag ``tp.artifact_location``).
     """
 
     task_id: str
@@ -46,7 +49,9 @@ class TaskContext:
     checkpoint_path: Path
     tracking_uri: str
     git_commit: str | None = None
+    artifact_location: str | None = None
     _progress_sink: ProgressSink | None = field(default=None, repr=False)
+    _checkpoint_sink: Callable[[], None] | None = field(default=None, repr=False)
     _stop_requested: bool = field(default=False, repr=False)
 
     def report_progress(
@@ -59,6 +64,11 @@ class TaskContext:
         if self._progress_sink is not None:
             fraction = min(max(fraction, 0.0), 1.0) if math.isfinite(fraction) else 0.0
             self._progress_sink(fraction, str(message), dict(metrics or {}))
+
+    def checkpoint_saved(self) -> None:
+        """Tell the worker a checkpoint was written (it asks artifact-sync to copy it)."""
+        if self._checkpoint_sink is not None:
+            self._checkpoint_sink()
 
     def request_stop(self) -> None:
         """Mark the task as asked to stop (the child's SIGTERM handler calls this)."""

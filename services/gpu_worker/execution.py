@@ -8,19 +8,24 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from redis.exceptions import RedisError
 
 from services.gpu_worker.outcome import RetryPolicy, StopReason, Verdict, decide
 from services.gpu_worker.runner import ChildJob, ChildOutcome, ChildProcess
+from shared.artifacts import ArtifactRequest, ArtifactState, ArtifactStatus
 from shared.broker import Broker
-from shared.constants import PROGRESS_MIN_INTERVAL_S
+from shared.constants import FINISHED_TASK_TTL_S, PROGRESS_MIN_INTERVAL_S
 from shared.errors import BrokerError, StoreError
 from shared.events import progress_event, state_event
 from shared.messages import TaskState, TaskSubmission
 from shared.settings import Settings
+from shared.storage.base import artifact_location
 from shared.store import StatusStore, Transition
 
 log = structlog.get_logger(__name__)
 
+#: A running task's checkpoints are sent to shared storage at most this often (s).
+CHECKPOINT_SYNC_EVERY_S = 60.0
 #: How long the worker keeps trying to record a finished task's outcome while Redis is away (s).
 RECORD_RETRY_MAX_S = 600.0
 
@@ -73,11 +78,14 @@ class TaskExecution:
                 checkpoint_path=task_dir / "checkpoints" / "last.pt",
                 tracking_uri=env.settings.tracking_uri,
                 git_commit=env.code_commit,
+                artifact_location=artifact_location(env.settings, submission.task_id),
                 log_level=env.settings.log_level,
                 log_format=env.settings.log_format,
             ),
             self.on_progress,
+            self.on_checkpoint,
         )
+        self._last_checkpoint_sync = -CHECKPOINT_SYNC_EVERY_S
 
     async def run(self) -> TaskState:
         """Run the child to its end; returns the terminal state recorded."""
@@ -143,6 +151,40 @@ class TaskExecution:
         except (StoreError, BrokerError, ValueError) as e:  # progress is news; the task goes on
             log.warning("progress_not_relayed", error=str(e))
 
+    async def on_checkpoint(self) -> None:
+        """The task saved a checkpoint: have it copied to shared storage (throttled)."""
+        now = time.monotonic()
+        if now - self._last_checkpoint_sync >= CHECKPOINT_SYNC_EVERY_S:
+            self._last_checkpoint_sync = now
+            await self.request_artifacts(final=False, reason="checkpoint")
+
+    async def request_artifacts(self, *, final: bool, reason: str = "finished") -> None:
+        """Queue an artifact sync of this task's folder (no-op without shared storage)."""
+        if self.env.settings.artifact_backend == "none":
+            return
+        request = ArtifactRequest(
+            task_id=self.submission.task_id,
+            reason="checkpoint" if reason == "checkpoint" else "finished",
+            final=final,
+            ts=time.time(),
+        )
+        pending = ArtifactStatus(
+            task_id=request.task_id,
+            state=ArtifactState.PENDING,
+            backend=self.env.settings.artifact_backend,
+            location=artifact_location(self.env.settings, request.task_id) or "",
+            updated_at=request.ts,
+        )
+        try:
+            await self.env.store.redis.set(
+                self.env.store.keys.artifacts(request.task_id),
+                pending.model_dump_json(),
+                ex=FINISHED_TASK_TTL_S,
+            )
+            await self.env.broker.publish_artifact_request(request)
+        except (BrokerError, RedisError, OSError) as e:
+            log.warning("artifact_request_not_published", error=str(e))
+
     def request_stop(self, reason: StopReason) -> None:
         """Ask the task to stop: SIGTERM now (it may checkpoint), SIGKILL after the grace period.
 
@@ -189,6 +231,7 @@ class TaskExecution:
             return found or verdict.state
         if verdict.republish:
             await self._republish()
+        await self.request_artifacts(final=verdict.state.is_terminal)
         metrics = (outcome.result or {}).get("metrics", {})
         await self.announce(verdict.state, error=verdict.error, metrics=metrics)
         log.info("task_" + verdict.state.value, reason=verdict.reason, exitcode=outcome.exitcode)

@@ -6,6 +6,7 @@ task gets a fresh child from it. A crash, CUDA out-of-memory or leak dies with t
 
 Child -> parent messages over a one-way pipe (picklable tuples, our own processes only):
     ("progress", fraction, message, metrics)
+    ("checkpoint",)                    the task saved a checkpoint (worth syncing)
     ("result", result_dict)
     ("stopped", partial_result_dict)   the task returned early after a SIGTERM
     ("error", error_text, traceback_text, retryable)
@@ -94,6 +95,7 @@ class ChildJob:
     checkpoint_path: Path
     tracking_uri: str
     git_commit: str | None = None
+    artifact_location: str | None = None
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
 
@@ -142,7 +144,9 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         checkpoint_path=job.checkpoint_path,
         tracking_uri=job.tracking_uri,
         git_commit=job.git_commit,
+        artifact_location=job.artifact_location,
         _progress_sink=lambda f, m, metrics: _report(conn, ("progress", f, m, metrics)),
+        _checkpoint_sink=lambda: _report(conn, ("checkpoint",)),
     )
     signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())  # first: a stop is never lost
     os.setsid()
@@ -228,11 +232,13 @@ class ChildProcess:
         job: what to run.
         on_progress: called in the event loop for each progress message
             ``(fraction, message, metrics)``.
+        on_checkpoint: called in the event loop when the task saved a checkpoint.
     """
 
-    def __init__(self, job: ChildJob, on_progress: Any) -> None:
+    def __init__(self, job: ChildJob, on_progress: Any, on_checkpoint: Any = None) -> None:
         self.job = job
         self._on_progress = on_progress
+        self._on_checkpoint = on_checkpoint
         self._process: multiprocessing.process.BaseProcess | None = None
         self._pending_signal: signal.Signals | None = None
 
@@ -308,6 +314,8 @@ class ChildProcess:
             kind = item[0]
             if kind == "progress":
                 await self._on_progress(item[1], item[2], item[3])
+            elif kind == "checkpoint" and self._on_checkpoint is not None:
+                await self._on_checkpoint()
             elif kind in ("result", "stopped"):
                 outcome.result = item[1]
                 outcome.stopped = kind == "stopped"

@@ -1,12 +1,14 @@
 """``tradectl``: the laptop's command line (typer + rich).
 
-``tradectl task ...`` submits and follows tasks, ``tradectl sync ...`` shows and drives git-sync.
+``tradectl task ...`` submits and follows tasks, ``tradectl sync ...`` shows and drives git-sync,
+``tradectl artifacts ...`` shows artifact sync to shared storage.
 """
 
 from __future__ import annotations
 
 import typer
 
+from shared.cli.artifacts import artifacts_app
 from shared.cli.sync import sync_app
 from shared.cli.tasks import parse_config, parse_set_value, print_event, task_app
 
@@ -15,5 +17,6 @@ app = typer.Typer(
 )
 app.add_typer(task_app, name="task")
 app.add_typer(sync_app, name="sync")
+app.add_typer(artifacts_app, name="artifacts")
 
 __all__ = ["app", "parse_config", "parse_set_value", "print_event"]

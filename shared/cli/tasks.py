@@ -15,10 +15,11 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 
-from shared.cli.common import JsonOpt, err, fail, format_ts, out, with_client
+from shared.cli.artifacts import download_into
+from shared.cli.common import JsonOpt, err, fail, format_ts, load_settings, out, run, with_client
 from shared.client import CancelResult, DistributedClient
 from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY
-from shared.errors import TaskError
+from shared.errors import BrokerError, StoreError, TaskError, TaskNotFoundError
 from shared.messages import EventKind, TaskEvent, TaskState, describe_validation_error
 from shared.store import TaskRecord
 
@@ -367,9 +368,42 @@ def cancel(
         raise typer.Exit(124)
 
 
+def try_record(task_id: str) -> TaskRecord | None:
+    """The task's record, or None (with a note) when the desktop's Redis/RabbitMQ is away."""
+
+    async def read() -> TaskRecord:
+        async with DistributedClient(load_settings(), name="tradectl") as client:
+            return await client.status(task_id)
+
+    try:
+        return run(read())
+    except TaskNotFoundError as e:
+        fail(str(e), 4)
+    except (StoreError, BrokerError) as e:
+        err.print(f"note: desktop unreachable ({escape(str(e))}); using shared storage only")
+        return None
+
+
 @task_app.command("result")
-def result(task_id: str, as_json: JsonOpt = False) -> None:
+def result(
+    task_id: str,
+    download: Annotated[
+        Path | None,
+        typer.Option(
+            "--download",
+            help="Also fetch its artifacts from shared storage into this folder (verified); "
+            "works with the desktop off when given the full task id.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
     """Show a finished task's result and metrics (exit 1 if it failed)."""
+    if download is not None:
+        record_or_none = try_record(task_id)
+        full_id = record_or_none.task_id if record_or_none else task_id
+        download_into(full_id, download, quiet=as_json)
+        if record_or_none is None:
+            return
     record: TaskRecord = with_client(lambda c: c.status(task_id))
     if as_json:
         print(

@@ -100,6 +100,8 @@ def mlflow_run(
     tags = {"tp.task_id": ctx.task_id, "tp.attempt": str(ctx.attempt), **(extra_tags or {})}
     if ctx.git_commit:
         tags["mlflow.source.git.commit"] = ctx.git_commit
+    if ctx.artifact_location:
+        tags["tp.artifact_location"] = ctx.artifact_location
     run = client.create_run(
         _experiment_id(client, ctx.tracking_uri, experiment), run_name=ctx.task_id, tags=tags
     )

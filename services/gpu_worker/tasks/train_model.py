@@ -445,6 +445,7 @@ def _epoch_hook(
     def on_epoch(epoch: int, metrics: dict[str, float], state: TrainState) -> bool:
         # Checkpoint first: progress then never claims an epoch a retry would train again.
         save_checkpoint(ctx.checkpoint_path, state, config)
+        ctx.checkpoint_saved()
         ctx.report_progress(epoch / config.epochs, f"epoch {epoch}/{config.epochs}", metrics)
         recorder.log_metrics(metrics, step=epoch)
         return not ctx.should_stop()
