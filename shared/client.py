@@ -54,6 +54,9 @@ log = structlog.get_logger(__name__)
 
 EventCallback = Callable[[TaskEvent], Awaitable[None] | None]
 
+#: ``sync_now`` with no git-sync report at all waits this long for a first one (s).
+NO_REPORT_WAIT_S = 10.0
+
 #: While following events, the record is also re-read this often (s): a safety net for an event
 #: lost to a broker reconnect, not the way results arrive.
 SAFETY_RECHECK_S = 15.0
@@ -207,8 +210,17 @@ class DistributedClient:
         return state.commit
 
     async def checkout(self) -> CheckoutState:
-        """The local checkout's commit, dirty files and pushed-ness (``TP_CODE_DIR``)."""
-        return await asyncio.to_thread(checkout_state, self.settings.checkout_dir)
+        """The local checkout's commit, dirty files and pushed-ness (``TP_CODE_DIR``).
+
+        "Pushed" means on a branch the desktop follows: ``TP_GIT_REMOTE/TP_GIT_BRANCH`` when set,
+        else the branches in git-sync's reports, else any remote branch.
+        """
+        s = self.settings
+        followed = {f"{s.git_remote}/{s.git_branch}"} if s.git_branch else set()
+        if not followed:
+            with contextlib.suppress(StoreError):
+                followed = {f"{r.remote}/{r.branch}" for r in await self.sync_status() if r.branch}
+        return await asyncio.to_thread(checkout_state, s.checkout_dir, frozenset(followed))
 
     async def artifact_status(self, task_id: str | None = None) -> list[ArtifactStatus]:
         """Artifact sync state of one task (id or unique prefix), or of every task, newest first.
@@ -264,20 +276,27 @@ class DistributedClient:
             wait_s: how long to wait for fresh reports (s).
 
         Returns:
-            Every report; those still older than the request after ``wait_s`` are included as
-            they are (compare ``checked_at``).
+            Every report of the asked host(s); one that did not refresh within ``wait_s`` is
+            returned as it was (compare ``checked_at``). Reports already stale (that desktop's
+            git-sync is not running) are not waited for.
         """
         # Fresh = checked after the request; judged by each desktop's own clock (its previous
         # report's time), so laptop/desktop clock skew cannot fool it.
-        before = {r.host: r.checked_at for r in await self.sync_status()}
+        known = [r for r in await self.sync_status() if host in (None, r.host)]
+        before = {r.host: r.checked_at for r in known}
+        live = {r.host for r in known if not r.is_stale(time.time())}
         await self.broker.request_sync(
             SyncRequest(host=host, requested_by=f"client:{socket.gethostname()}", ts=time.time())
         )
-        deadline = time.monotonic() + wait_s
+        # With no report at all there may be no git-sync: wait a little, not the whole time.
+        deadline = time.monotonic() + (wait_s if live else min(wait_s, NO_REPORT_WAIT_S))
         while True:
             reports = [r for r in await self.sync_status() if host in (None, r.host)]
-            fresh = all(r.checked_at > before.get(r.host, 0.0) for r in reports)
-            if (reports and fresh) or time.monotonic() > deadline:
+            # Stale hosts are not waited for; a host with no earlier report counts once it has one.
+            waiting = [
+                r for r in reports if r.host in live and r.checked_at <= before.get(r.host, 0.0)
+            ]
+            if (reports and not waiting) or time.monotonic() > deadline:
                 return reports
             await asyncio.sleep(0.2)
 
@@ -308,6 +327,7 @@ class DistributedClient:
                 TaskState.CANCELLED,
                 by=by,
                 reason="cancelled before it ran",
+                fields={"waiting": ""},
             )
             if moved.applied:
                 await self.broker.publish_event(state_event(task_id, TaskState.CANCELLED))

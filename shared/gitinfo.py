@@ -65,10 +65,12 @@ def dirty_files(path: Path) -> list[str]:
     return [line[3:] for line in done.stdout.splitlines() if line.strip()]
 
 
-def is_pushed(path: Path, commit: str) -> bool:
-    """True if a remote-tracking branch (as of the last fetch) contains ``commit``."""
-    done = _git(path, "branch", "--remotes", "--contains", commit)
-    return done is not None and done.returncode == 0 and bool(done.stdout.strip())
+def remote_branches_containing(path: Path, commit: str) -> set[str]:
+    """Remote-tracking branches (``origin/main``), as of the last fetch, that contain ``commit``."""
+    done = _git(path, "branch", "--remotes", "--contains", commit, "--format=%(refname:short)")
+    if done is None or done.returncode != 0:
+        return set()
+    return {line.strip() for line in done.stdout.splitlines() if line.strip()}
 
 
 @dataclass(frozen=True)
@@ -76,31 +78,52 @@ class CheckoutState:
     """What the laptop's checkout says about the commit a task is submitted from.
 
     Attributes:
+        path: the checkout's folder.
         commit: full SHA of ``HEAD``; None when ``path`` is not a git checkout.
         dirty: tracked files with uncommitted changes (they will not run on the desktop).
-        pushed: whether a remote-tracking branch contains ``commit``.
+        on: remote-tracking branches (as last fetched) that contain ``commit``.
+        followed: the branches the desktop follows (``origin/main``); empty when unknown, and
+            then any remote branch counts as pushed.
     """
 
+    path: Path
     commit: str | None
     dirty: tuple[str, ...] = ()
-    pushed: bool = False
+    on: frozenset[str] = frozenset()
+    followed: frozenset[str] = frozenset()
+
+    @property
+    def pushed(self) -> bool:
+        """Whether the desktop can fetch ``commit`` (on a branch it follows, if known)."""
+        return bool(self.on & self.followed) if self.followed else bool(self.on)
 
     def problems(self) -> list[str]:
         """Why the desktop may not run exactly this code (empty when it will)."""
         if self.commit is None:
-            return []
+            return [f"{self.path} is not a git checkout: the task is not pinned to a commit"]
         found = []
         if self.dirty:
             shown = ", ".join(self.dirty[:5]) + (" ..." if len(self.dirty) > 5 else "")
             found.append(f"uncommitted changes in {shown} will not run on the desktop")
-        if not self.pushed:
+        if not self.pushed and self.followed and self.on:
+            found.append(
+                f"commit {self.commit[:12]} is on {', '.join(sorted(self.on))} but the desktop "
+                f"follows {', '.join(sorted(self.followed))}; push or merge it there"
+            )
+        elif not self.pushed:
             found.append(f"commit {self.commit[:12]} is not pushed; the desktop cannot fetch it")
         return found
 
 
-def checkout_state(path: Path) -> CheckoutState:
-    """Commit, dirty files and pushed-ness of the checkout at ``path`` (local facts only)."""
+def checkout_state(path: Path, followed: frozenset[str] = frozenset()) -> CheckoutState:
+    """Commit, dirty files and pushed-ness of the checkout at ``path`` (local facts only).
+
+    Args:
+        path: the laptop's checkout.
+        followed: remote-tracking branches the desktop follows (``origin/main``), if known.
+    """
     commit = head_commit(path)
     if commit is None:
-        return CheckoutState(None)
-    return CheckoutState(commit, tuple(dirty_files(path)), is_pushed(path, commit))
+        return CheckoutState(path, None)
+    on = frozenset(remote_branches_containing(path, commit))
+    return CheckoutState(path, commit, tuple(dirty_files(path)), on, followed)

@@ -17,6 +17,8 @@ from pydantic import Field
 
 from shared.messages import WireModel
 
+#: Slack for clock differences between laptop and desktop when judging a report stale (s).
+STALE_SKEW_S = 30.0
 #: Git object names: abbreviated (7+) or full SHA-1 / SHA-256.
 SHA_PATTERN = r"^[0-9a-f]{7,64}$"
 
@@ -64,6 +66,13 @@ class SyncStatus(WireModel):
     last_error_at: float | None = None
     last_update_at: float | None = Field(None, description="Last fast-forward.")
     fetches: int = Field(0, ge=0, description="Fetches started since the service started.")
+    next_check_s: float = Field(
+        0.0, ge=0, description="The next report is due within this long after checked_at (s)."
+    )
+
+    def is_stale(self, now: float, skew_s: float = STALE_SKEW_S) -> bool:
+        """True when the next report is overdue: git-sync on that desktop is not running."""
+        return now > self.checked_at + self.next_check_s + skew_s
 
 
 class SyncEvent(WireModel):

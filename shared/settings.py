@@ -209,7 +209,7 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3, description="Multipart part size."
     )
     artifact_concurrency: int = Field(
-        16, ge=1, le=256, description="Files, and parts of one file, uploaded at once."
+        8, ge=1, le=256, description="Files, and parts of one file, uploaded at once."
     )
     artifact_max_attempts: int = Field(
         4, ge=1, le=20, description="Tries of one artifact sync before it is marked failed."
@@ -230,6 +230,13 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str) -> str:
         if urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("code_dir", "artifact_dir")
+    @classmethod
+    def _check_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"no such folder: {value}")
         return value
 
     @model_validator(mode="after")

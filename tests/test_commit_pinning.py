@@ -19,7 +19,7 @@ from shared.errors import CommitCheckError
 from shared.messages import TaskState
 from shared.settings import Settings
 from tests.conftest import Platform, service_env, tradectl
-from tests.gitrepos import GIT_TEST_ENV, Repos, make_repos
+from tests.gitrepos import GIT_TEST_ENV, Repos, git, make_repos
 
 WAIT_S = 120
 
@@ -184,3 +184,80 @@ async def test_worker_restarts_on_new_code_only_between_tasks(
 
     after = await laptop.submit_and_wait("probe", {"steps": 1}, timeout_s=WAIT_S)
     assert after.state is TaskState.COMPLETED and after.result["git_commit"] == new
+    # The re-executed worker reaped the old forkserver and resource tracker: no zombies.
+    assert zombie_children(platform.procs["gpu_worker"].proc.pid) == []
+
+
+def zombie_children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] == "Z" and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_a_stop_signal_while_a_restart_waits_ends_the_worker(
+    platform: Platform, repos: Repos, laptop: DistributedClient
+) -> None:
+    await start_desktop(platform, repos, TP_GIT_SYNC_INTERVAL_S="1", TP_WORKER_GPU_SLOTS="0")
+    long = await laptop.submit("probe", {"sleep_s": 4, "steps": 4})
+    deadline = time.monotonic() + 60
+    while (await laptop.status(long.task_id)).state is not TaskState.RUNNING:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    repos.commit(repos.laptop, "strategy.py", "FAST = 50\n", push=True)
+    worker = platform.procs["gpu_worker"]
+    while "code_updated_restart_pending" not in worker.log_text():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    worker.proc.terminate()
+    assert await asyncio.to_thread(worker.proc.wait, 60) == 0
+    events = [e["event"] for e in log_events(platform, "gpu_worker")]
+    assert events.count("worker_ready") == 1  # it drained and ended, it did not come back
+    assert (await laptop.status(long.task_id)).state is TaskState.COMPLETED
+
+
+async def test_commit_on_a_branch_the_desktop_does_not_follow_is_refused(
+    settings: Settings, repos: Repos
+) -> None:
+    git(repos.laptop, "checkout", "-q", "-b", "feature")
+    repos.commit(repos.laptop, "strategy.py", "FAST = 60\n")
+    git(repos.laptop, "push", "-q", "-u", "origin", "feature")
+    strict = settings.model_copy(
+        update={"code_dir": repos.laptop, "commit_check": "refuse", "git_branch": "main"}
+    )
+    async with DistributedClient(strict) as client:
+        with pytest.raises(CommitCheckError, match="on origin/feature but the desktop follows"):
+            await client.submit("probe", {})
+
+
+async def test_a_folder_that_is_not_a_checkout_is_refused_or_named(
+    settings: Settings, tmp_path: Path
+) -> None:
+    env = service_env(settings, TP_CODE_DIR=str(tmp_path / "missing"))
+    bad = await asyncio.to_thread(tradectl, "task", "submit", "probe", env=env)
+    assert bad.returncode == 2 and "TP_CODE_DIR: no such folder" in bad.stderr
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    env = service_env(settings, TP_CODE_DIR=str(plain), TP_COMMIT_CHECK="refuse")
+    refused = await asyncio.to_thread(tradectl, "task", "submit", "probe", env=env)
+    assert refused.returncode == 2 and "is not a git checkout" in refused.stderr
+
+
+def test_late_state_events_are_not_shown_out_of_order() -> None:
+    from shared.cli.tasks import in_order
+    from shared.events import state_event
+
+    shown: list[str] = []
+    show = in_order(lambda e: shown.append(e.state.value))
+    running = state_event("t1", TaskState.RUNNING)
+    queued = state_event("t1", TaskState.QUEUED).model_copy(update={"ts": running.ts - 0.01})
+    show(running)
+    show(queued)  # the scheduler's event, older, arriving late
+    show(state_event("t1", TaskState.COMPLETED))
+    assert shown == ["running", "completed"]

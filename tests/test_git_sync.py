@@ -223,7 +223,12 @@ class _SilentServer:
 
 def processes_mentioning(text: str) -> list[str]:
     """Command lines of live processes whose arguments contain ``text`` (from /proc)."""
-    found = []
+    return list(pids_mentioning(text).values())
+
+
+def pids_mentioning(text: str) -> dict[int, str]:
+    """Live (not zombie) processes whose arguments contain ``text``: pid -> command line."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -233,7 +238,7 @@ def processes_mentioning(text: str) -> list[str]:
         except OSError:
             continue
         if text in cmdline and state != "Z":
-            found.append(cmdline)
+            found[int(entry.name)] = cmdline
     return found
 
 
@@ -305,3 +310,84 @@ async def test_not_a_checkout_is_an_error_state_not_a_crash(
     assert status.state is SyncState.ERROR and "not a git checkout" in status.message
     stored = await service.store.redis.get(service.store.keys.git_sync(service.host))
     assert SyncStatus.model_validate_json(stored).state is SyncState.ERROR
+
+
+async def test_unborn_branch_and_odd_names_are_reported_not_crashed(
+    service: GitSync, repos: Repos
+) -> None:
+    repos.commit(repos.desktop, "my strategy.py", "A = 1\n")
+    (repos.desktop / "my strategy.py").write_text("A = 2\n")
+    status = await service.check()
+    assert status.state is SyncState.DIRTY and "my strategy.py" in status.message
+    git(repos.desktop, "checkout", "-q", "--orphan", "scratch")
+    status = await service.check()
+    assert status.state is SyncState.ERROR and "no commit yet" in status.message
+    stored = await service.store.redis.get(service.store.keys.git_sync(service.host))
+    assert SyncStatus.model_validate_json(stored).state is SyncState.ERROR
+
+
+async def test_a_burst_of_sync_requests_is_rate_limited(
+    settings: Settings, repos: Repos, client
+) -> None:
+    sync = GitSync(desktop_settings(settings, repos, git_sync_interval_s=3600.0))
+    await sync.start()
+    try:
+        await wait_for(lambda: sync.status is not None)
+        from shared.gitsync import SyncRequest
+
+        for _ in range(30):
+            await client.broker.request_sync(SyncRequest(requested_by="burst", ts=time.time()))
+        await asyncio.sleep(3.0)
+        assert sync.status.fetches <= 1 + 2  # one pass per 2 s at most, not 30
+    finally:
+        await sync.stop()
+
+
+async def test_sync_now_without_git_sync_fails_fast(settings: Settings) -> None:
+    started = time.monotonic()
+    done = await asyncio.to_thread(tradectl, "sync", "now", env=service_env(settings))
+    assert done.returncode == 1 and "no git-sync report" in done.stderr
+    assert time.monotonic() - started < 30
+    shown = await asyncio.to_thread(tradectl, "sync", "status", env=service_env(settings))
+    assert shown.returncode == 1
+
+
+async def test_git_sync_killed_mid_fetch_leaves_nothing_once_restarted(
+    platform: Platform, repos: Repos, silent_server: _SilentServer
+) -> None:
+    url = f"http://127.0.0.1:{silent_server.port}/platform.git"
+    git(repos.desktop, "remote", "set-url", "origin", url)
+    env = {"TP_CODE_DIR": str(repos.desktop), "TP_GIT_TIMEOUT_S": "120"}
+    first = platform.start("git_sync", **env)
+    old = set(await wait_for(lambda: pids_mentioning(url), timeout=30))
+    fetch = str(repos.desktop)
+    first.proc.kill()
+    first.proc.wait()
+    # git itself dies with git-sync (parent-death signal)...
+    await wait_for(lambda: not [c for c in processes_mentioning(fetch) if " fetch " in c], 5)
+    # ... and a helper it left (when it did not end with git) is ended by the next git-sync.
+    platform.start("git_sync", **env)
+    await wait_for(lambda: not (set(pids_mentioning(url)) & old), 15)
+
+
+def test_leftover_git_group_is_killed_and_a_reused_id_is_not(tmp_path: Path) -> None:
+    import subprocess
+
+    from services.git_sync.gitproc import kill_leftover_group
+
+    group_file = tmp_path / "git-sync.pgid"
+    # A git process that blocks for ever (reading stdin from a pipe nobody writes to).
+    stuck = subprocess.Popen(
+        ["git", "hash-object", "--stdin"], stdin=subprocess.PIPE, start_new_session=True
+    )
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        group_file.write_text(str(other.pid))  # not git: must be left alone
+        assert kill_leftover_group(group_file) is False and other.poll() is None
+        group_file.write_text(str(stuck.pid))
+        assert kill_leftover_group(group_file) is True
+        assert stuck.wait(5) == -9 and not group_file.exists()
+    finally:
+        for proc in (stuck, other):
+            proc.kill()
+            proc.wait()

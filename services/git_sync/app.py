@@ -11,12 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import replace
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
 from services.git_sync.checkout import Inspection, current_branch, fast_forward, inspect
-from services.git_sync.gitproc import classify_fetch_failure, run_git, summarise
+from services.git_sync.gitproc import (
+    classify_fetch_failure,
+    kill_leftover_group,
+    run_git,
+    summarise,
+)
 from shared.broker import BROKER_FAILURES, Broker
 from shared.errors import BrokerError, DecodeError, StoreError
 from shared.gitsync import SyncEvent, SyncRequest, SyncState, SyncStatus
@@ -26,6 +32,8 @@ from shared.store import StatusStore
 
 log = structlog.get_logger(__name__)
 
+#: Least time between the starts of two passes, however many ``sync.now`` requests arrive (s).
+REQUEST_GAP_S = 2.0
 #: After fetch failures the pause grows to at most this many intervals (no retry storm).
 BACKOFF_MAX_FACTOR = 8
 
@@ -45,8 +53,13 @@ class GitSync:
         self._control: AbstractChannel | None = None
         self._failures = 0
         self._fetches = 0
+        #: Holds the running fetch's process group id (see ``kill_leftover_group``).
+        self.group_file = settings.data_dir / f"git-sync-{self.host}.pgid"
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.group_file.parent.mkdir, parents=True, exist_ok=True)
+        if await asyncio.to_thread(kill_leftover_group, self.group_file):
+            log.warning("leftover_fetch_killed", note="an earlier git-sync died mid-fetch")
         await self.store.start()
         await self.broker.start()
         self._control = await self.broker.consumer_channel(prefetch=8)
@@ -87,6 +100,7 @@ class GitSync:
 
     async def _run(self) -> None:
         while True:
+            started = time.monotonic()
             try:
                 await self.check()
             except (StoreError, BrokerError) as e:
@@ -95,6 +109,10 @@ class GitSync:
                 log.exception("sync_pass_crashed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.next_pause_s())
+            # Requests (sync.now) come no closer than REQUEST_GAP_S, so a burst of them, or a
+            # worker asking again and again, cannot turn into back-to-back fetches.
+            gap = min(REQUEST_GAP_S, self.settings.git_sync_interval_s)
+            await asyncio.sleep(max(0.0, gap - (time.monotonic() - started)))
             self._wake.clear()
 
     async def check(self) -> SyncStatus:
@@ -104,7 +122,7 @@ class GitSync:
         branch = s.git_branch or await asyncio.to_thread(current_branch, self.repo_dir)
         fetch_error: tuple[SyncState, str] | None = None
         fetched_at = previous.last_fetch_at if previous else None
-        if branch is not None:
+        if branch is not None and await asyncio.to_thread(self.repo_dir.is_dir):
             self._fetches += 1
             refspec = f"+refs/heads/{branch}:refs/remotes/{s.git_remote}/{branch}"
             result = await run_git(
@@ -114,6 +132,7 @@ class GitSync:
                 s.git_remote,
                 refspec,
                 timeout_s=s.git_timeout_s,
+                group_file=self.group_file,
             )
             if result.ok:
                 fetched_at = time.time()
@@ -127,6 +146,8 @@ class GitSync:
             if refused is None:
                 updated = True
                 seen = await asyncio.to_thread(inspect, self.repo_dir, s.git_remote, branch)
+                moved = f"{(old_sha or '')[:12]} -> {(seen.local_sha or '')[:12]}"
+                seen = replace(seen, message=f"fast-forwarded {moved}")
             else:
                 seen = Inspection(
                     SyncState.DIRTY,
@@ -154,11 +175,11 @@ class GitSync:
         now = time.time()
         state, message = seen.state, seen.message
         error = last_error_at = None
-        if fetch_error is not None:
+        if seen.state is SyncState.ERROR:  # a broken checkout explains a failed fetch too
+            error, last_error_at = seen.message, now
+        elif fetch_error is not None:
             state, error = fetch_error
             message, last_error_at = f"fetch failed: {error}", now
-        elif seen.state is SyncState.ERROR:
-            error, last_error_at = seen.message, now
         elif previous is not None:
             error, last_error_at = previous.last_error, previous.last_error_at
         return SyncStatus(
@@ -178,6 +199,7 @@ class GitSync:
             last_error_at=last_error_at,
             last_update_at=now if updated else (previous.last_update_at if previous else None),
             fetches=self._fetches,
+            next_check_s=self.next_pause_s() + self.settings.git_timeout_s,
         )
 
     async def _announce(

@@ -70,11 +70,18 @@ def inspect(repo_dir: Path, remote: str, branch: str | None) -> Inspection:
     """
     try:
         with _open(repo_dir) as repo:
+            if not repo.head.is_valid():
+                name = "HEAD" if repo.head.is_detached else repo.head.reference.path
+                return Inspection(
+                    SyncState.ERROR, branch, message=f"{name} has no commit yet (unborn branch)"
+                )
             return _inspect(repo, remote, branch)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
         return Inspection(SyncState.ERROR, branch, message=f"{repo_dir} is not a git checkout")
     except git.GitCommandError as e:
         return Inspection(SyncState.ERROR, branch, message=f"git failed: {e.stderr.strip()}")
+    except (ValueError, TypeError, OSError) as e:  # GitPython on a damaged or odd checkout
+        return Inspection(SyncState.ERROR, branch, message=f"cannot read the checkout: {e}")
 
 
 def _inspect(repo: git.Repo, remote: str, branch: str | None) -> Inspection:
@@ -89,7 +96,8 @@ def _inspect(repo: git.Repo, remote: str, branch: str | None) -> Inspection:
     active = repo.active_branch.name
     branch = branch or active
     local = repo.head.commit.hexsha
-    dirty = tuple(repo.git.diff("HEAD", "--name-only").split())
+    # -z: names with spaces or non-ASCII letters come out whole and unquoted.
+    dirty = tuple(n for n in repo.git.diff("HEAD", "--name-only", "-z").split("\0") if n)
     if active != branch:
         return Inspection(
             SyncState.OFF_BRANCH,
@@ -135,7 +143,10 @@ def _compare(facts: Inspection, remote: str) -> Inspection:
         return replace(facts, state=SyncState.DIVERGED, message=message)
     if dirty:
         shown = ", ".join(dirty[:5]) + (" ..." if len(dirty) > 5 else "")
-        waiting = f"; {behind} upstream commit(s) wait until they are committed or removed"
+        waiting = (
+            f"; {behind} upstream commit(s) will be fast-forwarded once these local changes are "
+            "committed or removed"
+        )
         message = f"local changes in {shown}" + (waiting if behind else "")
         return replace(facts, state=SyncState.DIRTY, message=message)
     if ahead:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 from dataclasses import dataclass
@@ -18,8 +19,13 @@ from pathlib import Path
 from shared.gitinfo import GIT_ENV
 from shared.gitsync import SyncState
 
-#: ssh must fail rather than ask (host key, passphrase); the connect time-out bounds a dead host.
-SSH_COMMAND = "ssh -o BatchMode=yes -o ConnectTimeout=15"
+#: ssh must fail rather than ask (host key, passphrase); the connect time-out bounds a dead host and
+#: the keep-alives a host that stops answering, even if git-sync itself is gone.
+SSH_COMMAND = (
+    "ssh -o BatchMode=yes -o ConnectTimeout=15 -o ServerAliveInterval=15 -o ServerAliveCountMax=4"
+)
+#: PR_SET_PDEATHSIG from <linux/prctl.h>.
+_PR_SET_PDEATHSIG = 1
 
 #: Substrings of git's stderr (lower-cased) that mean "the remote wants credentials".
 AUTH_MARKERS = (
@@ -63,8 +69,14 @@ def git_environment() -> dict[str, str]:
     return env
 
 
-async def run_git(repo_dir: Path, *args: str, timeout_s: float) -> GitResult:
+async def run_git(
+    repo_dir: Path, *args: str, timeout_s: float, group_file: Path | None = None
+) -> GitResult:
     """Run ``git -C repo_dir args...``; past ``timeout_s`` kill its whole process group.
+
+    ``group_file``, if given, holds the process group's id while git runs, so a git-sync that was
+    SIGKILLed mid-fetch can end what it left behind when it starts again
+    (``kill_leftover_group``); git itself dies with git-sync (``PR_SET_PDEATHSIG``).
 
     Returns:
         The result; ``timed_out`` is True (``returncode`` None) when it was killed.
@@ -72,8 +84,15 @@ async def run_git(repo_dir: Path, *args: str, timeout_s: float) -> GitResult:
     Raises:
         OSError: git could not be started (not installed).
     """
+    # A transfer stalled this long ends inside git too (curl's low-speed limit), so even a fetch
+    # orphaned by a SIGKILLed git-sync cannot hang for ever.
+    stall = str(max(1, int(timeout_s)))
     proc = await asyncio.create_subprocess_exec(
         "git",
+        "-c",
+        "http.lowSpeedLimit=1",
+        "-c",
+        f"http.lowSpeedTime={stall}",
         "-C",
         str(repo_dir),
         *args,
@@ -82,7 +101,11 @@ async def run_git(repo_dir: Path, *args: str, timeout_s: float) -> GitResult:
         stderr=asyncio.subprocess.PIPE,
         env=git_environment(),
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
+    if group_file is not None:
+        with contextlib.suppress(OSError):
+            group_file.write_text(str(proc.pid))  # noqa: ASYNC240 - a few bytes, local disk
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
     except TimeoutError:
@@ -91,7 +114,47 @@ async def run_git(repo_dir: Path, *args: str, timeout_s: float) -> GitResult:
     except asyncio.CancelledError:
         await _kill_group(proc)
         raise
+    finally:
+        if group_file is not None:
+            with contextlib.suppress(OSError):
+                group_file.unlink()  # noqa: ASYNC240 - local disk
     return GitResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+def kill_leftover_group(group_file: Path) -> bool:
+    """SIGKILL the git process group an earlier git-sync recorded, if it still runs git.
+
+    Returns True if one was killed. The group id is checked against ``/proc`` (a process of that
+    group whose command line starts with git) so a reused id is never killed by mistake.
+    """
+    try:
+        pgid = int(group_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    with contextlib.suppress(OSError):
+        group_file.unlink()
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text().rsplit(") ", 1)[1].split()
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError):
+                continue
+            if int(stat[2]) == pgid and b"git" in cmdline.split(b"\0")[0]:
+                members.append(entry.name)
+    if not members:
+        return False
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+    return True
+
+
+def _die_with_parent() -> None:
+    """In the forked child before exec: SIGKILL it when git-sync dies (Linux; else nothing)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 async def _kill_group(proc: asyncio.subprocess.Process) -> None:

@@ -99,10 +99,11 @@ class Worker:
     async def _restart_when_idle(self) -> None:
         for lane in self.lanes:
             await lane.stop()
-        await asyncio.gather(*(lane.wait_idle() for lane in self.lanes))
+        # Shielded: cancelling this wait (a stop signal) must never cancel the running tasks.
+        await asyncio.shield(asyncio.gather(*(lane.wait_idle() for lane in self.lanes)))
         log.info("worker_restarting_for_new_code", how=self.settings.worker_code_update)
-        self.exit_action = self.settings.worker_code_update
         self.finished.set()
+        self.exit_action = self.settings.worker_code_update
 
     async def on_control(self, message: AbstractIncomingMessage) -> None:
         """A cancel request: stop the task if it runs here (other workers ignore it)."""
@@ -125,6 +126,12 @@ class Worker:
         exits; a task it could not hand back keeps its expiring lease and the reaper requeues it.
         """
         s = self.settings
+        if self._restart is not None and not self._restart.done():
+            # A stop signal while a restart waits for running tasks wins: the worker drains and
+            # exits (status 0) instead of coming back.
+            self._restart.cancel()
+            await asyncio.gather(self._restart, return_exceptions=True)
+            self.exit_action = None
         await self.code_watcher.stop()
         for lane in self.lanes:
             await lane.stop()
@@ -148,3 +155,4 @@ class Worker:
         self._control = None
         await self.broker.stop()
         await self.store.stop()
+        runner.shut_down()

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import structlog
+from redis.exceptions import RedisError
 
 from services.gpu_worker.execution import WorkerEnv
 from shared.errors import BrokerError
 from shared.gitinfo import contains, head_commit
-from shared.gitsync import SyncRequest
+from shared.gitsync import SyncRequest, SyncStatus
 from shared.messages import TaskSubmission
 from shared.periodic import Periodic
 
@@ -33,7 +34,8 @@ log = structlog.get_logger(__name__)
 COMMIT_POLL_S = 5.0
 #: ... and while the worker is about to restart on code that has it (s).
 RESTART_POLL_S = 1.0
-#: At most one ``sync.now`` per missing commit this often (s): git-sync must not be flooded.
+#: At most one ``sync.now`` per worker this often (s), however many commits are missing: git-sync
+#: must not be flooded.
 SYNC_REQUEST_EVERY_S = 30.0
 #: Commits remembered as contained in the loaded code (saves a ``git merge-base`` per task).
 CONTAINED_CACHE_SIZE = 4096
@@ -73,7 +75,7 @@ class CommitGate:
 
     def __init__(self, env: WorkerEnv) -> None:
         self.env = env
-        self._requested: dict[str, float] = {}
+        self._last_request = -SYNC_REQUEST_EVERY_S
         #: Commits known to be in the loaded code (which never changes within a process).
         self._contained: set[str] = set()
 
@@ -95,30 +97,59 @@ class CommitGate:
             if len(self._contained) < CONTAINED_CACHE_SIZE:
                 self._contained.add(wanted)
             return GateVerdict(Gate.RUN)
+        return await self._hold(wanted, loaded)
+
+    async def _hold(self, wanted: str, loaded: str) -> GateVerdict:
+        """The verdict for a commit the loaded code lacks: wait for a restart or for a sync."""
+        checkout = self.env.settings.checkout_dir
         failure = (
             f"desktop code at {short(loaded)} does not contain commit {short(wanted)}; push it"
         )
         head = await asyncio.to_thread(head_commit, checkout)
         if head and head != loaded and await asyncio.to_thread(contains, checkout, head, wanted):
+            if self.env.settings.worker_code_update == "ignore":
+                stuck = (
+                    f"the desktop checkout has commit {short(wanted)} but this worker runs "
+                    f"{short(loaded)} and does not restart on new code "
+                    "(TP_WORKER_CODE_UPDATE=ignore); restart the worker"
+                )
+                return GateVerdict(Gate.DEFER, COMMIT_POLL_S, stuck, stuck)
             return GateVerdict(
                 Gate.DEFER,
                 RESTART_POLL_S,
                 f"worker restarting on {short(head)}, which contains commit {short(wanted)}",
                 failure,
             )
-        await self._request_sync(wanted)
-        return GateVerdict(
-            Gate.DEFER,
-            COMMIT_POLL_S,
-            f"waiting for commit {short(wanted)} to reach the desktop (at {short(loaded)})",
-            failure,
-        )
+        await self._request_sync()
+        waiting = f"waiting for commit {short(wanted)} to reach the desktop (at {short(loaded)})"
+        blocked = await self._checkout_problem()
+        if blocked is not None:
+            waiting = f"{waiting}; {blocked}"
+            failure = f"{failure}. But {blocked}"
+        return GateVerdict(Gate.DEFER, COMMIT_POLL_S, waiting, failure)
 
-    async def _request_sync(self, commit: str) -> None:
+    async def _checkout_problem(self) -> str | None:
+        """Why git-sync cannot bring new commits to this desktop, if its last report says so."""
+        try:
+            raw = await self.env.store.redis.get(self.env.store.keys.git_sync(self.env.name))
+        except (RedisError, OSError):
+            return None
+        if not raw:
+            return f"no git-sync report from {self.env.name}: is git-sync running here?"
+        status = SyncStatus.model_validate_json(raw)
+        if status.state.is_problem:
+            return (
+                f"the desktop checkout is {status.state.value} ({status.message}); git-sync "
+                "cannot update it until that is fixed on the desktop"
+            )
+        return None
+
+    async def _request_sync(self) -> None:
+        """Ask git-sync to fetch now, at most once per ``SYNC_REQUEST_EVERY_S`` per worker."""
         now = time.monotonic()
-        if now - self._requested.get(commit, -SYNC_REQUEST_EVERY_S) < SYNC_REQUEST_EVERY_S:
+        if now - self._last_request < SYNC_REQUEST_EVERY_S:
             return
-        self._requested[commit] = now
+        self._last_request = now
         try:
             await self.env.broker.request_sync(
                 SyncRequest(requested_by=f"worker:{self.env.name}", ts=time.time())

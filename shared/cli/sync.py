@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from shared.cli.common import JsonOpt, format_ts, out, with_client
+from shared.cli.common import JsonOpt, err, format_ts, out, with_client
 from shared.gitsync import SyncStatus
 
 sync_app = typer.Typer(help="git-sync: the desktop checkout's state.", no_args_is_help=True)
@@ -29,18 +29,28 @@ def _age(ts: float | None) -> str:
 
 
 def print_reports(reports: list[SyncStatus], *, as_json: bool) -> None:
-    """Print git-sync reports as JSON or a table; exit 1 if any checkout needs a person."""
+    """Print git-sync reports as JSON or a table.
+
+    Exit 1 if there is no report, a report is stale (its git-sync is not running), or a checkout
+    needs a person.
+    """
+    now = time.time()
     if as_json:
         print(json.dumps([r.model_dump(mode="json") for r in reports], indent=2))
     elif not reports:
-        out.print("no git-sync report yet: is the git-sync service running?", markup=False)
+        err.print("no git-sync report: is the git-sync service running?", markup=False)
     else:
         table = Table("host", "state", "branch", "local", "remote", "ahead", "behind")
+        table.columns[0].header = "host (TP_WORKER_NAME)"
         for extra in ("last fetch", "checked", "message / last error"):
             table.add_column(extra)
         for r in reports:
-            colour = "red" if r.state.is_problem else "green"
-            detail = r.message + (f" (last error: {r.last_error})" if r.last_error else "")
+            colour = "red" if r.state.is_problem or r.is_stale(now) else "green"
+            detail = r.message
+            if r.state.is_problem and r.last_error and r.last_error not in r.message:
+                detail += f" (last error: {r.last_error})"
+            if r.is_stale(now):
+                detail = f"STALE: no report for {_age(r.checked_at)}; is git-sync running? {detail}"
             table.add_row(
                 escape(r.host),
                 f"[{colour}]{r.state.value}[/{colour}]",
@@ -54,7 +64,7 @@ def print_reports(reports: list[SyncStatus], *, as_json: bool) -> None:
                 escape(detail),
             )
         out.print(table)
-    if any(r.state.is_problem for r in reports):
+    if not reports or any(r.state.is_problem or r.is_stale(now) for r in reports):
         raise typer.Exit(1)
 
 
@@ -62,7 +72,8 @@ def print_reports(reports: list[SyncStatus], *, as_json: bool) -> None:
 def status(as_json: JsonOpt = False) -> None:
     """State, SHAs, ahead/behind, last fetch, last error and age of each desktop's checkout.
 
-    Exit 1 when a checkout is dirty, diverged, detached or cannot fetch.
+    Exit 1 when a checkout is dirty, diverged, detached or cannot fetch, when a report is stale
+    (git-sync not running there), or when there is no report at all.
     """
     print_reports(with_client(lambda c: c.sync_status()), as_json=as_json)
 

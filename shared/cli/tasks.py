@@ -262,7 +262,7 @@ async def follow(
             ) from None
 
     if quiet or not sys.stderr.isatty():
-        return await wait(None if quiet else print_event)
+        return await wait(None if quiet else in_order(print_event))
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -283,7 +283,27 @@ async def follow(
             else:
                 bar.update(handle, description=event.state.value)
 
-        return await wait(on_event)
+        return await wait(in_order(on_event))
+
+
+def in_order(show: Callable[[TaskEvent], None]) -> Callable[[TaskEvent], None]:
+    """Pass on state events in the order they happened, dropping one that arrives late.
+
+    The scheduler's ``queued`` and the worker's ``running`` come from two processes and may
+    arrive swapped; both stamp ``ts`` with the desktop's clock, so an event older than the last
+    state shown is stale news.
+    """
+    latest = 0.0
+
+    def on_event(event: TaskEvent) -> None:
+        nonlocal latest
+        if event.kind is EventKind.STATE:
+            if event.ts < latest:
+                return
+            latest = event.ts
+        show(event)
+
+    return on_event
 
 
 def print_event(event: TaskEvent) -> None:
