@@ -34,3 +34,14 @@ git-sync:
 # Soak: 2,000 probe tasks while a random worker is SIGKILLed every 3 s; fails on a lost or doubled task.
 bench-soak *ARGS:
     .venv/bin/python -m bench.soak {{ARGS}}
+
+# Artifact upload throughput: our artifact sync beside plain boto3 on one moto S3 server.
+bench-artifacts *ARGS:
+    .venv/bin/python -m bench.artifacts {{ARGS}}
+
+# Every benchmark that finishes in minutes (the soak runs separately: just bench-soak).
+bench: bench-artifacts
+
+# Run artifact-sync in the foreground (needs TP_ARTIFACT_BACKEND and its storage settings).
+artifact-sync:
+    .venv/bin/python -m services.artifact_sync

@@ -209,7 +209,7 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3, description="Multipart part size."
     )
     artifact_concurrency: int = Field(
-        8, ge=1, le=256, description="Files, and parts of one file, uploaded at once."
+        32, ge=1, le=256, description="Files uploaded at once (parts of one file: at most 8)."
     )
     artifact_max_attempts: int = Field(
         4, ge=1, le=20, description="Tries of one artifact sync before it is marked failed."

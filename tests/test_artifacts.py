@@ -363,6 +363,7 @@ async def test_network_drive_never_shows_a_partial_file_under_its_final_name(
     platform: Platform, settings: Settings, tmp_path: Path
 ) -> None:
     drive = tmp_path / "drive"
+    drive.mkdir()
     s = settings.model_copy(update={"artifact_backend": "path", "artifact_dir": drive})
     data = os.urandom(384 * MiB)
     task_id = make_task(s, {"artifacts/big.bin": data, "artifacts/small.txt": b"hello"})

@@ -1,12 +1,13 @@
 """An S3-compatible bucket (AWS S3, MinIO) as shared storage, with aioboto3.
 
 Small files (below ``TP_ARTIFACT_MULTIPART_THRESHOLD_BYTES``) go in one ``PutObject`` with
-``Content-MD5``; larger ones as a multipart upload of ``TP_ARTIFACT_PART_SIZE_BYTES`` parts, at most
-``TP_ARTIFACT_CONCURRENCY`` in flight. Each object carries its SHA-256 as metadata
-(``x-amz-meta-sha256``) and is verified after upload by its ETag: the MD5 of the body for a single
-PUT, and MD5(concatenated part MD5s)-N for a multipart upload (S3's documented ETag for
-unencrypted objects; MinIO and moto follow it). A multipart upload that fails is aborted before
-the error is reported, and uploads an interrupted sync left open are aborted at the next sync.
+``Content-MD5``; larger ones as a multipart upload of ``TP_ARTIFACT_PART_SIZE_BYTES`` parts, at
+most ``PART_CONCURRENCY`` in flight (and ``TP_ARTIFACT_CONCURRENCY`` files at once). Each object
+carries its SHA-256 as metadata (``x-amz-meta-sha256``) and is verified after upload by its ETag:
+the MD5 of the body for a single PUT, and MD5(concatenated part MD5s)-N for a multipart upload
+(S3's documented ETag for unencrypted objects; MinIO and moto follow it). A multipart upload that
+fails is aborted before the error is reported, and uploads an interrupted sync left open are
+aborted at the next sync.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from shared.settings import Settings
 from shared.storage.base import MANIFEST_NAME, Opener, StorageError, open_binary
 from shared.storage.manifest import HASH_CHUNK, Manifest, ManifestEntry
 
+#: Parts of one file in flight at most: 8 x 16 MiB parts bound the memory a large file takes.
+PART_CONCURRENCY = 8
 #: What botocore and aiohttp raise for a failed request.
 S3_FAILURES = (BotoCoreError, ClientError, OSError, asyncio.TimeoutError)
 
@@ -49,7 +52,7 @@ class S3Storage:
         self._client_cm: Any = None
         self._client: Any = None
         self._files = asyncio.Semaphore(settings.artifact_concurrency)
-        self._parts = asyncio.Semaphore(settings.artifact_concurrency)
+        self._parts = asyncio.Semaphore(min(PART_CONCURRENCY, settings.artifact_concurrency))
 
     async def __aenter__(self) -> S3Storage:
         s = self.settings
@@ -220,12 +223,7 @@ class S3Storage:
             async with self._parts:
                 data, md5 = await asyncio.to_thread(read, index)
                 response = await self.client.upload_part(
-                    Bucket=self.bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=index + 1,
-                    Body=data,
-                    ContentMD5=_b64(md5),
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=index + 1, Body=data
                 )
                 if response["ETag"].strip('"') != md5.hex():
                     raise StorageError(f"part {index + 1} of {key} did not verify")
