@@ -25,6 +25,7 @@ CodeUpdate = Literal["reexec", "exit", "ignore"]
 ArtifactBackend = Literal["none", "s3", "path"]
 ChecksumMode = Literal["when_supported", "when_required"]
 AddressingStyle = Literal["auto", "path", "virtual"]
+PartChecksum = Literal["crc32", "md5"]
 
 #: The checkout this code runs from (``shared/`` sits at its top level).
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -199,6 +200,14 @@ class Settings(BaseSettings):
             "Content-MD5 and ETag either way); when_supported adds CRC checksums."
         ),
     )
+    s3_part_checksum: PartChecksum = Field(
+        "crc32",
+        description=(
+            "How each multipart part is verified: crc32 (x-amz-checksum-crc32, checked by the "
+            "server on receipt; AWS, MinIO, Ceph RGW 17+) or md5 (the part's ETag, for servers "
+            "without flexible checksums)."
+        ),
+    )
     s3_addressing_style: AddressingStyle = Field(
         "path", description="path suits MinIO and servers without bucket DNS names."
     )
@@ -206,7 +215,7 @@ class Settings(BaseSettings):
         16 * 1024 * 1024, ge=5 * 1024 * 1024, description="Files this large or more go multipart."
     )
     artifact_part_size_bytes: int = Field(
-        16 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3, description="Multipart part size."
+        8 * 1024 * 1024, ge=5 * 1024 * 1024, le=5 * 1024**3, description="Multipart part size."
     )
     artifact_concurrency: int = Field(
         32, ge=1, le=256, description="Files uploaded at once (parts of one file: at most 8)."

@@ -5,7 +5,9 @@ Small files (below ``TP_ARTIFACT_MULTIPART_THRESHOLD_BYTES``) go in one ``PutObj
 most ``PART_CONCURRENCY`` in flight (and ``TP_ARTIFACT_CONCURRENCY`` files at once). Each object
 carries its SHA-256 as metadata (``x-amz-meta-sha256``) and is verified after upload by its ETag:
 the MD5 of the body for a single PUT, and MD5(concatenated part MD5s)-N for a multipart upload
-(S3's documented ETag for unencrypted objects; MinIO and moto follow it). A multipart upload that
+(S3's documented ETag for unencrypted objects; MinIO and moto follow it); with
+``TP_S3_PART_CHECKSUM=crc32`` (the default) each part carries a CRC32 the server checks on
+receipt and returns, and that is compared instead. A multipart upload that
 fails is aborted before the error is reported, and uploads an interrupted sync left open are
 aborted at the next sync.
 """
@@ -17,11 +19,15 @@ import base64
 import contextlib
 import hashlib
 import threading
+import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aioboto3
+import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -33,6 +39,25 @@ from shared.storage.manifest import HASH_CHUNK, Manifest, ManifestEntry
 PART_CONCURRENCY = 8
 #: What botocore and aiohttp raise for a failed request.
 S3_FAILURES = (BotoCoreError, ClientError, OSError, asyncio.TimeoutError)
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """A multipart upload in progress."""
+
+    key: str
+    upload_id: str
+    part_size: int
+    crc: bool
+
+
+@dataclass(frozen=True)
+class _Part:
+    """An uploaded part: its entry for CompleteMultipartUpload, its digest, its size."""
+
+    listing: dict[str, Any]
+    digest: bytes
+    size: int
 
 
 def _b64(digest: bytes) -> str:
@@ -51,6 +76,9 @@ class S3Storage:
         self._session = aioboto3.Session()
         self._client_cm: Any = None
         self._client: Any = None
+        #: botocore's blocking client, used from the part threads.
+        self.part_client: Any = None
+        self._pool: ThreadPoolExecutor | None = None
         self._files = asyncio.Semaphore(settings.artifact_concurrency)
         self._parts = asyncio.Semaphore(min(PART_CONCURRENCY, settings.artifact_concurrency))
 
@@ -75,12 +103,27 @@ class S3Storage:
             config=config,
         )
         self._client = await self._client_cm.__aenter__()
+        self.part_client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=s.s3_endpoint_url,
+            region_name=s.s3_region,
+            aws_access_key_id=s.s3_access_key_id,
+            aws_secret_access_key=secret,
+            config=config,
+        )
+        self._pool = ThreadPoolExecutor(PART_CONCURRENCY, thread_name_prefix="s3-part")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._client_cm is not None:
             await self._client_cm.__aexit__(None, None, None)
             self._client_cm = self._client = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+        if self.part_client is not None:
+            self.part_client.close()
+            self.part_client = None
 
     @property
     def client(self) -> Any:
@@ -183,60 +226,85 @@ class S3Storage:
     ) -> None:
         part_size = self.settings.artifact_part_size_bytes
         count = max(1, -(-entry.size // part_size))
+        crc = self.settings.s3_part_checksum == "crc32"
+        extra = {"ChecksumAlgorithm": "CRC32"} if crc else {}
         created = await self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, Metadata={"sha256": entry.sha256}
+            Bucket=self.bucket, Key=key, Metadata={"sha256": entry.sha256}, **extra
         )
         upload_id = created["UploadId"]
         try:
             with opener(source) as f:
-                md5s = await self._send_parts(f, key, upload_id, count, part_size, on_bytes)
-            parts = [{"PartNumber": i + 1, "ETag": f'"{m.hex()}"'} for i, m in enumerate(md5s)]
+                upload = _Upload(key, upload_id, part_size, crc)
+                parts = await self._send_parts(f, upload, count, on_bytes)
             done = await self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": [p.listing for p in parts]},
             )
         except BaseException:
             await asyncio.shield(self._abort(key, upload_id))
             raise
-        expected = hashlib.md5(b"".join(md5s)).hexdigest() + f"-{count}"  # noqa: S324
-        self._verify(entry, done["ETag"], expected)
+        if not crc:
+            digests = b"".join(p.digest for p in parts)
+            expected = hashlib.md5(digests).hexdigest() + f"-{count}"  # noqa: S324
+            self._verify(entry, done["ETag"], expected)
 
-    async def _send_parts(  # noqa: PLR0917 - private, called once
-        self,
-        f: Any,
-        key: str,
-        upload_id: str,
-        count: int,
-        part_size: int,
-        on_bytes: Callable[[int], None],
-    ) -> list[bytes]:
-        """Upload every part (bounded concurrency); the first failure cancels the rest."""
+    async def _send_parts(
+        self, f: Any, upload: _Upload, count: int, on_bytes: Callable[[int], None]
+    ) -> list[_Part]:
+        """Upload every part from a thread pool; the first failure cancels the rest.
+
+        Parts go through botocore's blocking client in ``PART_CONCURRENCY`` threads: on this
+        kind of machine it moves large bodies about twice as fast as aiohttp does.
+        """
         lock = threading.Lock()
-        md5s: list[bytes] = [b""] * count
+        loop = asyncio.get_running_loop()
 
-        def read(index: int) -> tuple[bytes, bytes]:
+        def send(index: int) -> _Part:
             with lock:
-                f.seek(index * part_size)
-                data = f.read(part_size)
-            return data, hashlib.md5(data).digest()  # noqa: S324
+                f.seek(index * upload.part_size)
+                data = f.read(upload.part_size)
+            return self._upload_part(upload, index + 1, data)
 
-        async def send(index: int) -> None:
+        async def one(index: int) -> _Part:
             async with self._parts:
-                data, md5 = await asyncio.to_thread(read, index)
-                response = await self.client.upload_part(
-                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=index + 1, Body=data
-                )
-                if response["ETag"].strip('"') != md5.hex():
-                    raise StorageError(f"part {index + 1} of {key} did not verify")
-                md5s[index] = md5
-                on_bytes(len(data))
+                part = await loop.run_in_executor(self._pool, send, index)
+            on_bytes(part.size)
+            return part
 
         try:
             async with asyncio.TaskGroup() as group:
-                for index in range(count):
-                    group.create_task(send(index))
+                tasks = [group.create_task(one(i)) for i in range(count)]
         except BaseExceptionGroup as e:
             raise e.exceptions[0] from None
-        return md5s
+        return [t.result() for t in tasks]
+
+    def _upload_part(self, upload: _Upload, number: int, data: bytes) -> _Part:
+        """Upload one part in a pool thread and verify it.
+
+        The server's CRC32 (which it also checked on receipt) or its ETag must equal ours.
+        """
+        extra = {"ChecksumAlgorithm": "CRC32"} if upload.crc else {}
+        response = self.part_client.upload_part(
+            Bucket=self.bucket,
+            Key=upload.key,
+            UploadId=upload.upload_id,
+            PartNumber=number,
+            Body=data,
+            **extra,
+        )
+        listing: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
+        if upload.crc:
+            digest = zlib.crc32(data).to_bytes(4, "big")
+            listing["ChecksumCRC32"] = response.get("ChecksumCRC32")
+            ok = listing["ChecksumCRC32"] == base64.b64encode(digest).decode()
+        else:
+            digest = hashlib.md5(data).digest()  # noqa: S324 - S3's ETag, not security
+            ok = response["ETag"].strip('"') == digest.hex()
+        if not ok:
+            raise StorageError(f"part {number} of {upload.key} did not verify")
+        return _Part(listing, digest, len(data))
 
     async def _abort(self, key: str, upload_id: str) -> None:
         with contextlib.suppress(*S3_FAILURES):
