@@ -290,6 +290,7 @@ async def test_resync_of_an_unchanged_folder_uploads_nothing(service: ArtifactSy
     files["artifacts/weights.bin"] = os.urandom(20 * MiB)  # multipart
     task_id = make_task(service.settings, files)
     calls: list[str] = []
+
     def count(event_name: str, **_: object) -> None:
         calls.append(event_name.rsplit(".", 1)[-1])
 
