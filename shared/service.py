@@ -18,7 +18,7 @@ from typing import Protocol
 import structlog
 from pydantic import ValidationError
 
-from shared.errors import BrokerError, StoreError
+from shared.errors import BrokerError, StoreError, TradePlatError
 from shared.logging import configure_logging
 from shared.settings import Settings, describe_settings_error
 
@@ -93,7 +93,11 @@ def main(name: str, factory: Callable[[Settings], Service]) -> None:
         print(f"{name}: bad settings: {describe_settings_error(e)}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings, service=name)
-    service = factory(settings)
+    try:
+        service = factory(settings)
+    except TradePlatError as e:  # a setting this service cannot work with (no storage...)
+        print(f"{name}: cannot start: {e}", file=sys.stderr)
+        sys.exit(2)
     asyncio.run(run_until_signalled(service))
     action = getattr(service, "exit_action", None)
     if action == "reexec":

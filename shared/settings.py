@@ -249,6 +249,14 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
+    def _check_storage(self) -> Settings:
+        if self.artifact_backend == "path" and self.artifact_dir is None:
+            raise ValueError("TP_ARTIFACT_DIR: required with TP_ARTIFACT_BACKEND=path")
+        if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
+            raise ValueError("TP_S3_ACCESS_KEY_ID and TP_S3_SECRET_ACCESS_KEY: set both or neither")
+        return self
+
+    @model_validator(mode="after")
     def _check_tls_files(self) -> Settings:
         for name in (
             "amqp_ca_file",

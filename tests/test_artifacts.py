@@ -198,7 +198,8 @@ async def test_requests_wait_while_artifact_sync_is_down(
         declared = await queue.declare_queue(
             Topology(s3_settings.namespace).queue("artifacts"), passive=True
         )
-        assert declared.declaration_result.message_count == 3
+        # Per task: one request at its first checkpoint, one at its end; all waiting.
+        assert declared.declaration_result.message_count == 6
         await queue.close()
         platform.start("artifact_sync", **env)
         for r in done:
@@ -393,3 +394,152 @@ async def test_network_drive_never_shows_a_partial_file_under_its_final_name(
         (drive / "tasks" / task_id / "manifest.json").read_text()
     )
     assert {e.path for e in manifest.files} == {"artifacts/big.bin", "artifacts/small.txt"}
+
+
+# --- found by trying to break it ---------------------------------------------------------------
+
+
+async def test_an_object_overwritten_in_storage_is_sent_again(service: ArtifactSync) -> None:
+    task_id = make_task(service.settings, {"artifacts/a.bin": b"A" * 4096})
+    await service.sync(request(task_id))
+    s = service.settings
+    key = f"tasks/{task_id}/artifacts/a.bin"
+    s3_client(s).put_object(Bucket=s.s3_bucket, Key=key, Body=b"B" * 4096)  # same size
+    again = await service.sync(request(task_id))
+    assert (again.uploaded, again.skipped) == (1, 0)
+    body = s3_client(s).get_object(Bucket=s.s3_bucket, Key=key)["Body"].read()
+    assert body == b"A" * 4096
+
+
+async def test_a_corrupt_stored_manifest_is_rewritten_and_refused_on_download(
+    service: ArtifactSync, tmp_path: Path
+) -> None:
+    task_id = make_task(service.settings, {"artifacts/a.txt": b"a"})
+    s = service.settings
+    key = f"tasks/{task_id}/manifest.json"
+    s3_client(s).put_object(Bucket=s.s3_bucket, Key=key, Body=b'{"truncated')
+    from shared.storage import StorageError
+
+    with pytest.raises(StorageError, match="unreadable"):
+        await download_artifacts(s, task_id, tmp_path / "d")
+    status = await service.sync(request(task_id))
+    assert status.state is ArtifactState.SYNCED
+    await download_artifacts(s, task_id, tmp_path / "d")
+    assert (tmp_path / "d" / "artifacts" / "a.txt").read_bytes() == b"a"
+
+
+async def test_a_checkpoint_set_is_not_downloaded_as_the_result_unless_asked(
+    service: ArtifactSync, tmp_path: Path
+) -> None:
+    task_id = make_task(service.settings, {"checkpoints/last.pt": b"epoch 3"})
+    mid_run = ArtifactRequest(task_id=task_id, reason="checkpoint", final=False, ts=time.time())
+    assert (await service.sync(mid_run)).complete is False
+    from shared.storage import StorageError
+
+    with pytest.raises(StorageError, match="checkpoint taken while it ran"):
+        await download_artifacts(service.settings, task_id, tmp_path / "d")
+    manifest = await download_artifacts(service.settings, task_id, tmp_path / "d", partial_ok=True)
+    assert not manifest.complete and (tmp_path / "d" / "checkpoints" / "last.pt").exists()
+
+
+async def test_symlinks_collisions_and_long_names(service: ArtifactSync, tmp_path: Path) -> None:
+    s = service.settings
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("PRIVATE")
+    long_name = "x" * 240 + ".csv"
+    task_id = make_task(
+        s,
+        {
+            f"artifacts/{long_name}": b"long",
+            "artifacts/caf\u00e9.txt": b"nfc",
+            "artifacts/cafe\u0301.txt": b"nfd",  # the same name once normalised
+        },
+    )
+    (s.tasks_dir / task_id / "checkpoints").symlink_to(secret)  # a folder pointing elsewhere
+    status = await service.sync(request(task_id))
+    assert status.state is ArtifactState.SYNCED and status.files == 2
+    manifest = await download_artifacts(s, task_id, tmp_path / "d")
+    assert sorted(e.path for e in manifest.files) == sorted(
+        [f"artifacts/{long_name}", "artifacts/caf\u00e9.txt"]
+    )
+    assert (tmp_path / "d" / "artifacts" / long_name).read_bytes() == b"long"
+    assert not any("id_rsa" in e.path for e in manifest.files)
+
+
+async def test_a_download_never_writes_through_planted_symlinks(
+    service: ArtifactSync, tmp_path: Path
+) -> None:
+    task_id = make_task(service.settings, {"artifacts/deep/a.txt": b"a", "artifacts/b.txt": b"b"})
+    await service.sync(request(task_id))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dest = tmp_path / "d"
+    dest.mkdir()
+    (dest / "artifacts").symlink_to(outside)
+    from shared.storage import StorageError
+
+    with pytest.raises(StorageError, match="outside"):
+        await download_artifacts(service.settings, task_id, dest)
+    assert list(outside.iterdir()) == []  # not even a folder was made there
+    (dest / "artifacts").unlink()
+    (dest / "artifacts").mkdir()
+    victim = outside / "victim.txt"
+    victim.write_text("keep me")
+    (dest / "artifacts" / "b.txt").symlink_to(victim)  # a link at a final name is replaced
+    await download_artifacts(service.settings, task_id, dest)
+    assert victim.read_text() == "keep me"
+    assert (dest / "artifacts" / "b.txt").read_bytes() == b"b"
+    assert not (dest / "artifacts" / "b.txt").is_symlink()
+
+
+async def test_a_redis_outage_mid_sync_hands_the_request_back_and_it_completes(
+    platform: Platform, settings: Settings, tmp_path: Path
+) -> None:
+    from tests.netproxy import TcpProxy
+
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    s = settings.model_copy(update={"artifact_backend": "path", "artifact_dir": drive})
+    data = os.urandom(256 * MiB)
+    task_id = make_task(s, {"artifacts/big.bin": data})
+    proxy = TcpProxy("127.0.0.1", 6379)
+    try:
+        proxied = f"redis://127.0.0.1:{proxy.port}/0"
+        platform.start("artifact_sync", **storage_env(s), TP_REDIS_URL=proxied)
+        async with DistributedClient(s) as client:
+            await client.broker.publish_artifact_request(request(task_id))
+            await wait_artifacts(client, task_id, ArtifactState.SYNCING)
+            proxy.cut()
+            await asyncio.sleep(3)
+            proxy.restore()
+            status = await wait_artifacts(client, task_id, ArtifactState.SYNCED)
+        assert status.bytes_done == 256 * MiB
+        final = drive / "tasks" / task_id / "artifacts" / "big.bin"
+        assert hashlib.sha256(final.read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+        assert "delivery_crashed" not in platform.procs["artifact_sync"].log_text()
+    finally:
+        proxy.cut()
+
+
+def test_storage_settings_are_checked_before_anything_starts(settings: Settings) -> None:
+    import subprocess
+    import sys
+
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="TP_ARTIFACT_DIR: required"):
+        Settings(_env_file=None, artifact_backend="path")
+    with pytest.raises(ValidationError, match="set both or neither"):
+        Settings(_env_file=None, s3_access_key_id="only-the-key")
+    for backend, expected in (("path", "TP_ARTIFACT_DIR"), ("none", "cannot start")):
+        env = service_env(settings, TP_ARTIFACT_BACKEND=backend)
+        done = subprocess.run(
+            [sys.executable, "-m", "services.artifact_sync"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 2 and expected in done.stderr, done.stderr

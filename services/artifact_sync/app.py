@@ -15,13 +15,14 @@ from collections import defaultdict
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from redis.exceptions import RedisError
 
 from services.artifact_sync.syncer import Progress, status_of, sync_task
 from shared.artifacts import ArtifactEvent, ArtifactRequest, ArtifactState, ArtifactStatus
 from shared.broker import BROKER_FAILURES, Broker
 from shared.constants import FINISHED_TASK_TTL_S, ROUTE_ARTIFACTS
 from shared.consuming import handle_delivery, settle
-from shared.errors import BrokerError, DecodeError
+from shared.errors import BrokerError, DecodeError, StoreError
 from shared.messages import decode
 from shared.settings import Settings
 from shared.storage import Storage, StorageError, open_storage, safe_task_id
@@ -95,65 +96,79 @@ class ArtifactSync:
         await settle(message)
 
     async def sync(self, request: ArtifactRequest) -> ArtifactStatus:
-        """Sync one task, retrying with back-off; returns the final ``synced``/``failed`` status."""
-        s = self.settings
+        """Sync one task, retrying with back-off; returns the final ``synced``/``failed`` status.
+
+        Raises:
+            StoreError: Redis failed (the caller hands the request back to the queue).
+        """
         async with self._locks[request.task_id]:
-            delay = s.artifact_retry_base_s
-            for attempt in range(1, s.artifact_max_attempts + 1):
-                progress = Progress()
-                try:
-                    await self._sync_once(request, progress, attempt)
-                except (StorageError, OSError) as e:
-                    error = str(e)
-                    log.warning("artifact_sync_failed", attempt=attempt, error=error)
-                    if attempt == s.artifact_max_attempts or isinstance(e, FileNotFoundError):
-                        return await self._record(
-                            status_of(
-                                request,
-                                self.storage,
-                                ArtifactState.FAILED,
-                                progress,
-                                attempts=attempt,
-                                error=error,
-                            )
-                        )
-                    await asyncio.sleep(delay)
-                    delay *= 2
-                else:
-                    status = status_of(
-                        request, self.storage, ArtifactState.SYNCED, progress, attempts=attempt
+            return await self._sync_with_retries(request)
+
+    async def _sync_with_retries(self, request: ArtifactRequest) -> ArtifactStatus:
+        s = self.settings
+        delay = s.artifact_retry_base_s
+        attempt = 0
+        while True:
+            attempt += 1
+            progress = Progress()
+            try:
+                await self._sync_once(request, progress, attempt)
+            except StoreError:
+                raise
+            except Exception as e:  # storage, disk, or a bug: recorded, never a silent stop
+                error = str(e) if isinstance(e, (StorageError, OSError)) else repr(e)
+                final = attempt >= s.artifact_max_attempts or not isinstance(e, StorageError)
+                if final or isinstance(e, FileNotFoundError):
+                    log.error("artifact_sync_failed", attempts=attempt, error=error)
+                    failed = status_of(
+                        request,
+                        self.storage,
+                        ArtifactState.FAILED,
+                        progress,
+                        attempts=attempt,
+                        error=error,
                     )
-                    log.info(
-                        "artifacts_synced", uploaded=progress.uploaded, skipped=progress.skipped
-                    )
-                    return await self._record(status)
-        raise AssertionError("unreachable")  # pragma: no cover
+                    return await self._record(failed)
+                log.info("artifact_sync_retry", attempt=attempt, error=error, retry_in_s=delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+            else:
+                status = status_of(
+                    request, self.storage, ArtifactState.SYNCED, progress, attempts=attempt
+                )
+                log.info("artifacts_synced", uploaded=progress.uploaded, skipped=progress.skipped)
+                return await self._record(status)
 
     async def _sync_once(self, request: ArtifactRequest, progress: Progress, attempt: int) -> None:
         task_dir = self.settings.tasks_dir / request.task_id
-        syncing = status_of(
-            request, self.storage, ArtifactState.SYNCING, progress, attempts=attempt
-        )
-        await self._record(syncing)
+
+        def now(state: ArtifactState) -> ArtifactStatus:
+            return status_of(request, self.storage, state, progress, attempts=attempt)
+
+        await self._record(now(ArtifactState.SYNCING))
         job = asyncio.create_task(
             sync_task(self.storage, request, task_dir, progress, opener=self.opener)
         )
-        while not job.done():
-            await asyncio.wait({job}, timeout=PROGRESS_WRITE_S)
-            if not job.done():
-                await self._write(
-                    status_of(
-                        request, self.storage, ArtifactState.SYNCING, progress, attempts=attempt
-                    )
-                )
-        await job
+        try:
+            while not job.done():
+                await asyncio.wait({job}, timeout=PROGRESS_WRITE_S)
+                if not job.done():
+                    with contextlib.suppress(StoreError):  # progress is news; the end is not
+                        await self._write(now(ArtifactState.SYNCING))
+            await job
+        finally:
+            job.cancel()  # never left running behind a failure (a lost Redis, a cancel)
+            await asyncio.gather(job, return_exceptions=True)
 
     async def _write(self, status: ArtifactStatus) -> None:
-        await self.store.redis.set(
-            self.store.keys.artifacts(status.task_id),
-            status.model_dump_json(),
-            ex=FINISHED_TASK_TTL_S,
-        )
+        try:
+            await self.store.redis.set(
+                self.store.keys.artifacts(status.task_id),
+                status.model_dump_json(),
+                ex=FINISHED_TASK_TTL_S,
+            )
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis write of the artifact state failed: {e}") from e
 
     async def _record(self, status: ArtifactStatus) -> ArtifactStatus:
         """Write the status and announce a change of state."""

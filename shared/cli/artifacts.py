@@ -20,7 +20,7 @@ from shared.storage import Manifest
 artifacts_app = typer.Typer(help="Artifact sync to shared storage.", no_args_is_help=True)
 
 
-def download_into(task_id: str, dest: Path, *, quiet: bool) -> Manifest:
+def download_into(task_id: str, dest: Path, *, quiet: bool, partial_ok: bool = False) -> Manifest:
     """Fetch the task's artifacts from shared storage into ``dest``; exit 1 on failure.
 
     Needs only the storage settings (``TP_ARTIFACT_BACKEND`` and its ``TP_S3_*``/
@@ -28,8 +28,8 @@ def download_into(task_id: str, dest: Path, *, quiet: bool) -> Manifest:
     """
     settings = load_settings()
     try:
-        manifest = run(download_artifacts(settings, task_id, dest))
-    except TradePlatError as e:
+        manifest = run(download_artifacts(settings, task_id, dest, partial_ok=partial_ok))
+    except (TradePlatError, OSError) as e:
         fail(f"download failed: {e}", 1)
     if not quiet:
         size = manifest.total_bytes
@@ -45,10 +45,13 @@ def download_into(task_id: str, dest: Path, *, quiet: bool) -> Manifest:
 
 def _row(status: ArtifactStatus) -> list[str]:
     colour = {"synced": "green", "failed": "red"}.get(status.state.value, "cyan")
+    state = status.state.value
+    if status.state.value == "synced" and not status.complete:
+        state += " (checkpoint)"
     share = f"{status.bytes_done}/{status.bytes_total}"
     return [
         escape(status.task_id),
-        f"[{colour}]{status.state.value}[/{colour}]",
+        f"[{colour}]{state}[/{colour}]",
         f"{status.files} ({status.uploaded} copied, {status.skipped} unchanged)",
         share,
         str(status.attempts),
@@ -68,9 +71,12 @@ def status(
     if as_json:
         print(json.dumps([s.model_dump(mode="json") for s in found], indent=2))
         return
+    if not found and task_id:
+        err.print(f"no artifact sync recorded for task {task_id}")
+        raise typer.Exit(4)
     if not found:
         err.print("no artifact sync recorded (is TP_ARTIFACT_BACKEND set on the desktop?)")
-        raise typer.Exit(4 if task_id else 0)
+        return
     table = Table("task id", "state", "files", "bytes", "tries", "location", "updated", "error")
     for s in found:
         table.add_row(*_row(s))

@@ -397,10 +397,14 @@ def try_record(task_id: str) -> TaskRecord | None:
 
     try:
         return run(read())
-    except TaskNotFoundError as e:
-        fail(str(e), 4)
+    except TaskNotFoundError as e:  # its record may have expired while its artifacts remain
+        err.print(f"note: {escape(str(e))}; trying shared storage with the id as given")
+        return None
     except (StoreError, BrokerError) as e:
-        err.print(f"note: desktop unreachable ({escape(str(e))}); using shared storage only")
+        err.print(
+            f"note: desktop unreachable ({escape(str(e))}); using shared storage only, "
+            "which needs the full task id"
+        )
         return None
 
 
@@ -415,13 +419,17 @@ def result(
             "works with the desktop off when given the full task id.",
         ),
     ] = None,
+    partial: Annotated[
+        bool,
+        typer.Option("--partial", help="With --download, accept a set synced mid-run."),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Show a finished task's result and metrics (exit 1 if it failed)."""
     if download is not None:
         record_or_none = try_record(task_id)
         full_id = record_or_none.task_id if record_or_none else task_id
-        download_into(full_id, download, quiet=as_json)
+        download_into(full_id, download, quiet=as_json, partial_ok=partial)
         if record_or_none is None:
             return
     record: TaskRecord = with_client(lambda c: c.status(task_id))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Protocol
+
+from pydantic import ValidationError
 
 from shared.errors import TradePlatError
 from shared.settings import Settings
@@ -24,6 +28,40 @@ def open_binary(path: Path) -> IO[bytes]:
 
 class StorageError(TradePlatError):
     """A copy to or from shared storage failed (the message says which file and why)."""
+
+
+class ManifestCorruptError(StorageError):
+    """The stored manifest is not a manifest (truncated, tampered with)."""
+
+
+#: Temporary files are named ``.tp-partial-<8 hex>`` in the final file's folder: short, so a
+#: long final name still fits the filesystem's limit, and exact, so no user file is mistaken
+#: for one.
+_PARTIAL = re.compile(r"^\.tp-partial-[0-9a-f]{8}$")
+
+
+def partial_name() -> str:
+    """A fresh temporary file name."""
+    return f".tp-partial-{uuid.uuid4().hex[:8]}"
+
+
+def is_partial(name: str) -> bool:
+    """True for a name ``partial_name`` makes."""
+    return bool(_PARTIAL.match(name))
+
+
+def parse_manifest(data: str | bytes, where: str) -> Manifest:
+    """Validate a stored manifest.
+
+    Raises:
+        ManifestCorruptError: it does not parse as one.
+    """
+    try:
+        return Manifest.model_validate_json(data)
+    except ValidationError as e:
+        raise ManifestCorruptError(
+            f"the manifest at {where} is unreadable: {e.errors()[0]['msg']}"
+        ) from e
 
 
 class Storage(Protocol):
@@ -47,8 +85,8 @@ class Storage(Protocol):
         """The task's manifest, or None if none was written yet."""
         ...
 
-    async def sizes(self, task_id: str) -> dict[str, int]:
-        """Stored files of the task (not the manifest) and their sizes in bytes."""
+    async def stored(self, task_id: str) -> dict[str, tuple[int, str | None]]:
+        """Stored files of the task (not the manifest): ``(size in bytes, ETag or None)``."""
         ...
 
     async def upload(
@@ -59,8 +97,11 @@ class Storage(Protocol):
         *,
         on_bytes: Callable[[int], None],
         opener: Opener = open_binary,
-    ) -> None:
+    ) -> str | None:
         """Copy ``source`` to ``entry.path``, verified; nothing partial stays under that name.
+
+        Returns:
+            The stored object's ETag (S3), or None.
 
         Raises:
             StorageError: the copy failed or did not verify (the partial copy was removed).

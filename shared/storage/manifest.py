@@ -17,6 +17,9 @@ class ManifestEntry(BaseModel):
     path: str
     size: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    #: The stored object's ETag when it was uploaded (S3), so a re-sync notices an object that
+    #: was overwritten since; None on the path backend.
+    etag: str | None = Field(None, max_length=200)
 
 
 class Manifest(BaseModel):

@@ -12,15 +12,19 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.storage.base import MANIFEST_NAME, Opener, StorageError, open_binary
+from shared.storage.base import (
+    MANIFEST_NAME,
+    Opener,
+    StorageError,
+    is_partial,
+    open_binary,
+    parse_manifest,
+    partial_name,
+)
 from shared.storage.manifest import HASH_CHUNK, Manifest, ManifestEntry
-
-#: Marker in temporary names; readers and ``sizes`` ignore such files.
-PARTIAL_MARK = ".tp-partial-"
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -42,7 +46,7 @@ def atomic_copy(
     version, or complete.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
+    tmp = dest.with_name(partial_name())
     digest = hashlib.sha256()
     try:
         with tmp.open("wb") as out:
@@ -89,21 +93,21 @@ class PathStorage:
             text = await asyncio.to_thread(path.read_text)
         except FileNotFoundError:
             return None
-        return Manifest.model_validate_json(text)
+        return parse_manifest(text, str(path))
 
-    async def sizes(self, task_id: str) -> dict[str, int]:  # noqa: D102
-        return await asyncio.to_thread(self._sizes, self.folder(task_id))
+    async def stored(self, task_id: str) -> dict[str, tuple[int, str | None]]:  # noqa: D102
+        return await asyncio.to_thread(self._stored, self.folder(task_id))
 
     @staticmethod
-    def _sizes(folder: Path) -> dict[str, int]:
-        found: dict[str, int] = {}
+    def _stored(folder: Path) -> dict[str, tuple[int, str | None]]:
+        found: dict[str, tuple[int, str | None]] = {}
         if not folder.is_dir():
             return found
         for path in folder.rglob("*"):
-            if path.is_file() and PARTIAL_MARK not in path.name:
+            if path.is_file() and not is_partial(path.name):
                 rel = path.relative_to(folder).as_posix()
                 if rel != MANIFEST_NAME:
-                    found[rel] = path.stat().st_size
+                    found[rel] = (path.stat().st_size, None)
         return found
 
     async def upload(  # noqa: D102
@@ -114,7 +118,7 @@ class PathStorage:
         *,
         on_bytes: Callable[[int], None],
         opener: Opener = open_binary,
-    ) -> None:
+    ) -> str | None:
         dest = self.folder(task_id) / entry.path
 
         def copy() -> str:
@@ -127,6 +131,7 @@ class PathStorage:
             raise StorageError(f"copy of {entry.path} to {dest} failed: {e}") from e
         if written != entry.sha256:
             raise StorageError(f"{entry.path} changed while it was copied (SHA-256 differs)")
+        return None
 
     async def write_manifest(self, manifest: Manifest) -> None:  # noqa: D102
         data = manifest.model_dump_json(indent=1).encode()
@@ -157,7 +162,8 @@ class PathStorage:
     async def remove_partial(self, task_id: str) -> int:  # noqa: D102
         def remove() -> int:
             folder = self.folder(task_id)
-            stale = [p for p in folder.rglob(f"*{PARTIAL_MARK}*")] if folder.is_dir() else []
+            found = folder.rglob(".tp-partial-*") if folder.is_dir() else []
+            stale = [p for p in found if is_partial(p.name)]
             for path in stale:
                 with contextlib.suppress(OSError):
                     path.unlink()

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import os
 import threading
 import zlib
 from collections.abc import Callable
@@ -27,18 +28,25 @@ from pathlib import Path
 from typing import Any
 
 import aioboto3
+import aiohttp
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from shared.settings import Settings
-from shared.storage.base import MANIFEST_NAME, Opener, StorageError, open_binary
+from shared.storage.base import (
+    MANIFEST_NAME,
+    Opener,
+    StorageError,
+    open_binary,
+    parse_manifest,
+)
 from shared.storage.manifest import HASH_CHUNK, Manifest, ManifestEntry
 
 #: Parts of one file in flight at most: 8 x 16 MiB parts bound the memory a large file takes.
 PART_CONCURRENCY = 8
 #: What botocore and aiohttp raise for a failed request.
-S3_FAILURES = (BotoCoreError, ClientError, OSError, asyncio.TimeoutError)
+S3_FAILURES = (BotoCoreError, ClientError, OSError, asyncio.TimeoutError, aiohttp.ClientError)
 
 
 @dataclass(frozen=True)
@@ -155,18 +163,18 @@ class S3Storage:
             raise StorageError(f"reading the manifest of {task_id} failed: {e}") from e
         except S3_FAILURES as e:
             raise StorageError(f"reading the manifest of {task_id} failed: {e}") from e
-        return Manifest.model_validate_json(data)
+        return parse_manifest(data, self.location(task_id) + MANIFEST_NAME)
 
-    async def sizes(self, task_id: str) -> dict[str, int]:  # noqa: D102
+    async def stored(self, task_id: str) -> dict[str, tuple[int, str | None]]:  # noqa: D102
         base = self.key(task_id, "")
-        found: dict[str, int] = {}
+        found: dict[str, tuple[int, str | None]] = {}
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             async for page in paginator.paginate(Bucket=self.bucket, Prefix=base):
                 for item in page.get("Contents", []):
                     rel = item["Key"][len(base) :]
                     if rel != MANIFEST_NAME:
-                        found[rel] = int(item["Size"])
+                        found[rel] = (int(item["Size"]), str(item["ETag"]).strip('"'))
         except S3_FAILURES as e:
             raise StorageError(f"listing {self.location(task_id)} failed: {e}") from e
         return found
@@ -179,14 +187,13 @@ class S3Storage:
         *,
         on_bytes: Callable[[int], None],
         opener: Opener = open_binary,
-    ) -> None:
+    ) -> str | None:
         key = self.key(task_id, entry.path)
         async with self._files:
             try:
                 if entry.size < self.settings.artifact_multipart_threshold_bytes:
-                    await self._put_small(key, entry, source, opener, on_bytes)
-                else:
-                    await self._put_multipart(key, entry, source, opener, on_bytes)
+                    return await self._put_small(key, entry, source, opener, on_bytes)
+                return await self._put_multipart(key, entry, source, opener, on_bytes)
             except S3_FAILURES as e:
                 raise StorageError(f"upload of {entry.path} to {key} failed: {e}") from e
 
@@ -197,7 +204,7 @@ class S3Storage:
         source: Path,
         opener: Opener,
         on_bytes: Callable[[int], None],
-    ) -> None:
+    ) -> str:
         def read() -> tuple[bytes, bytes, str]:
             with opener(source) as f:
                 data = f.read()
@@ -215,6 +222,7 @@ class S3Storage:
         )
         self._verify(entry, response["ETag"], md5.hex())
         on_bytes(len(data))
+        return str(response["ETag"]).strip('"')
 
     async def _put_multipart(
         self,
@@ -223,7 +231,7 @@ class S3Storage:
         source: Path,
         opener: Opener,
         on_bytes: Callable[[int], None],
-    ) -> None:
+    ) -> str:
         part_size = self.settings.artifact_part_size_bytes
         count = max(1, -(-entry.size // part_size))
         crc = self.settings.s3_part_checksum == "crc32"
@@ -249,6 +257,7 @@ class S3Storage:
             digests = b"".join(p.digest for p in parts)
             expected = hashlib.md5(digests).hexdigest() + f"-{count}"  # noqa: S324
             self._verify(entry, done["ETag"], expected)
+        return str(done["ETag"]).strip('"')
 
     async def _send_parts(
         self, f: Any, upload: _Upload, count: int, on_bytes: Callable[[int], None]
@@ -331,17 +340,20 @@ class S3Storage:
             raise StorageError(f"writing the manifest of {manifest.task_id} failed: {e}") from e
 
     async def download(self, task_id: str, rel: str, dest: Path) -> None:  # noqa: D102
-        dest.parent.mkdir(parents=True, exist_ok=True)
         try:
             response = await self.client.get_object(Bucket=self.bucket, Key=self.key(task_id, rel))
             body = response["Body"]
             try:
-                with dest.open("wb") as out:
+                # O_EXCL | O_NOFOLLOW: never write through a symlink planted at ``dest``.
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                with os.fdopen(os.open(dest, flags, 0o644), "wb") as out:
                     while chunk := await body.read(HASH_CHUNK):
                         await asyncio.to_thread(out.write, chunk)
             finally:
                 body.close()
         except S3_FAILURES as e:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(dest.unlink)
             raise StorageError(f"download of {rel} failed: {e}") from e
 
     async def remove_partial(self, task_id: str) -> int:  # noqa: D102

@@ -35,6 +35,7 @@ def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
         time.sleep(step_s)
         done += 1
         _save_step(ctx.checkpoint_path, done)
+        ctx.checkpoint_saved()
         ctx.report_progress(done / config.steps, f"step {done}/{config.steps} pid {os.getpid()}")
     if config.crash:
         os.kill(os.getpid(), signal.SIGKILL)
