@@ -8,7 +8,9 @@ prefetch never limits publishing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
@@ -110,6 +112,32 @@ class Broker:
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=prefetch)
         return channel
+
+    async def follow_control(
+        self,
+        routing_key: str,
+        on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
+        *,
+        prefetch: int = 16,
+    ) -> AbstractChannel:
+        """Consume ``routing_key`` of the control exchange on a new channel (no ack: commands).
+
+        An exclusive auto-delete queue per process: every worker (or git-sync) hears every
+        command and picks those meant for it. Close the returned channel with ``close_channel``.
+        """
+        channel = await self.consumer_channel(prefetch)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        control = await channel.get_exchange(self.topology.control_exchange)
+        await queue.bind(control, routing_key=routing_key)
+        await queue.consume(on_message, no_ack=True)
+        return channel
+
+    @staticmethod
+    async def close_channel(channel: AbstractChannel | None, timeout_s: float = 5.0) -> None:
+        """Close a channel if it is open; bounded, and quiet when the broker is gone."""
+        if channel is not None and not channel.is_closed:
+            with contextlib.suppress(*BROKER_FAILURES):
+                await asyncio.wait_for(channel.close(), timeout_s)
 
     async def publish_submission(
         self, submission: TaskSubmission, route: str = ROUTE_SUBMIT

@@ -25,6 +25,9 @@ from shared.client import DistributedClient
 from shared.settings import Settings, service_environment
 from shared.topology import Topology
 
+#: Fixtures of real git repositories and of a real S3 server, for the tests that use them.
+pytest_plugins = ["tests.gitrepos", "tests.s3server"]
+
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("TP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TP_REDIS_URL", "redis://127.0.0.1:6379/0")

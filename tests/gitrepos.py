@@ -84,3 +84,16 @@ def make_repos(root: Path) -> Repos:
     repos.commit(laptop, "strategy.py", "FAST = 10\n", push=True)
     git(root, "clone", "-q", str(origin), str(desktop))
     return repos
+
+
+@pytest.fixture
+def isolated_git(monkeypatch: pytest.MonkeyPatch) -> None:
+    """git in the test process and its children ignores the machine's config and helpers."""
+    for name, value in GIT_TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
+def repos(tmp_path: Path, isolated_git: None) -> Repos:
+    """Origin, desktop and laptop repositories for one test."""
+    return make_repos(tmp_path)

@@ -31,14 +31,13 @@ from shared.storage import Manifest, ManifestEntry, UnsafeNameError, safe_relpat
 from shared.storage.base import open_binary
 from shared.topology import Topology
 from tests.conftest import Platform, service_env, tradectl
-from tests.s3server import s3_endpoint  # noqa: F401 - the session fixture
 
 MiB = 1024 * 1024
 WAIT_S = 120
 
 
 @pytest.fixture
-def s3_settings(settings: Settings, s3_endpoint: str) -> Settings:  # noqa: F811
+def s3_settings(settings: Settings, s3_endpoint: str) -> Settings:
     """The test's settings with a fresh bucket on the moto server."""
     bucket = f"t-{settings.namespace}"
     s = settings.model_copy(

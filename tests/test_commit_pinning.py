@@ -19,20 +19,12 @@ from shared.errors import CommitCheckError
 from shared.messages import TaskState
 from shared.settings import Settings
 from tests.conftest import Platform, service_env, tradectl
-from tests.gitrepos import GIT_TEST_ENV, Repos, git, make_repos
+from tests.gitrepos import Repos, git
 
 WAIT_S = 120
 
 
-@pytest.fixture(autouse=True)
-def isolated_git(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in GIT_TEST_ENV.items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture
-def repos(tmp_path: Path) -> Repos:
-    return make_repos(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_git")
 
 
 @pytest.fixture

@@ -23,19 +23,9 @@ from shared.gitsync import SyncEvent, SyncState, SyncStatus
 from shared.messages import decode
 from shared.settings import Settings
 from tests.conftest import Platform, service_env, tradectl
-from tests.gitrepos import GIT_TEST_ENV, Repos, git, make_repos
+from tests.gitrepos import Repos, git
 
-
-@pytest.fixture(autouse=True)
-def isolated_git(monkeypatch: pytest.MonkeyPatch) -> None:
-    """git in this process and its children ignores the machine's config and helpers."""
-    for name, value in GIT_TEST_ENV.items():
-        monkeypatch.setenv(name, value)
-
-
-@pytest.fixture
-def repos(tmp_path: Path) -> Repos:
-    return make_repos(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_git")
 
 
 def desktop_settings(settings: Settings, repos: Repos, **extra: object) -> Settings:

@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 
 from services.artifact_sync.syncer import Progress, status_of, sync_task
 from shared.artifacts import ArtifactEvent, ArtifactRequest, ArtifactState, ArtifactStatus
-from shared.broker import BROKER_FAILURES, Broker
+from shared.broker import Broker
 from shared.constants import FINISHED_TASK_TTL_S, ROUTE_ARTIFACTS
 from shared.consuming import handle_delivery, settle
 from shared.errors import BrokerError, DecodeError, StoreError
@@ -61,9 +61,7 @@ class ArtifactSync:
         log.info("artifact_sync_ready", backend=self.storage.kind)
 
     async def stop(self) -> None:
-        if self._channel is not None and not self._channel.is_closed:
-            with contextlib.suppress(*BROKER_FAILURES):
-                await asyncio.wait_for(self._channel.close(), 5)
+        await self.broker.close_channel(self._channel)
         self._channel = None
         await self.storage.__aexit__(None, None, None)
         await self.broker.stop()

@@ -23,7 +23,7 @@ from services.git_sync.gitproc import (
     run_git,
     summarise,
 )
-from shared.broker import BROKER_FAILURES, Broker
+from shared.broker import Broker
 from shared.errors import BrokerError, DecodeError, StoreError
 from shared.gitsync import SyncEvent, SyncRequest, SyncState, SyncStatus
 from shared.messages import decode
@@ -62,11 +62,7 @@ class GitSync:
             log.warning("leftover_fetch_killed", note="an earlier git-sync died mid-fetch")
         await self.store.start()
         await self.broker.start()
-        self._control = await self.broker.consumer_channel(prefetch=8)
-        queue = await self._control.declare_queue(exclusive=True, auto_delete=True)
-        control = await self._control.get_exchange(self.broker.topology.control_exchange)
-        await queue.bind(control, routing_key="sync.now")
-        await queue.consume(self.on_request, no_ack=True)
+        self._control = await self.broker.follow_control("sync.now", self.on_request)
         self._loop = asyncio.create_task(self._run(), name="git-sync")
         log.info("git_sync_ready", repo=str(self.repo_dir), remote=self.settings.git_remote)
 
@@ -75,9 +71,7 @@ class GitSync:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
             self._loop = None
-        if self._control is not None and not self._control.is_closed:
-            with contextlib.suppress(*BROKER_FAILURES):
-                await asyncio.wait_for(self._control.close(), 5)
+        await self.broker.close_channel(self._control)
         self._control = None
         await self.broker.stop()
         await self.store.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -14,7 +13,7 @@ from services.gpu_worker.execution import TaskExecution, WorkerEnv
 from services.gpu_worker.heartbeat import Heartbeat
 from services.gpu_worker.lane import Lane
 from services.gpu_worker.outcome import StopReason
-from shared.broker import BROKER_FAILURES, Broker
+from shared.broker import Broker
 from shared.constants import CHILD_EXIT_GRACE_S, ROUTE_CPU, ROUTE_GPU
 from shared.errors import DecodeError
 from shared.gitinfo import head_commit
@@ -67,11 +66,7 @@ class Worker:
                 lane = Lane(route, slots, self.env, self.gate)
                 await lane.start()
                 self.lanes.append(lane)
-        self._control = await self.broker.consumer_channel(prefetch=16)
-        queue = await self._control.declare_queue(exclusive=True, auto_delete=True)
-        control = await self._control.get_exchange(self.broker.topology.control_exchange)
-        await queue.bind(control, routing_key="task.cancel")
-        await queue.consume(self.on_control, no_ack=True)
+        self._control = await self.broker.follow_control("task.cancel", self.on_control)
         self.heartbeat.start()
         if self.settings.worker_code_update != "ignore":
             self.code_watcher.start()
@@ -149,9 +144,7 @@ class Worker:
         for lane in self.lanes:
             await lane.close()
         self.lanes = []
-        if self._control is not None and not self._control.is_closed:
-            with contextlib.suppress(*BROKER_FAILURES):
-                await asyncio.wait_for(self._control.close(), 5)
+        await self.broker.close_channel(self._control)
         self._control = None
         await self.broker.stop()
         await self.store.stop()
