@@ -22,7 +22,6 @@ from typing import Any, TypeVar
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from redis.exceptions import RedisError
 
 from shared.artifacts import ArtifactRequest, ArtifactStatus
 from shared.broker import Broker
@@ -228,19 +227,14 @@ class DistributedClient:
         Raises:
             StoreError: Redis failed.
         """
-        redis, keys = self.store.redis, self.store.keys
-        try:
-            if task_id is not None:
-                # The sync state can outlive (or predate) the task's record.
-                with contextlib.suppress(TaskNotFoundError):
-                    task_id = await self.store.resolve_id(task_id)
-                names = [keys.artifacts(task_id)]
-            else:
-                names = [k async for k in redis.scan_iter(keys.artifacts_pattern, count=1000)]
-            raw = await redis.mget(names) if names else []
-        except (RedisError, OSError) as e:
-            raise StoreError(f"Redis read of artifact status failed: {e}") from e
-        found = [ArtifactStatus.model_validate_json(r) for r in raw if r]
+        keys = self.store.keys
+        if task_id is None:
+            found = await self.store.load_reports(ArtifactStatus, pattern=keys.artifacts_pattern)
+        else:
+            # The sync state can outlive (or predate) the task's record.
+            with contextlib.suppress(TaskNotFoundError):
+                task_id = await self.store.resolve_id(task_id)
+            found = await self.store.load_reports(ArtifactStatus, keys=[keys.artifacts(task_id)])
         return sorted(found, key=lambda st: st.updated_at, reverse=True)
 
     async def request_artifact_sync(self, task_id: str) -> str:
@@ -260,12 +254,8 @@ class DistributedClient:
         Raises:
             StoreError: Redis failed.
         """
-        try:
-            keys = [k async for k in self.store.redis.scan_iter(self.store.keys.git_sync_pattern)]
-            raw = await self.store.redis.mget(keys) if keys else []
-        except (RedisError, OSError) as e:
-            raise StoreError(f"Redis read of git-sync status failed: {e}") from e
-        found = [SyncStatus.model_validate_json(r) for r in raw if r]
+        pattern = self.store.keys.git_sync_pattern
+        found = await self.store.load_reports(SyncStatus, pattern=pattern)
         return sorted(found, key=lambda st: st.host)
 
     async def sync_now(self, *, host: str | None = None, wait_s: float = 90.0) -> list[SyncStatus]:

@@ -196,6 +196,7 @@ return {1, tostring(now - since)}
 
 P = ParamSpec("P")
 R = TypeVar("R")
+M = TypeVar("M", bound=BaseModel)
 
 
 def _store_errors(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -532,6 +533,33 @@ class StatusStore:
         once.
         """
         await self.redis.zrem(self.keys.retries, task_id)
+
+    @_store_errors
+    async def save_report(self, key: str, report: BaseModel, *, ttl_s: int | None = None) -> None:
+        """Store a service's JSON report (git-sync or artifact state) at ``key``.
+
+        Args:
+            key: from ``Keys`` (``git_sync(host)``, ``artifacts(task_id)``).
+            report: the pydantic model to store.
+            ttl_s: expire after this many seconds; None keeps it.
+        """
+        await self.redis.set(key, report.model_dump_json(), ex=ttl_s)
+
+    @_store_errors
+    async def load_reports(
+        self, model: type[M], *, keys: list[str] | None = None, pattern: str = ""
+    ) -> list[M]:
+        """Reports stored with ``save_report``.
+
+        Args:
+            model: the pydantic model they were stored as.
+            keys: these keys (missing ones are left out); else
+            pattern: every key matching this glob (``Keys.git_sync_pattern``).
+        """
+        if keys is None:
+            keys = [k async for k in self.redis.scan_iter(match=pattern, count=1000)]
+        raw = await self.redis.mget(keys) if keys else []
+        return [model.model_validate_json(r) for r in raw if r]
 
     async def _now(self) -> float:
         seconds, micros = await self.redis.time()

@@ -15,7 +15,6 @@ from collections import defaultdict
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from redis.exceptions import RedisError
 
 from services.artifact_sync.syncer import Progress, status_of, sync_task
 from shared.artifacts import ArtifactEvent, ArtifactRequest, ArtifactState, ArtifactStatus
@@ -159,14 +158,8 @@ class ArtifactSync:
             await asyncio.gather(job, return_exceptions=True)
 
     async def _write(self, status: ArtifactStatus) -> None:
-        try:
-            await self.store.redis.set(
-                self.store.keys.artifacts(status.task_id),
-                status.model_dump_json(),
-                ex=FINISHED_TASK_TTL_S,
-            )
-        except (RedisError, OSError) as e:
-            raise StoreError(f"Redis write of the artifact state failed: {e}") from e
+        key = self.store.keys.artifacts(status.task_id)
+        await self.store.save_report(key, status, ttl_s=FINISHED_TASK_TTL_S)
 
     async def _record(self, status: ArtifactStatus) -> ArtifactStatus:
         """Write the status and announce a change of state."""

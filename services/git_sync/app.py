@@ -142,19 +142,12 @@ class GitSync:
                 seen = await asyncio.to_thread(inspect, self.repo_dir, s.git_remote, branch)
                 moved = f"{(old_sha or '')[:12]} -> {(seen.local_sha or '')[:12]}"
                 seen = replace(seen, message=f"fast-forwarded {moved}")
-            else:
-                seen = Inspection(
-                    SyncState.DIRTY,
-                    seen.branch,
-                    seen.local_sha,
-                    seen.remote_sha,
-                    seen.ahead,
-                    seen.behind,
-                    message=f"fast-forward refused: {summarise(refused)}",
-                )
+            else:  # git refused (an untracked file would be overwritten): nothing changed
+                refusal = f"fast-forward refused: {summarise(refused)}"
+                seen = replace(seen, state=SyncState.DIRTY, message=refusal)
         status = self._status(seen, fetch_error, fetched_at, previous, updated)
         self.status = status
-        await self.store.redis.set(self.store.keys.git_sync(self.host), status.model_dump_json())
+        await self.store.save_report(self.store.keys.git_sync(self.host), status)
         await self._announce(previous, status, old_sha if updated else None)
         return status
 

@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import structlog
-from redis.exceptions import RedisError
 
 from services.gpu_worker.execution import WorkerEnv
-from shared.errors import BrokerError
+from shared.errors import BrokerError, StoreError
 from shared.gitinfo import contains, head_commit
 from shared.gitsync import SyncRequest, SyncStatus
 from shared.messages import TaskSubmission
@@ -130,13 +129,14 @@ class CommitGate:
 
     async def _checkout_problem(self) -> str | None:
         """Why git-sync cannot bring new commits to this desktop, if its last report says so."""
+        key = self.env.store.keys.git_sync(self.env.name)
         try:
-            raw = await self.env.store.redis.get(self.env.store.keys.git_sync(self.env.name))
-        except (RedisError, OSError):
+            reports = await self.env.store.load_reports(SyncStatus, keys=[key])
+        except StoreError:
             return None
-        if not raw:
+        if not reports:
             return f"no git-sync report from {self.env.name}: is git-sync running here?"
-        status = SyncStatus.model_validate_json(raw)
+        status = reports[0]
         if status.state.is_problem:
             return (
                 f"the desktop checkout is {status.state.value} ({status.message}); git-sync "

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
-from redis.exceptions import RedisError
 
 from services.gpu_worker.outcome import RetryPolicy, StopReason, Verdict, decide
 from services.gpu_worker.runner import ChildJob, ChildOutcome, ChildProcess
@@ -176,13 +175,10 @@ class TaskExecution:
             updated_at=request.ts,
         )
         try:
-            await self.env.store.redis.set(
-                self.env.store.keys.artifacts(request.task_id),
-                pending.model_dump_json(),
-                ex=FINISHED_TASK_TTL_S,
-            )
+            key = self.env.store.keys.artifacts(request.task_id)
+            await self.env.store.save_report(key, pending, ttl_s=FINISHED_TASK_TTL_S)
             await self.env.broker.publish_artifact_request(request)
-        except (BrokerError, RedisError, OSError) as e:
+        except (BrokerError, StoreError) as e:
             log.warning("artifact_request_not_published", error=str(e))
 
     def request_stop(self, reason: StopReason) -> None:
