@@ -254,8 +254,8 @@ class DistributedClient:
         Raises:
             StoreError: Redis failed.
         """
-        pattern = self.store.keys.git_sync_pattern
-        found = await self.store.load_reports(SyncStatus, pattern=pattern)
+        index = self.store.keys.git_sync_index
+        found = await self.store.load_reports(SyncStatus, index=index)
         return sorted(found, key=lambda st: st.host)
 
     async def sync_now(self, *, host: str | None = None, wait_s: float = 90.0) -> list[SyncStatus]:

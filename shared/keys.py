@@ -18,6 +18,7 @@ class Keys:
         ``<ns>:retries``            sorted set of task ids by retry due time (retry pump)
         ``<ns>:worker:<name>``      a worker's heartbeat (JSON, with a TTL)
         ``<ns>:gitsync:<host>``     git-sync's last report for one desktop's checkout (JSON)
+        ``<ns>:gitsync-hosts``      set of those keys
         ``<ns>:artifacts:<id>``     a task's artifact sync state (JSON)
     """
 
@@ -64,9 +65,9 @@ class Keys:
         return f"{self.namespace}:artifacts:*"
 
     @property
-    def git_sync_pattern(self) -> str:
-        """Glob matching every desktop's git-sync status key."""
-        return f"{self.namespace}:gitsync:*"
+    def git_sync_index(self) -> str:
+        """Set of every desktop's git-sync status key (read on each submit: no SCAN)."""
+        return f"{self.namespace}:gitsync-hosts"
 
     @property
     def pattern(self) -> str:

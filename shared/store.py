@@ -535,27 +535,42 @@ class StatusStore:
         await self.redis.zrem(self.keys.retries, task_id)
 
     @_store_errors
-    async def save_report(self, key: str, report: BaseModel, *, ttl_s: int | None = None) -> None:
+    async def save_report(
+        self, key: str, report: BaseModel, *, ttl_s: int | None = None, index: str | None = None
+    ) -> None:
         """Store a service's JSON report (git-sync or artifact state) at ``key``.
 
         Args:
             key: from ``Keys`` (``git_sync(host)``, ``artifacts(task_id)``).
             report: the pydantic model to store.
             ttl_s: expire after this many seconds; None keeps it.
+            index: a set that lists ``key``, so readers find every report without a SCAN.
         """
-        await self.redis.set(key, report.model_dump_json(), ex=ttl_s)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, report.model_dump_json(), ex=ttl_s)
+            if index is not None:
+                pipe.sadd(index, key)
+            await pipe.execute()
 
     @_store_errors
     async def load_reports(
-        self, model: type[M], *, keys: list[str] | None = None, pattern: str = ""
+        self,
+        model: type[M],
+        *,
+        keys: list[str] | None = None,
+        index: str | None = None,
+        pattern: str = "",
     ) -> list[M]:
-        """Reports stored with ``save_report``.
+        """Reports stored with ``save_report``; missing keys are left out.
 
         Args:
             model: the pydantic model they were stored as.
-            keys: these keys (missing ones are left out); else
-            pattern: every key matching this glob (``Keys.git_sync_pattern``).
+            keys: these keys; else
+            index: the keys this set lists (one round trip); else
+            pattern: every key matching this glob (a SCAN of the whole keyspace: for listings).
         """
+        if keys is None and index is not None:
+            keys = sorted(str(k) for k in await self.redis.smembers(index))
         if keys is None:
             keys = [k async for k in self.redis.scan_iter(match=pattern, count=1000)]
         raw = await self.redis.mget(keys) if keys else []

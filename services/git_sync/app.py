@@ -147,7 +147,8 @@ class GitSync:
                 seen = replace(seen, state=SyncState.DIRTY, message=refusal)
         status = self._status(seen, fetch_error, fetched_at, previous, updated)
         self.status = status
-        await self.store.save_report(self.store.keys.git_sync(self.host), status)
+        keys = self.store.keys
+        await self.store.save_report(keys.git_sync(self.host), status, index=keys.git_sync_index)
         await self._announce(previous, status, old_sha if updated else None)
         return status
 
