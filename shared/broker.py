@@ -197,6 +197,21 @@ class Broker:
         """Publish ``sync.now`` on the control exchange: git-sync fetches at once (confirmed)."""
         await self._publish(self.declared.control, "sync.now", encode(request), persistent=False)
 
+    async def announce(self, event: TaskEvent) -> bool:
+        """``publish_event`` as news: a failure is logged, not raised (Redis holds the truth).
+
+        Returns:
+            Whether the broker confirmed the event.
+        """
+        try:
+            await self.publish_event(event)
+        except BrokerError as e:
+            log.warning(
+                "event_not_published", task_id=event.task_id, state=event.state, error=str(e)
+            )
+            return False
+        return True
+
     async def dead_letter(
         self, message: AbstractIncomingMessage, reason: str, *, source_queue: str
     ) -> None:

@@ -104,18 +104,11 @@ class TaskExecution:
         self, state: TaskState, *, error: str | None = None, metrics: dict[str, Any] | None = None
     ) -> None:
         """Publish a state event; best effort, since Redis already holds the truth."""
-        try:
-            await self.env.broker.publish_event(
-                state_event(
-                    self.submission.task_id,
-                    state,
-                    worker=self.env.name,
-                    error=error,
-                    metrics=metrics,
-                )
+        await self.env.broker.announce(
+            state_event(
+                self.submission.task_id, state, worker=self.env.name, error=error, metrics=metrics
             )
-        except BrokerError as e:
-            log.warning("event_not_published", state=state, error=str(e))
+        )
 
     async def on_child_started(self, pid: int) -> None:
         try:

@@ -18,7 +18,7 @@ from services.gpu_worker.commits import CommitGate, Gate
 from services.gpu_worker.execution import TaskExecution, WorkerEnv
 from shared.broker import BROKER_FAILURES
 from shared.consuming import handle_delivery, settle
-from shared.errors import BrokerError, DecodeError
+from shared.errors import DecodeError
 from shared.events import state_event
 from shared.messages import TaskState, TaskSubmission, decode
 
@@ -158,14 +158,9 @@ class Lane:
         )
         if moved.applied:
             log.warning("task_failed_commit_missing", task_id=task_id, error=verdict.failure)
-            try:
-                await self.env.broker.publish_event(
-                    state_event(
-                        task_id, TaskState.FAILED, worker=self.env.name, error=verdict.failure
-                    )
-                )
-            except BrokerError as e:
-                log.warning("event_not_published", error=str(e))
+            await self.env.broker.announce(
+                state_event(task_id, TaskState.FAILED, worker=self.env.name, error=verdict.failure)
+            )
         return False
 
     async def _start(

@@ -90,7 +90,4 @@ class Reaper:
         await self.store.dispatched(task_id)
 
     async def _announce(self, task_id: str, state: TaskState, error: str | None) -> None:
-        try:
-            await self.broker.publish_event(state_event(task_id, state, error=error))
-        except BrokerError as e:
-            log.warning("event_not_published", task_id=task_id, error=str(e))
+        await self.broker.announce(state_event(task_id, state, error=error))
