@@ -197,6 +197,10 @@ class Broker:
         """Publish ``sync.now`` on the control exchange: git-sync fetches at once (confirmed)."""
         await self._publish(self.declared.control, "sync.now", encode(request), persistent=False)
 
+    async def publish_raw_event(self, routing_key: str, body: bytes) -> None:
+        """Publish an already-encoded JSON event (heartbeats, alerts) on the events exchange."""
+        await self._publish(self.declared.events, routing_key, body, persistent=False)
+
     async def announce(self, event: TaskEvent) -> bool:
         """``publish_event`` as news: a failure is logged, not raised (Redis holds the truth).
 

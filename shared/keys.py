@@ -16,7 +16,14 @@ class Keys:
         ``<ns>:tasks``              sorted set of task ids by submit time (listing)
         ``<ns>:leases``             sorted set of running task ids by lease expiry (reaper)
         ``<ns>:retries``            sorted set of task ids by retry due time (retry pump)
-        ``<ns>:worker:<name>``      a worker's heartbeat (JSON, with a TTL)
+        ``<ns>:state:<state>``      sorted set of task ids in that state, scored by when they
+                                    entered it (kept by the store's scripts)
+        ``<ns>:task:<id>:logs``     stream of the task's output and log lines (bounded)
+        ``<ns>:service:<kind>:<name>``  a service's heartbeat (JSON, with a TTL); workers are
+                                    kind ``gpu-worker``
+        ``<ns>:services``           sorted set ``<kind>:<name>`` -> last heartbeat (Unix s), so a
+                                    service whose key expired is known and shown ``offline``
+        ``<ns>:alerts``             list of recent health alerts (JSON, newest first, capped)
         ``<ns>:gitsync:<host>``     git-sync's last report for one desktop's checkout (JSON)
         ``<ns>:gitsync-hosts``      set of those keys
         ``<ns>:artifacts:<id>``     a task's artifact sync state (JSON)
@@ -47,9 +54,36 @@ class Keys:
         """Sorted set of task ids waiting to be retried, scored by due time (Unix s)."""
         return f"{self.namespace}:retries"
 
+    @property
+    def state_prefix(self) -> str:
+        """Prefix of the per-state sorted sets: append a state's value."""
+        return f"{self.namespace}:state:"
+
+    def state_index(self, state: str) -> str:
+        """Sorted set of the ids of tasks in ``state``, scored by when they entered it (Unix s)."""
+        return f"{self.state_prefix}{state}"
+
+    def task_logs(self, task_id: str) -> str:
+        """Stream of a task's output and log lines (``XADD ... MAXLEN ~``)."""
+        return f"{self.namespace}:task:{task_id}:logs"
+
+    def service(self, kind: str, name: str) -> str:
+        """A service's heartbeat key (JSON, expires when the service stops renewing it)."""
+        return f"{self.namespace}:service:{kind}:{name}"
+
     def worker(self, name: str) -> str:
-        """A worker's heartbeat key (JSON, expires when the worker stops renewing it)."""
-        return f"{self.namespace}:worker:{name}"
+        """A gpu-worker's heartbeat key (see ``service``)."""
+        return self.service("gpu-worker", name)
+
+    @property
+    def services(self) -> str:
+        """Sorted set of every service seen, ``<kind>:<name>`` scored by its last heartbeat."""
+        return f"{self.namespace}:services"
+
+    @property
+    def alerts(self) -> str:
+        """List of recent health alerts, newest first (JSON ``HealthAlert``)."""
+        return f"{self.namespace}:alerts"
 
     def git_sync(self, host: str) -> str:
         """git-sync's status for the checkout on ``host`` (JSON ``SyncStatus``)."""

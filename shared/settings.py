@@ -226,6 +226,25 @@ class Settings(BaseSettings):
     artifact_retry_base_s: float = Field(
         2.0, gt=0, description="First back-off between artifact sync tries (s); doubles."
     )
+    heartbeat_interval_s: float = Field(
+        2.0, gt=0, le=60, description="Pause between two heartbeats of a service (s)."
+    )
+    heartbeat_ttl_s: float = Field(
+        6.0,
+        gt=0,
+        le=600,
+        description="A service whose heartbeat is older than this is offline (s).",
+    )
+    health_host: str = Field(
+        "127.0.0.1", description="Address the health-monitor's HTTP server listens on."
+    )
+    health_port: int = Field(8400, ge=0, le=65535, description="Its port (0: any free port).")
+    health_interval_s: float = Field(
+        1.0, gt=0, le=60, description="Pause between two health checks of the monitor (s)."
+    )
+    task_log_max_lines: int = Field(
+        10_000, ge=100, le=1_000_000, description="Lines of output kept per task in Redis."
+    )
 
     @field_validator("amqp_url")
     @classmethod
@@ -254,6 +273,15 @@ class Settings(BaseSettings):
             raise ValueError("TP_ARTIFACT_DIR: required with TP_ARTIFACT_BACKEND=path")
         if (self.s3_access_key_id is None) != (self.s3_secret_access_key is None):
             raise ValueError("TP_S3_ACCESS_KEY_ID and TP_S3_SECRET_ACCESS_KEY: set both or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> Settings:
+        if self.heartbeat_ttl_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                "TP_HEARTBEAT_TTL_S: must be longer than TP_HEARTBEAT_INTERVAL_S "
+                f"({self.heartbeat_ttl_s} <= {self.heartbeat_interval_s})"
+            )
         return self
 
     @model_validator(mode="after")

@@ -21,10 +21,15 @@ from redis.exceptions import RedisError
 from shared.constants import FINISHED_TASK_TTL_S
 from shared.errors import NotConnectedError, StoreError, TaskNotFoundError
 from shared.keys import Keys
-from shared.messages import TaskState, TaskSubmission
+from shared.messages import TERMINAL_STATES, TaskState, TaskSubmission
 from shared.settings import Settings
 
-# KEYS: task hash, history list, index zset. ARGV: spec fields as name/value pairs.
+# Every script below that moves a task also moves its id between the per-state sorted sets
+# ``<prefix><state>`` (score: when it entered that state), the prefix being the last KEYS entry.
+# Those keys are built inside the script, which a single Redis server allows (not a cluster).
+
+# KEYS: task hash, history list, index zset, state-set prefix. ARGV: spec fields as name/value
+# pairs.
 _CREATE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local t = redis.call('TIME')
@@ -33,12 +38,13 @@ redis.call('HSET', KEYS[1], 'state', 'submitted', 'submitted_at', now, 'updated_
            'attempts', 0)
 for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[3], now, redis.call('HGET', KEYS[1], 'task_id'))
+redis.call('ZADD', KEYS[4] .. 'submitted', now, redis.call('HGET', KEYS[1], 'task_id'))
 redis.call('RPUSH', KEYS[2], cjson.encode({to = 'submitted', ts = now, attempt = 0,
   by = redis.call('HGET', KEYS[1], 'submitted_by'), reason = 'submitted'}))
 return 1
 """
 
-# KEYS: task hash, history list, leases zset, retries zset.
+# KEYS: task hash, history list, leases zset, retries zset, state-set prefix.
 # ARGV: new state, by, reason, ttl seconds (0 = keep), owner, owner attempt, n expected, expected
 # states..., then field/value pairs. With an owner, the move applies only if the task's worker and
 # attempts still match (a worker that lost its lease cannot record over the next run). A move to
@@ -68,6 +74,8 @@ end
 local id = redis.call('HGET', KEYS[1], 'task_id')
 local retry = false
 redis.call('HSET', KEYS[1], 'state', new, new .. '_at', now, 'updated_at', now)
+redis.call('ZREM', KEYS[5] .. cur, id)
+redis.call('ZADD', KEYS[5] .. new, now, id)
 for i = 8 + n, #ARGV, 2 do
   local f, v = ARGV[i], ARGV[i + 1]
   if string.sub(f, 1, 1) == '+' then
@@ -118,8 +126,9 @@ redis.call('ZADD', KEYS[2], lease, redis.call('HGET', KEYS[1], 'task_id'))
 return state
 """
 
-# KEYS: task hash, history list, leases zset, retries zset. ARGV: task id, default max attempts,
-# ttl. A requeued task is put in the retries set, due now: the retry pump dispatches it.
+# KEYS: task hash, history list, leases zset, retries zset, state-set prefix. ARGV: task id,
+# default max attempts, ttl. A requeued task is put in the retries set, due now: the retry pump
+# dispatches it.
 # Acts on a task whose lease expired (worker lost): cancelling -> cancelled; running -> queued
 # (to be dispatched again) or failed once attempts reached max_attempts. Returns
 # {outcome, attempts} with outcome one of cancelled, queued, failed, alive, gone.
@@ -152,6 +161,8 @@ else
   redis.call('ZADD', KEYS[4], now, ARGV[1])
 end
 redis.call('HSET', KEYS[1], 'state', new, new .. '_at', now, 'updated_at', now)
+redis.call('ZREM', KEYS[5] .. state, ARGV[1])
+redis.call('ZADD', KEYS[5] .. new, now, ARGV[1])
 redis.call('HDEL', KEYS[1], 'lease_until', 'child_pid', 'worker')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('RPUSH', KEYS[2], cjson.encode({from = state, to = new, ts = now, by = 'reaper',
@@ -376,6 +387,7 @@ class StatusStore:
             self.keys.task(submission.task_id),
             self.keys.history(submission.task_id),
             self.keys.task_index,
+            self.keys.state_prefix,
         ]
         args = [x for pair in fields.items() for x in pair]
         return bool(await self._call(self._create, keys, args))
@@ -428,6 +440,7 @@ class StatusStore:
             self.keys.history(task_id),
             self.keys.leases,
             self.keys.retries,
+            self.keys.state_prefix,
         ]
         applied, before, *rest = await self._call(self._transition, keys, args)
         attempts = int(rest[0]) if rest and rest[0] is not None else 0
@@ -484,6 +497,7 @@ class StatusStore:
             self.keys.history(task_id),
             self.keys.leases,
             self.keys.retries,
+            self.keys.state_prefix,
         ]
         outcome, attempts = await self._call(
             self._reap, keys, [task_id, str(default_max_attempts), str(FINISHED_TASK_TTL_S)]
@@ -638,15 +652,53 @@ class StatusStore:
             ids = cast(
                 list[str], await self.redis.zrevrange(self.keys.task_index, start, start + page - 1)
             )
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for task_id in ids:
-                    pipe.hgetall(self.keys.task(task_id))
-                rows: list[dict[str, str]] = await pipe.execute()
-            records = (TaskRecord.from_hash(r) for r in rows if r)
+            records = await self.get_many(ids)
             found.extend(r for r in records if state is None or r.state is state)
             if len(found) >= limit or len(ids) < page:
                 break
         return found[:limit]
+
+    @_store_errors
+    async def count_by_state(self) -> dict[TaskState, int]:
+        """How many tasks are in each state now (one ``ZCARD`` per state).
+
+        Ids of finished tasks whose records expired (``FINISHED_TASK_TTL_S``) are pruned first,
+        so the counts match the records that exist.
+        """
+        cutoff = await self._now() - FINISHED_TASK_TTL_S
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for state in TERMINAL_STATES:
+                pipe.zremrangebyscore(self.keys.state_index(state.value), "-inf", cutoff)
+            for state in TaskState:
+                pipe.zcard(self.keys.state_index(state.value))
+            replies = await pipe.execute()
+        counts = replies[len(TERMINAL_STATES) :]
+        return {state: int(n) for state, n in zip(TaskState, counts, strict=True)}
+
+    @_store_errors
+    async def in_state(
+        self, state: TaskState, limit: int = 100, *, newest_first: bool = False
+    ) -> list[TaskRecord]:
+        """Records of up to ``limit`` tasks in ``state``, ordered by when they entered it."""
+        key = self.keys.state_index(state.value)
+        read = self.redis.zrevrange if newest_first else self.redis.zrange
+        ids = cast(list[str], await read(key, 0, limit - 1))
+        return await self.get_many(ids)
+
+    @_store_errors
+    async def oldest_in_state(self, state: TaskState) -> float | None:
+        """When the task longest in ``state`` entered it (Unix s, Redis clock), or None."""
+        first = await self.redis.zrange(self.keys.state_index(state.value), 0, 0, withscores=True)
+        return float(first[0][1]) if first else None
+
+    @_store_errors
+    async def get_many(self, task_ids: Iterable[str]) -> list[TaskRecord]:
+        """Records of ``task_ids`` in that order, leaving out those that no longer exist."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in task_ids:
+                pipe.hgetall(self.keys.task(task_id))
+            rows: list[dict[str, str]] = await pipe.execute()
+        return [TaskRecord.from_hash(r) for r in rows if r]
 
     async def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
         return await script(keys=keys, args=args)

@@ -164,7 +164,7 @@ async def test_worker_restarts_on_new_code_only_between_tasks(
     assert done.state is TaskState.COMPLETED and done.attempts == 1  # not interrupted
     assert done.result["git_commit"] == old  # it ran, start to end, on the code it started on
     beat = await wait_heartbeat(laptop, platform.settings.worker_name, new)
-    assert beat["restart_pending"] is False
+    assert beat["worker"]["restart_pending"] is False
 
     events = log_events(platform, "gpu_worker")
     names = [e["event"] for e in events]

@@ -17,6 +17,7 @@ from shared.broker import Broker
 from shared.constants import CHILD_EXIT_GRACE_S, ROUTE_CPU, ROUTE_GPU
 from shared.errors import DecodeError
 from shared.gitinfo import head_commit
+from shared.health import WORKER_KIND, Beacon, GpuReport, RunningTask, WorkerFacts, read_gpus
 from shared.messages import CancelRequest, decode
 from shared.settings import CodeUpdate, Settings
 from shared.store import StatusStore
@@ -42,6 +43,17 @@ class Worker:
             code_commit=head_commit(settings.checkout_dir),
         )
         self.heartbeat = Heartbeat(self.env, self.running)
+        self.beacon = Beacon(
+            settings,
+            self.store,
+            self.broker,
+            kind=WORKER_KIND,
+            name=self.name,
+            code_commit=self.env.code_commit,
+            extra=self.facts,
+        )
+        #: True from the moment the worker starts draining (stop signal or drain request).
+        self.draining = False
         self.gate = CommitGate(self.env)
         self.code_watcher = CodeWatcher(self.env, self.on_new_commit)
         #: Set when the worker ends itself (new code); ``exit_action`` says how to come back.
@@ -52,6 +64,25 @@ class Worker:
     def running(self) -> dict[str, TaskExecution]:
         """Every task this worker runs now, by id."""
         return {task_id: ex for lane in self.lanes for task_id, ex in lane.running.items()}
+
+    async def facts(self) -> WorkerFacts:
+        """What the worker's heartbeat adds: slots, running tasks, drain state, GPUs."""
+        gpu: GpuReport = await asyncio.to_thread(read_gpus)
+        return WorkerFacts(
+            slots={lane.route: lane.slots for lane in self.lanes},
+            running=[
+                RunningTask(
+                    task_id=task_id,
+                    task_type=ex.submission.task_type,
+                    lane=ex.route,
+                    started_at=ex.started_at,
+                )
+                for task_id, ex in sorted(self.running().items())
+            ],
+            draining=self.draining,
+            restart_pending=self.heartbeat.restart_pending,
+            gpu=gpu,
+        )
 
     async def start(self) -> None:
         runner.warm_up(self.settings.worker_preload)
@@ -68,6 +99,7 @@ class Worker:
                 self.lanes.append(lane)
         self._control = await self.broker.follow_control("task.cancel", self.on_control)
         self.heartbeat.start()
+        self.beacon.start()
         if self.settings.worker_code_update != "ignore":
             self.code_watcher.start()
         log.info(
@@ -127,6 +159,7 @@ class Worker:
             self._restart.cancel()
             await asyncio.gather(self._restart, return_exceptions=True)
             self.exit_action = None
+        self.draining = True
         await self.code_watcher.stop()
         for lane in self.lanes:
             await lane.stop()
@@ -141,6 +174,7 @@ class Worker:
             except TimeoutError:
                 log.error("tasks_did_not_stop")
         await self.heartbeat.stop()
+        await self.beacon.stop()
         for lane in self.lanes:
             await lane.close()
         self.lanes = []

@@ -57,6 +57,8 @@ class TaskExecution:
         self.env = env
         self.attempt = attempt
         self.route = route
+        #: When this worker started running it (Unix s).
+        self.started_at = time.time()
         self.stop_reason: StopReason | None = None
         #: Set once the child ended and the outcome is being recorded.
         self.finishing = False

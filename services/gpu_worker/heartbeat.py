@@ -1,6 +1,7 @@
-"""The worker's heartbeat: renew every running task's lease, publish the worker's liveness.
+"""The worker's lease heartbeat: renew every running task's lease.
 
-Each beat (every ``lease_s / 3``) renews the lease of each task this worker runs. The renewal
+Each beat (every ``lease_s / 3``) renews the lease of each task this worker runs (the worker's
+own liveness report is its ``shared.health.Beacon``). The renewal
 answers with the task's state, so the worker also learns here of a cancel whose control message
 it missed (``cancelling``), and of a task that is no longer its own (reaped after a partition):
 that one is stopped at once, so a task never runs twice.
@@ -8,10 +9,6 @@ that one is stopped at once, so a task never runs twice.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import time
 from collections.abc import Callable
 
 import structlog
@@ -25,7 +22,7 @@ log = structlog.get_logger(__name__)
 
 
 class Heartbeat:
-    """Periodic lease renewal and liveness key for one worker.
+    """Periodic lease renewal for one worker's running tasks.
 
     Args:
         env: the worker's settings and connections.
@@ -35,7 +32,6 @@ class Heartbeat:
     def __init__(self, env: WorkerEnv, running: Callable[[], dict[str, TaskExecution]]) -> None:
         self.env = env
         self._running = running
-        self._started = time.time()
         #: True once the worker waits to restart on new code (it takes no new task).
         self.restart_pending = False
         # A beat every third of the lease, so two lost beats still keep it.
@@ -48,7 +44,7 @@ class Heartbeat:
         await self._periodic.stop()
 
     async def beat(self) -> None:
-        """Renew leases, act on cancels and lost tasks, and refresh the worker's key."""
+        """Renew leases, act on cancels and lost tasks."""
         s = self.env.settings
         running = self._running()
         for task_id, execution in list(running.items()):
@@ -61,16 +57,3 @@ class Heartbeat:
                 log.warning("lease_lost", task_id=task_id)
                 execution.request_stop(StopReason.LOST)
                 execution.child.kill()
-        info = {
-            "name": self.env.name,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "started_at": self._started,
-            "ts": time.time(),
-            "running": sorted(running),
-            "code_commit": self.env.code_commit,
-            "restart_pending": self.restart_pending,
-        }
-        await self.env.store.redis.set(
-            self.env.store.keys.worker(self.env.name), json.dumps(info), ex=int(s.lease_s) + 1
-        )
