@@ -93,6 +93,8 @@ class Heartbeat(BaseModel):
     ts: float
     interval_s: float
     ttl_s: float
+    #: True on the last heartbeat of a clean stop (SIGTERM, drain): offline, but not an alert.
+    stopped: bool = False
     worker: WorkerFacts | None = None
 
     @property
@@ -303,18 +305,25 @@ class Beacon:
         """Beat now and then every interval."""
         self._periodic.start()
 
-    async def stop(self, *, remove: bool = True) -> None:
-        """Stop beating.
+    async def stop(self) -> None:
+        """Stop beating, and record a clean stop.
 
-        With ``remove`` the key is deleted at once, so a cleanly stopped service shows offline
-        now rather than when its TTL runs out.
+        The TTL key is deleted (the service shows offline now rather than when the TTL runs out)
+        and the last heartbeat in the services hash is marked ``stopped``, so the monitor tells
+        a stopped service from a lost one.
         """
+        if not self._periodic.running:
+            return
         await self._periodic.stop()
-        if remove:
-            try:
-                await self.store.redis.delete(self.store.keys.service(self.kind, self.name))
-            except (RedisError, OSError, StoreError, NotConnectedError) as e:
-                log.warning("heartbeat_remove_failed", error=str(e))
+        beat = (await self.heartbeat()).model_copy(update={"stopped": True})
+        keys = self.store.keys
+        try:
+            async with self.store.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(keys.service(self.kind, self.name))
+                pipe.hset(keys.services, f"{self.kind}:{self.name}", beat.model_dump_json())
+                await pipe.execute()
+        except (RedisError, OSError, NotConnectedError) as e:
+            log.warning("heartbeat_stop_not_recorded", error=str(e))
 
     async def heartbeat(self) -> Heartbeat:
         """This service's heartbeat as of now."""

@@ -30,6 +30,11 @@ class Periodic:
         self._duty = duty
         self._task: asyncio.Task[None] | None = None
 
+    @property
+    def running(self) -> bool:
+        """True between ``start`` and ``stop``."""
+        return self._task is not None
+
     def start(self) -> None:
         """Begin the loop (first pass at once)."""
         self._task = asyncio.create_task(self._loop(), name=self.name)

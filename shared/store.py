@@ -686,6 +686,19 @@ class StatusStore:
         return await self.get_many(ids)
 
     @_store_errors
+    async def entered_since(
+        self, state: TaskState, since: float, limit: int = 1000
+    ) -> list[tuple[str, float]]:
+        """``(task id, when)`` of tasks that entered ``state`` at or after ``since``.
+
+        Times are Unix seconds on the Redis clock; oldest first, at most ``limit``.
+        """
+        rows = await self.redis.zrangebyscore(
+            self.keys.state_index(state.value), since, "+inf", start=0, num=limit, withscores=True
+        )
+        return [(str(row[0]), float(row[1])) for row in rows]
+
+    @_store_errors
     async def oldest_in_state(self, state: TaskState) -> float | None:
         """When the task longest in ``state`` entered it (Unix s, Redis clock), or None."""
         first = await self.redis.zrange(self.keys.state_index(state.value), 0, 0, withscores=True)

@@ -22,6 +22,8 @@ from shared.broker import Broker
 from shared.constants import FINISHED_TASK_TTL_S, ROUTE_ARTIFACTS
 from shared.consuming import handle_delivery, settle
 from shared.errors import BrokerError, DecodeError, StoreError
+from shared.gitinfo import head_commit
+from shared.health import Beacon
 from shared.messages import decode
 from shared.settings import Settings
 from shared.storage import Storage, StorageError, open_storage, safe_task_id
@@ -49,6 +51,13 @@ class ArtifactSync:
         self._locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         #: Tests replace it to inject read failures.
         self.opener: Opener = open_binary
+        self.beacon = Beacon(
+            settings,
+            self.store,
+            self.broker,
+            kind="artifact-sync",
+            code_commit=head_commit(settings.checkout_dir),
+        )
 
     async def start(self) -> None:
         await self.store.start()
@@ -57,9 +66,11 @@ class ArtifactSync:
         self._channel = await self.broker.consumer_channel(SYNC_PREFETCH)
         queue = await self._channel.get_queue(self.broker.topology.queue(ROUTE_ARTIFACTS))
         await queue.consume(self.on_message)
+        self.beacon.start()
         log.info("artifact_sync_ready", backend=self.storage.kind)
 
     async def stop(self) -> None:
+        await self.beacon.stop()
         await self.broker.close_channel(self._channel)
         self._channel = None
         await self.storage.__aexit__(None, None, None)

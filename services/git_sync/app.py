@@ -26,6 +26,7 @@ from services.git_sync.gitproc import (
 from shared.broker import Broker
 from shared.errors import BrokerError, DecodeError, StoreError
 from shared.gitsync import SyncEvent, SyncRequest, SyncState, SyncStatus
+from shared.health import Beacon
 from shared.messages import decode
 from shared.settings import Settings
 from shared.store import StatusStore
@@ -55,6 +56,7 @@ class GitSync:
         self._fetches = 0
         #: Holds the running fetch's process group id (see ``kill_leftover_group``).
         self.group_file = settings.data_dir / f"git-sync-{self.host}.pgid"
+        self.beacon = Beacon(settings, self.store, self.broker, kind="git-sync", name=self.host)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.group_file.parent.mkdir, parents=True, exist_ok=True)
@@ -63,10 +65,12 @@ class GitSync:
         await self.store.start()
         await self.broker.start()
         self._control = await self.broker.follow_control("sync.now", self.on_request)
+        self.beacon.start()
         self._loop = asyncio.create_task(self._run(), name="git-sync")
         log.info("git_sync_ready", repo=str(self.repo_dir), remote=self.settings.git_remote)
 
     async def stop(self) -> None:
+        await self.beacon.stop()
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)

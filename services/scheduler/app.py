@@ -11,6 +11,8 @@ from shared.broker import Broker
 from shared.constants import ROUTE_SUBMIT, SCHEDULER_PREFETCH
 from shared.consuming import handle_delivery
 from shared.events import state_event
+from shared.gitinfo import head_commit
+from shared.health import Beacon
 from shared.settings import Settings
 from shared.store import StatusStore
 
@@ -31,6 +33,13 @@ class Scheduler:
         self.store = StatusStore(settings)
         self._channel: AbstractChannel | None = None
         self.reaper = Reaper(settings, self.store, self.broker)
+        self.beacon = Beacon(
+            settings,
+            self.store,
+            self.broker,
+            kind="scheduler",
+            code_commit=head_commit(settings.checkout_dir),
+        )
 
     async def start(self) -> None:
         await self.store.start()
@@ -39,8 +48,10 @@ class Scheduler:
         queue = await self._channel.get_queue(self.broker.topology.queue(ROUTE_SUBMIT))
         await queue.consume(self.on_message)
         self.reaper.start()
+        self.beacon.start()
 
     async def stop(self) -> None:
+        await self.beacon.stop()
         await self.reaper.stop()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
