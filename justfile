@@ -45,3 +45,7 @@ bench: bench-artifacts
 # Run artifact-sync in the foreground (needs TP_ARTIFACT_BACKEND and its storage settings).
 artifact-sync:
     .venv/bin/python -m services.artifact_sync
+
+# Health, metrics, alerts and the dashboard on http://127.0.0.1:8400/.
+health-monitor:
+    .venv/bin/python -m services.health_monitor
