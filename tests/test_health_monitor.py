@@ -25,6 +25,7 @@ from shared.client import DistributedClient
 from shared.messages import TaskState
 from shared.settings import Settings
 from tests.conftest import Platform, ServiceProcess
+from tests.gitrepos import Repos, git
 from tests.test_pipeline import wait_state
 
 pytestmark = pytest.mark.slow
@@ -245,6 +246,27 @@ async def test_dead_letter_growth_alerts(
             await exchange.publish(aio_pika.Message(b"not json"), routing_key="submit")
         alert = await listener.wait_for("dead_letters_growing")
         assert "grew by 1" in alert["message"]
+
+
+@pytest.mark.usefixtures("isolated_git")
+async def test_git_sync_problem_alerts_and_resolves(
+    platform: Platform, settings: Settings, monitor: Monitor, repos: Repos
+) -> None:
+    repos.commit(repos.desktop, "strategy.py", "FAST = 7  # desktop experiment\n")
+    repos.commit(repos.laptop, "strategy.py", "FAST = 8\n", push=True)
+    async with AlertListener(settings) as listener:
+        platform.start(
+            "git_sync", TP_CODE_DIR=str(repos.desktop), TP_GIT_SYNC_INTERVAL_S="0.5", **FAST
+        )
+        alert = await listener.wait_for("sync_failed", timeout=30)
+        assert alert["subject"] == f"git:{settings.worker_name}"
+        assert "diverged" in alert["message"]
+        assert (await monitor.http.get("/healthz")).status_code == 503
+        sync = await monitor.get("/api/sync")
+        assert sync["git"][0]["state"] == "diverged"
+        # The person resolves it on the desktop; the next check clears the alert.
+        git(repos.desktop, "reset", "-q", "--hard", "origin/main")
+        await listener.wait_for("sync_failed", resolved=True, timeout=30)
 
 
 async def _is(value: Any, expected: str) -> bool:
