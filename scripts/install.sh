@@ -14,4 +14,12 @@ python -m pip install -q --disable-pip-version-check "pip>=23"
 # shellcheck disable=SC2086
 python -m pip install -q --disable-pip-version-check ${TORCH_SPEC:-torch==2.13.0}
 python -m pip install -q --disable-pip-version-check -e ".[worker,dev]"
+# The dashboard's browser test drives Debian's Chromium (never a browser Playwright downloads).
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "chromium not installed (apt-get install chromium as root): the dashboard test skips, or fails under CI" >&2
+  fi
+fi
 echo "installed into .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"
