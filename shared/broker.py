@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aio_pika
@@ -26,7 +26,7 @@ from shared.artifacts import ArtifactEvent, ArtifactRequest
 from shared.constants import PUBLISH_CONFIRM_TIMEOUT_S, ROUTE_ARTIFACTS, ROUTE_SUBMIT
 from shared.errors import BrokerError, NotConnectedError
 from shared.gitsync import SyncEvent, SyncRequest
-from shared.messages import CancelRequest, TaskEvent, TaskSubmission, encode
+from shared.messages import CancelRequest, DrainRequest, TaskEvent, TaskSubmission, encode
 from shared.settings import Settings
 from shared.topology import DeclaredTopology, Topology, declare
 
@@ -115,20 +115,28 @@ class Broker:
 
     async def follow_control(
         self,
-        routing_key: str,
+        routing_keys: str | Sequence[str],
         on_message: Callable[[AbstractIncomingMessage], Awaitable[None]],
         *,
         prefetch: int = 16,
     ) -> AbstractChannel:
-        """Consume ``routing_key`` of the control exchange on a new channel (no ack: commands).
+        """Consume ``routing_keys`` of the control exchange on a new channel (no ack: commands).
 
-        An exclusive auto-delete queue per process: every worker (or git-sync) hears every
-        command and picks those meant for it. Close the returned channel with ``close_channel``.
+        An exclusive auto-delete queue per process, bound once per key: every worker (or
+        git-sync) hears every command and picks those meant for it; ``message.routing_key``
+        tells the commands apart. Close the returned channel with ``close_channel``.
+
+        Args:
+            routing_keys: one binding key (``task.cancel``) or several.
+            on_message: called with each command.
+            prefetch: commands delivered before the callback has returned.
         """
+        keys = [routing_keys] if isinstance(routing_keys, str) else list(routing_keys)
         channel = await self.consumer_channel(prefetch)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         control = await channel.get_exchange(self.topology.control_exchange)
-        await queue.bind(control, routing_key=routing_key)
+        for key in dict.fromkeys(keys):  # once per distinct key, in order
+            await queue.bind(control, routing_key=key)
         await queue.consume(on_message, no_ack=True)
         return channel
 
@@ -163,6 +171,49 @@ class Broker:
             encode(request),
             persistent=False,
             message_id=request.task_id,
+        )
+
+    async def publish_drain(self, request: DrainRequest) -> None:
+        """Publish ``worker.<name>.drain`` (or ``worker.all.drain``) on the control exchange.
+
+        Transient and confirmed: only workers running now hear it (a drain is for them, not for
+        a worker started later); with no worker bound the broker drops it.
+
+        Raises:
+            BrokerError: the broker did not confirm within the timeout.
+        """
+        await self._publish(
+            self.declared.control, request.routing_key, encode(request), persistent=False
+        )
+
+    async def publish_to_queue(
+        self,
+        queue: str,
+        body: bytes,
+        *,
+        headers: dict[str, Any] | None = None,
+        message_id: str | None = None,
+        priority: int | None = None,
+    ) -> None:
+        """Publish ``body`` straight into ``queue`` through the default exchange (persistent).
+
+        Used to put a dead-lettered message back into the queue it came from. The default
+        exchange drops a message for a queue that does not exist, so callers pass only queues
+        of this namespace's topology.
+
+        Raises:
+            BrokerError: the broker did not confirm within the timeout.
+        """
+        channel = self._channel
+        if channel is None:
+            raise NotConnectedError("broker used before start()")
+        await self._publish(
+            channel.default_exchange,
+            queue,
+            body,
+            headers=headers,
+            message_id=message_id,
+            priority=priority,
         )
 
     async def publish_event(self, event: TaskEvent) -> None:

@@ -36,14 +36,25 @@ from shared.errors import (
 from shared.events import state_event
 from shared.gitinfo import CheckoutState, checkout_state
 from shared.gitsync import SyncRequest, SyncStatus
+from shared.health import WORKER_KIND, ServiceState, ServiceStatus, load_services
+from shared.logstream import LogLine, read_after
 from shared.messages import (
     CancelRequest,
+    DrainRequest,
     EventKind,
     TaskEvent,
     TaskState,
     TaskSubmission,
     decode,
     task_id_for_key,
+)
+from shared.queues import (
+    DeadLetterList,
+    QueueReport,
+    Requeued,
+    peek_dead_letters,
+    queue_report,
+    requeue_dead_letter,
 )
 from shared.settings import Settings
 from shared.store import StatusStore, TaskRecord
@@ -59,6 +70,12 @@ NO_REPORT_WAIT_S = 10.0
 #: While following events, the record is also re-read this often (s): a safety net for an event
 #: lost to a broker reconnect, not the way results arrive.
 SAFETY_RECHECK_S = 15.0
+
+#: Following a task's log, the longest ``XREAD BLOCK`` (s): how late the end of a silent task is
+#: noticed (the record is read between two blocks). Well under the Redis socket timeout.
+LOG_FOLLOW_BLOCK_S = 0.5
+#: Following a task's log while Redis is away, the pause between two tries (s).
+LOG_FOLLOW_RETRY_S = 1.0
 
 T = TypeVar("T")
 
@@ -290,6 +307,103 @@ class DistributedClient:
                 return reports
             await asyncio.sleep(0.2)
 
+    # Workers and queues (``tradectl worker ...``, ``tradectl queue ...``).
+
+    async def workers(self) -> list[ServiceStatus]:
+        """Every known gpu-worker, by name, with the state its heartbeat implies.
+
+        ``online``, ``busy`` (every slot taken), ``draining`` or ``offline`` (heartbeat expired;
+        listed for a day). Each carries the last heartbeat: host, pid, version, commit, slots,
+        running tasks, GPUs.
+
+        Raises:
+            StoreError: Redis failed.
+        """
+        return await load_services(self.store, kind=WORKER_KIND)
+
+    async def drain_workers(self, name: str | None = None) -> list[ServiceStatus]:
+        """Ask worker ``name`` (None: every worker) to drain and exit, as SIGTERM does.
+
+        Each one stops consuming, lets its running tasks finish within ``TP_DRAIN_TIMEOUT_S``,
+        else hands them back to the queue, then exits 0. The request is published only when a
+        worker it is meant for is alive (heartbeat not expired).
+
+        Returns:
+            The live workers the request went to (empty: nothing was published).
+
+        Raises:
+            StoreError: Redis failed.
+            BrokerError: the request was not confirmed.
+        """
+        targets = [
+            w
+            for w in await self.workers()
+            if w.state is not ServiceState.OFFLINE and name in (None, w.heartbeat.name)
+        ]
+        if targets:
+            by = f"client:{socket.gethostname()}"
+            await self.broker.publish_drain(
+                DrainRequest(worker=name, requested_by=by, ts=time.time())
+            )
+        return targets
+
+    async def wait_workers_stopped(
+        self, workers: list[ServiceStatus], *, timeout_s: float, poll_s: float = 0.2
+    ) -> list[ServiceStatus]:
+        """Wait until each of ``workers`` has stopped: its heartbeat removed or expired.
+
+        A worker is told apart from a later process of the same name (a supervisor restarting
+        it) by its pid and start time.
+
+        Args:
+            workers: statuses as ``workers`` or ``drain_workers`` returned them.
+            timeout_s: how long to wait (s).
+            poll_s: pause between two reads of the heartbeats (s).
+
+        Returns:
+            Those still alive when the time ran out, as last read (empty: all stopped).
+
+        Raises:
+            StoreError: Redis failed.
+        """
+        wanted = {_process_key(w) for w in workers}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alive = [
+                w
+                for w in await self.workers()
+                if w.state is not ServiceState.OFFLINE and _process_key(w) in wanted
+            ]
+            if not alive or time.monotonic() >= deadline:
+                return alive
+            await asyncio.sleep(poll_s)
+
+    async def queue_status(self) -> QueueReport:
+        """Depth and consumers per queue (as RabbitMQ counts them), queued tasks per priority.
+
+        Raises:
+            BrokerError: RabbitMQ failed.
+            StoreError: Redis failed.
+        """
+        return await queue_report(self.broker, self.store)
+
+    async def dead_letters(self, limit: int = 100) -> DeadLetterList:
+        """The first ``limit`` dead letters with their reasons; every one stays in the queue.
+
+        Raises:
+            BrokerError: RabbitMQ failed.
+        """
+        return await peek_dead_letters(self.broker, limit)
+
+    async def requeue_dead_letter(self, letter_id: str) -> Requeued:
+        """Put one dead letter (by id, message id or task id) back into its source queue.
+
+        Raises:
+            DeadLetterNotFoundError: no dead letter has that id.
+            BrokerError: RabbitMQ failed (the dead letter stays where it was).
+        """
+        return await requeue_dead_letter(self.broker, letter_id)
+
     async def cancel(self, task_id: str, *, wait_s: float | None = 30.0) -> CancelResult:
         """Cancel a task; ``task_id`` may be a unique prefix.
 
@@ -359,6 +473,59 @@ class DistributedClient:
     async def history(self, task_id: str) -> list[dict[str, Any]]:
         """The task's transitions, oldest first: ``{from, to, ts, by, attempt, reason}``."""
         return await self.store.history(await self.store.resolve_id(task_id))
+
+    async def follow_logs(self, task_id: str, *, follow: bool = False) -> AsyncIterator[LogLine]:
+        """The task's output lines, oldest first (``tradectl task logs``).
+
+        Lines are those its runs wrote to stdout and stderr and its log records, each with
+        ``ts`` (Unix s), ``stream`` (``stdout``, ``stderr``, ``log``), ``attempt`` and ``text``;
+        see ``shared.logstream``. The stream keeps about the last ``TP_TASK_LOG_MAX_LINES``.
+
+        Args:
+            task_id: the task (or a unique prefix).
+            follow: keep reading new lines (``XREAD BLOCK``) until the task is ``completed``,
+                ``failed`` or ``cancelled`` and every line is read; else stop at the last line
+                stored now. While following, a Redis outage is waited out (tried again every
+                ``LOG_FOLLOW_RETRY_S``), resuming after the last line read.
+
+        Raises:
+            TaskNotFoundError: no such task (checked first).
+            StoreError: Redis failed (when not following).
+        """
+        task_id = await self.store.resolve_id(task_id)
+        key, after = self.store.keys.task_logs(task_id), "0-0"
+        ended, failing = not follow, False
+        while True:
+            try:
+                ended, lines = await self._next_log_lines(task_id, key, after, ended=ended)
+            except TaskNotFoundError:
+                raise
+            except StoreError as e:
+                if not follow:
+                    raise
+                if not failing:  # once per outage
+                    log.warning("log_follow_waiting_for_redis", task_id=task_id, error=str(e))
+                failing = True
+                await asyncio.sleep(LOG_FOLLOW_RETRY_S)
+                continue
+            failing = False
+            for line in lines:
+                yield line
+            after = lines[-1].id if lines else after
+            if ended and not lines:
+                return
+
+    async def _next_log_lines(
+        self, task_id: str, key: str, after: str, *, ended: bool
+    ) -> tuple[bool, list[LogLine]]:
+        """``(ended, lines after `after`)``; blocks for new lines until the task has ended.
+
+        The worker writes a run's last lines before it records the run's end, so once the record
+        is terminal, reading on until no line is left drains the stream.
+        """
+        ended = ended or (await self.store.get(task_id)).state.is_terminal
+        block_s = None if ended else LOG_FOLLOW_BLOCK_S
+        return ended, await read_after(self.store.redis, key, after, block_s=block_s)
 
     async def wait(
         self, task_id: str, *, timeout_s: float | None = None, on_event: EventCallback | None = None
@@ -463,6 +630,12 @@ class DistributedClient:
         except StoreError as e:
             log.warning("recheck_failed", task_id=task_id, error=str(e))
             return last, False
+
+
+def _process_key(worker: ServiceStatus) -> tuple[str, int, float]:
+    """One worker process: its name, pid and start time (a restart gets a new one)."""
+    beat = worker.heartbeat
+    return beat.name, beat.pid, beat.started_at
 
 
 def _decode_event(

@@ -73,3 +73,7 @@ class IdempotencyConflictError(TaskError):
 
 class CommitCheckError(TaskError):
     """A submit refused because the checkout it is pinned to is dirty or its commit unpushed."""
+
+
+class DeadLetterNotFoundError(TradePlatError):
+    """No message in the dead-letter queue has the id asked for (``queue dead --requeue``)."""

@@ -105,6 +105,43 @@ class CancelRequest(WireModel):
     requested_by: str = Field("", max_length=200)
 
 
+#: ``worker`` of a ``DrainRequest`` meant for every worker, and the word in its routing key.
+ALL_WORKERS = "all"
+
+
+def drain_routing_key(worker: str | None) -> str:
+    """Control routing key of a drain request: ``worker.<name>.drain`` or ``worker.all.drain``.
+
+    A worker binds both its own key and the ``all`` key. Names are bound literally, so a name
+    with dots is one exact key; the worker also checks the request's ``worker`` field, so a name
+    holding a topic wildcard (``*``, ``#``) cannot drain the wrong worker.
+    """
+    return f"worker.{worker or ALL_WORKERS}.drain"
+
+
+class DrainRequest(WireModel):
+    """``worker.<name>.drain`` / ``worker.all.drain`` on the control exchange.
+
+    The worker(s) drain exactly as on SIGTERM (stop consuming, let running tasks finish within
+    ``TP_DRAIN_TIMEOUT_S``, else hand them back) and then exit 0.
+    """
+
+    worker: str | None = Field(
+        None, min_length=1, max_length=200, description="Worker name; None for every worker."
+    )
+    requested_by: str = Field("", max_length=200)
+    ts: float = Field(ge=0, description="Unix time (s) on the requesting machine.")
+
+    @property
+    def routing_key(self) -> str:
+        """``worker.<name>.drain``, or ``worker.all.drain`` for every worker."""
+        return drain_routing_key(self.worker)
+
+    def is_for(self, worker: str) -> bool:
+        """True when ``worker`` must drain: the request names it, or names no one (all)."""
+        return self.worker is None or self.worker == worker
+
+
 M = TypeVar("M", bound=WireModel)
 
 

@@ -67,6 +67,9 @@ class ProbeConfig(TaskConfig):
     first ``fail_times`` attempts only, when that is > 0; a ``RetryableTaskError`` if
     ``retryable``, else ``RuntimeError``), or kills its own process with SIGKILL if ``crash``.
     ``ignore_sigterm`` makes it ignore SIGTERM and stop requests (to test forced cancels).
+    Before its steps it prints ``print_lines`` lines to stdout, one every ``print_every_s``, each
+    with the wall-clock time it was printed (``ts=<Unix s>``), then one line to stderr and one log
+    record (to test live logs).
     """
 
     sleep_s: float = Field(0.0, ge=0.0, le=24 * 3600)
@@ -77,6 +80,8 @@ class ProbeConfig(TaskConfig):
     crash: bool = False
     ignore_sigterm: bool = False
     needs_gpu: bool = Field(False, description="Route to the gpu queue instead of cpu.")
+    print_lines: int = Field(0, ge=0, le=1_000_000)
+    print_every_s: float = Field(0.0, ge=0.0, le=3600)
 
 
 @dataclass(frozen=True)

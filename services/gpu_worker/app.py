@@ -18,7 +18,7 @@ from shared.constants import CHILD_EXIT_GRACE_S, ROUTE_CPU, ROUTE_GPU
 from shared.errors import DecodeError
 from shared.gitinfo import head_commit
 from shared.health import WORKER_KIND, Beacon, GpuReport, RunningTask, WorkerFacts, read_gpus
-from shared.messages import CancelRequest, decode
+from shared.messages import CancelRequest, DrainRequest, decode, drain_routing_key
 from shared.settings import CodeUpdate, Settings
 from shared.store import StatusStore
 
@@ -56,7 +56,8 @@ class Worker:
         self.draining = False
         self.gate = CommitGate(self.env)
         self.code_watcher = CodeWatcher(self.env, self.on_new_commit)
-        #: Set when the worker ends itself (new code); ``exit_action`` says how to come back.
+        #: Set when the worker ends itself (new code, a drain request); ``exit_action`` says how
+        #: to come back (None: it does not).
         self.finished = asyncio.Event()
         self.exit_action: CodeUpdate | None = None
         self._restart: asyncio.Task[None] | None = None
@@ -97,7 +98,10 @@ class Worker:
                 lane = Lane(route, slots, self.env, self.gate)
                 await lane.start()
                 self.lanes.append(lane)
-        self._control = await self.broker.follow_control("task.cancel", self.on_control)
+        self._control = await self.broker.follow_control(
+            ["task.cancel", drain_routing_key(self.name), drain_routing_key(None)],
+            self.on_control,
+        )
         self.heartbeat.start()
         self.beacon.start()
         if self.settings.worker_code_update != "ignore":
@@ -133,15 +137,37 @@ class Worker:
         self.exit_action = self.settings.worker_code_update
 
     async def on_control(self, message: AbstractIncomingMessage) -> None:
-        """A cancel request: stop the task if it runs here (other workers ignore it)."""
+        """A control command: ``task.cancel`` or a drain request (``worker.<name|all>.drain``)."""
+        max_bytes = self.settings.max_message_bytes
         try:
-            request = decode(message.body, CancelRequest, max_bytes=self.settings.max_message_bytes)
+            if message.routing_key == "task.cancel":
+                self.on_cancel(decode(message.body, CancelRequest, max_bytes=max_bytes))
+            else:
+                self.on_drain(decode(message.body, DrainRequest, max_bytes=max_bytes))
         except DecodeError as e:
-            log.warning("control_message_undecodable", error=str(e))
-            return
+            log.warning("control_message_undecodable", key=message.routing_key, error=str(e))
+
+    def on_cancel(self, request: CancelRequest) -> None:
+        """Stop the task if it runs here (other workers ignore the request)."""
         execution = self.running().get(request.task_id)
         if execution is not None:
             execution.request_stop(StopReason.CANCEL)
+
+    def on_drain(self, request: DrainRequest) -> None:
+        """Drain as on SIGTERM, then exit 0: end the service through ``finished``.
+
+        ``run_until_signalled`` then calls ``stop`` (the drain). A drain request overrides a
+        pending restart on new code, as a stop signal does: the worker ends, it does not come back.
+        Synchronous on purpose: nothing can run between cancelling the restart and clearing
+        ``exit_action``.
+        """
+        if not request.is_for(self.name):
+            return
+        log.info("drain_requested", worker=self.name, requested_by=request.requested_by)
+        if self._restart is not None and not self._restart.done():
+            self._restart.cancel()
+        self.exit_action = None
+        self.finished.set()
 
     async def stop(self) -> None:
         """Drain, then close.

@@ -1,4 +1,4 @@
-"""One claimed task from start to end: run the child, relay progress, record the outcome."""
+"""One claimed task from start to end: run the child, relay progress and output, record it."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from shared.broker import Broker
 from shared.constants import FINISHED_TASK_TTL_S, PROGRESS_MIN_INTERVAL_S
 from shared.errors import BrokerError, StoreError
 from shared.events import progress_event, state_event
+from shared.logstream import LogLine, LogStreamWriter
 from shared.messages import TaskState, TaskSubmission
 from shared.settings import Settings
 from shared.storage.base import artifact_location
@@ -27,6 +28,8 @@ log = structlog.get_logger(__name__)
 CHECKPOINT_SYNC_EVERY_S = 60.0
 #: How long the worker keeps trying to record a finished task's outcome while Redis is away (s).
 RECORD_RETRY_MAX_S = 600.0
+#: Characters of a failed run's traceback (its end) in the note closing the run's log lines.
+TRACEBACK_IN_LOG_CHARS = 3000
 
 
 @dataclass(frozen=True)
@@ -85,13 +88,22 @@ class TaskExecution:
             ),
             self.on_progress,
             self.on_checkpoint,
+            self.on_logs,
         )
         self._last_checkpoint_sync = -CHECKPOINT_SYNC_EVERY_S
+        #: The task's output on its way to its Redis stream (``tradectl task logs``).
+        self.logs = LogStreamWriter(
+            env.store.redis,
+            env.store.keys.task_logs(submission.task_id),
+            attempt=attempt,
+            max_lines=env.settings.task_log_max_lines,
+        )
 
     async def run(self) -> TaskState:
         """Run the child to its end; returns the terminal state recorded."""
         timeout = self.submission.timeout_s or self.env.settings.task_timeout_s
         log.info("task_started", attempt=self.attempt, timeout_s=timeout)
+        self.logs.note(f"attempt {self.attempt} started on worker {self.env.name}")
         try:
             outcome = await self.child.run(timeout, on_started=self.on_child_started)
         except Exception as e:  # the child could not be started: disk full, unwritable folder...
@@ -144,6 +156,10 @@ class TaskExecution:
             )
         except (StoreError, BrokerError, ValueError) as e:  # progress is news; the task goes on
             log.warning("progress_not_relayed", error=str(e))
+
+    def on_logs(self, lines: list[LogLine]) -> None:
+        """A batch of the task's output lines: queue them for the stream (never waits)."""
+        self.logs.add(lines)
 
     async def on_checkpoint(self) -> None:
         """The task saved a checkpoint: have it copied to shared storage (throttled)."""
@@ -201,6 +217,8 @@ class TaskExecution:
             timer.cancel()
         if self.stop_reason is StopReason.LOST:
             log.warning("task_abandoned", reason="lease lost to the reaper; nothing recorded")
+            self.logs.note(f"attempt {self.attempt} abandoned: its lease was lost")
+            await self.logs.close()
             return TaskState.QUEUED
         verdict = decide(
             outcome,
@@ -211,6 +229,7 @@ class TaskExecution:
             git_commit=self.child.job.git_commit,
             submitted_commit=self.submission.git_commit,
         )
+        await self._close_logs(verdict, outcome)
         moved = await self._record(verdict)
         if moved is not None and not moved.applied and moved.previous is TaskState.CANCELLING:
             # A cancel arrived while the run was failing or being handed back: it wins.
@@ -227,6 +246,18 @@ class TaskExecution:
         await self.announce(verdict.state, error=verdict.error, metrics=metrics)
         log.info("task_" + verdict.state.value, reason=verdict.reason, exitcode=outcome.exitcode)
         return verdict.state
+
+    async def _close_logs(self, verdict: Verdict, outcome: ChildOutcome) -> None:
+        """Note how the run ended and write the last lines, before the outcome is recorded.
+
+        A follower stops once it sees the task finished; by then every line is in the stream.
+        """
+        note = f"attempt {self.attempt} ended: {verdict.reason or verdict.state.value}"
+        tail = (outcome.traceback or "").rstrip()[-TRACEBACK_IN_LOG_CHARS:]
+        if tail and verdict.state is not TaskState.COMPLETED:
+            note += "\n" + tail
+        self.logs.note(note)
+        await self.logs.close()
 
     async def _republish(self) -> None:
         try:

@@ -7,12 +7,16 @@ task gets a fresh child from it. A crash, CUDA out-of-memory or leak dies with t
 Child -> parent messages over a one-way pipe (picklable tuples, our own processes only):
     ("progress", fraction, message, metrics)
     ("checkpoint",)                    the task saved a checkpoint (worth syncing)
+    ("logs", [LogLine, ...])           lines of its stdout, stderr and log records (``capture``)
     ("result", result_dict)
     ("stopped", partial_result_dict)   the task returned early after a SIGTERM
     ("error", error_text, traceback_text, retryable)
 
 The child starts its own session, so signals sent to the worker's process group (Ctrl-C in a
 terminal, a group-wide SIGTERM) reach the worker only; the worker decides what its tasks get.
+
+The messages come from two threads of the child (the task's, and the output capture's sender),
+so every send holds one lock: ``Connection.send`` may write a message in two pieces.
 """
 
 from __future__ import annotations
@@ -32,10 +36,16 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from services.gpu_worker.capture import OutputCapture
 from services.gpu_worker.context import RETRYABLE_ERRORS, TaskContext
 from services.gpu_worker.tasks import TASK_ENTRYPOINTS
 from shared.constants import CHILD_EXIT_GRACE_S, TRACEBACK_SUMMARY_CHARS
+from shared.logstream import LogLine
 from shared.settings import LogFormat, LogLevel
+
+log = structlog.get_logger(__name__)
 
 _context: multiprocessing.context.ForkServerContext | None = None
 
@@ -154,6 +164,7 @@ def describe_exit(exitcode: int | None) -> str:
 
 def child_main(job: ChildJob, conn: Connection) -> None:
     """Body of the child process: run the task's entry point and send back what happened."""
+    report = _locked_sender(conn)
     ctx = TaskContext(
         task_id=job.task_id,
         attempt=job.attempt,
@@ -162,8 +173,8 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         tracking_uri=job.tracking_uri,
         git_commit=job.git_commit,
         artifact_location=job.artifact_location,
-        _progress_sink=lambda f, m, metrics: _report(conn, ("progress", f, m, metrics)),
-        _checkpoint_sink=lambda: _report(conn, ("checkpoint",)),
+        _progress_sink=lambda f, m, metrics: report(("progress", f, m, metrics)),
+        _checkpoint_sink=lambda: report(("checkpoint",)),
     )
     signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())  # first: a stop is never lost
     os.setsid()
@@ -171,6 +182,7 @@ def child_main(job: ChildJob, conn: Connection) -> None:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _configure_child_logging(job)
+    capture = _start_capture(job.attempt, report)
     try:
         from shared.task_types import validate_config
 
@@ -178,20 +190,46 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         module_name, func_name = TASK_ENTRYPOINTS[job.task_type].split(":")
         run = getattr(importlib.import_module(module_name), func_name)
         result = run(config, ctx)
-        _report(conn, ("stopped" if ctx.should_stop() else "result", result))
+        report(("stopped" if ctx.should_stop() else "result", result))
     except BaseException as e:  # everything the task raises is reported, then the child exits
         tb = traceback.format_exc()[-TRACEBACK_SUMMARY_CHARS:]
-        _report(conn, ("error", f"{type(e).__name__}: {e}", tb, isinstance(e, RETRYABLE_ERRORS)))
+        report(("error", f"{type(e).__name__}: {e}", tb, isinstance(e, RETRYABLE_ERRORS)))
     finally:
+        if capture is not None:
+            capture.stop()
         conn.close()
 
 
-def _report(conn: Connection, message: tuple[Any, ...]) -> None:
-    """Send to the worker; if the worker is gone there is no one to work for: exit at once."""
+def _start_capture(attempt: int, report: Callable[[tuple[Any, ...]], None]) -> OutputCapture | None:
+    """Capture the task's output for its live log, or None when it cannot be captured.
+
+    A task whose output cannot be captured (no file descriptors left) still runs, with a warning
+    in the worker's log.
+    """
+    capture = OutputCapture(attempt, report)
     try:
-        conn.send(message)
-    except (BrokenPipeError, ConnectionResetError):
-        os._exit(1)
+        capture.start()
+    except OSError as e:
+        log.warning("output_not_captured", error=str(e))
+        return None
+    return capture
+
+
+def _locked_sender(conn: Connection) -> Callable[[tuple[Any, ...]], None]:
+    """A thread-safe send to the worker; if the worker is gone, the child exits at once.
+
+    There is no one left to work for, and the task must not run on unwatched.
+    """
+    lock = threading.Lock()
+
+    def report(message: tuple[Any, ...]) -> None:
+        try:
+            with lock:
+                conn.send(message)
+        except (BrokenPipeError, ConnectionResetError):
+            os._exit(1)
+
+    return report
 
 
 def _release_forkserver() -> None:
@@ -250,12 +288,21 @@ class ChildProcess:
         on_progress: called in the event loop for each progress message
             ``(fraction, message, metrics)``.
         on_checkpoint: called in the event loop when the task saved a checkpoint.
+        on_logs: called in the event loop with each batch of the task's output lines; must
+            return at once (it only queues them).
     """
 
-    def __init__(self, job: ChildJob, on_progress: Any, on_checkpoint: Any = None) -> None:
+    def __init__(
+        self,
+        job: ChildJob,
+        on_progress: Any,
+        on_checkpoint: Any = None,
+        on_logs: Callable[[list[LogLine]], None] | None = None,
+    ) -> None:
         self.job = job
         self._on_progress = on_progress
         self._on_checkpoint = on_checkpoint
+        self._on_logs = on_logs
         self._process: multiprocessing.process.BaseProcess | None = None
         self._pending_signal: signal.Signals | None = None
 
@@ -333,6 +380,8 @@ class ChildProcess:
                 await self._on_progress(item[1], item[2], item[3])
             elif kind == "checkpoint" and self._on_checkpoint is not None:
                 await self._on_checkpoint()
+            elif kind == "logs" and self._on_logs is not None:
+                self._on_logs(item[1])
             elif kind in ("result", "stopped"):
                 outcome.result = item[1]
                 outcome.stopped = kind == "stopped"

@@ -1,7 +1,8 @@
 """``tradectl``: the laptop's command line (typer + rich).
 
 ``tradectl task ...`` submits and follows tasks, ``tradectl sync ...`` shows and drives git-sync,
-``tradectl artifacts ...`` shows artifact sync to shared storage.
+``tradectl artifacts ...`` shows artifact sync to shared storage, ``tradectl worker ...`` shows,
+drains and starts gpu-workers, ``tradectl queue ...`` shows queue depths and dead letters.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import typer
 
 from shared.cli.artifacts import artifacts_app
+from shared.cli.queues import queue_app
 from shared.cli.sync import sync_app
 from shared.cli.tasks import parse_config, parse_set_value, print_event, task_app
+from shared.cli.workers import worker_app
 
 app = typer.Typer(
     help="Submit and follow trading-research tasks on the desktop.", no_args_is_help=True
@@ -18,5 +21,7 @@ app = typer.Typer(
 app.add_typer(task_app, name="task")
 app.add_typer(sync_app, name="sync")
 app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(worker_app, name="worker")
+app.add_typer(queue_app, name="queue")
 
 __all__ = ["app", "parse_config", "parse_set_value", "print_event"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,12 +15,14 @@ from pydantic import ValidationError
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
+from rich.text import Text
 
 from shared.cli.artifacts import download_into
 from shared.cli.common import JsonOpt, err, fail, format_ts, load_settings, out, run, with_client
 from shared.client import CancelResult, DistributedClient
 from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY
 from shared.errors import BrokerError, StoreError, TaskError, TaskNotFoundError
+from shared.logstream import LogLine
 from shared.messages import EventKind, TaskEvent, TaskState, describe_validation_error
 from shared.store import TaskRecord
 
@@ -488,3 +491,54 @@ def list_tasks(
             escape(r.worker or ""),
         )
     out.print(table)
+
+
+#: Style of each stream's tag in ``task logs`` (on a terminal; a pipe gets plain text).
+STREAM_STYLES = {"stdout": "green", "stderr": "red", "log": "cyan"}
+
+
+def log_line_text(line: LogLine) -> Text:
+    """``HH:MM:SS.mmm [stream] text`` (local time) as rich ``Text``: never read as markup."""
+    stamp = datetime.fromtimestamp(line.ts).strftime("%H:%M:%S.%f")[:-3]
+    tag = (f"[{line.stream}]", STREAM_STYLES.get(line.stream, ""))
+    return Text.assemble((stamp, "dim"), " ", tag, " ", line.text)
+
+
+def print_log_line(line: LogLine, *, as_json: bool) -> None:
+    """One line of a task's output, printed (and flushed) as soon as it is read."""
+    if as_json:
+        text = json.dumps(line.as_dict(), ensure_ascii=False)
+        out.print(text, markup=False, highlight=False, emoji=False)
+    else:
+        out.print(log_line_text(line), highlight=False)
+
+
+@task_app.command("logs")
+def logs(
+    task_id: str,
+    follow: Annotated[
+        bool,
+        typer.Option("--follow", "-f", help="Print new lines as they come until the task ends."),
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="One JSON object per line: id, ts, stream, attempt, text."),
+    ] = False,
+) -> None:
+    """Print a task's output: stdout, stderr and log lines of each run, oldest first.
+
+    Each line shows its time (HH:MM:SS.mmm), its stream in brackets and its text.
+
+    The desktop keeps the last TP_TASK_LOG_MAX_LINES lines of a task, as long as its record.
+
+    --follow prints new lines as they come and exits 0 once the task has ended.
+    """
+
+    async def body(client: DistributedClient) -> None:
+        async for line in client.follow_logs(task_id, follow=follow):
+            print_log_line(line, as_json=as_json)
+
+    try:
+        with_client(body)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None

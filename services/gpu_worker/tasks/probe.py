@@ -1,19 +1,26 @@
-"""``probe``: sleeps, reports progress, fails or crashes on request (tests, health, benchmarks)."""
+"""``probe``: sleeps, prints, reports progress, fails or crashes on request (tests, benchmarks)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from services.gpu_worker.context import RetryableTaskError, TaskContext
 from shared.task_types import ProbeConfig
 
+log = structlog.get_logger(__name__)
+
 
 def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
-    """Sleep ``config.sleep_s`` in ``config.steps`` steps; stop early if asked.
+    """Print ``config.print_lines`` lines, then sleep ``config.sleep_s`` in ``config.steps`` steps.
+
+    Stops early if asked.
 
     Each finished step is checkpointed (``ctx.checkpoint_path`` holds the step count), so a probe
     that is run again after its worker was lost resumes after the last finished step.
@@ -26,6 +33,8 @@ def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
     """
     if config.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if config.print_lines:
+        _print_lines(config, ctx)
     step_s = config.sleep_s / config.steps
     started = time.monotonic()
     resumed = done = _load_step(ctx.checkpoint_path)
@@ -49,6 +58,24 @@ def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
         "resumed_from_step": float(resumed),
     }
     return {"metrics": metrics, "pid": os.getpid()}
+
+
+def _print_lines(config: ProbeConfig, ctx: TaskContext) -> None:
+    """``print_lines`` lines to stdout, each stamped with when it was printed, then a summary.
+
+    ``print()`` is not flushed here: the worker makes stdout line-buffered, as a task's plain
+    ``print`` calls rely on.
+    """
+    printed = 0
+    while printed < config.print_lines:
+        if ctx.should_stop() and not config.ignore_sigterm:
+            break
+        if printed and config.print_every_s:
+            time.sleep(config.print_every_s)
+        printed += 1
+        print(f"probe line {printed}/{config.print_lines} ts={time.time():.6f}")
+    print(f"probe printed {printed} lines", file=sys.stderr)
+    log.info("probe_printed", lines=printed)
 
 
 def _load_step(path: Path) -> int:
