@@ -21,8 +21,8 @@ class Keys:
         ``<ns>:task:<id>:logs``     stream of the task's output and log lines (bounded)
         ``<ns>:service:<kind>:<name>``  a service's heartbeat (JSON, with a TTL); workers are
                                     kind ``gpu-worker``
-        ``<ns>:services``           sorted set ``<kind>:<name>`` -> last heartbeat (Unix s), so a
-                                    service whose key expired is known and shown ``offline``
+        ``<ns>:services``           hash ``<kind>:<name>`` -> last heartbeat (JSON), so a service
+                                    whose key expired is still known and shown ``offline``
         ``<ns>:alerts``             list of recent health alerts (JSON, newest first, capped)
         ``<ns>:gitsync:<host>``     git-sync's last report for one desktop's checkout (JSON)
         ``<ns>:gitsync-hosts``      set of those keys
@@ -77,7 +77,7 @@ class Keys:
 
     @property
     def services(self) -> str:
-        """Sorted set of every service seen, ``<kind>:<name>`` scored by its last heartbeat."""
+        """Hash of every service seen: ``<kind>:<name>`` -> its last heartbeat (JSON)."""
         return f"{self.namespace}:services"
 
     @property

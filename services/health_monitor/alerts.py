@@ -15,7 +15,8 @@ need a person):
   the consumer count alone would cry wolf).
 - ``sync_failed``: git-sync reports a problem state, or an artifact sync ended ``failed``.
 - ``dead_letters_growing``: the dead-letter queue holds more messages than when it was last
-  quiet; resolved once it is back to that level (requeued or purged).
+  quiet; resolved once it is back to that level (requeued or purged; two low readings in a row,
+  since listing dead letters takes them out for a moment).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class AlertTracker:
         self.active: dict[Key, HealthAlert] = {}
         #: Dead letters when the queue was last quiet (None until the first pass).
         self._dead_baseline: int | None = None
+        self._dead_last: int | None = None
 
     def update(self, snapshot: HealthSnapshot) -> list[HealthAlert]:
         """Compare ``snapshot`` with the active alerts; return those fired and resolved now."""
@@ -123,14 +125,19 @@ class AlertTracker:
         dead = next((q for q in snapshot.queues if q.route == "dead"), None)
         if dead is None:
             return
-        if self._dead_baseline is None or dead.messages <= self._dead_baseline:
-            self._dead_baseline = dead.messages
+        # The higher of the last two readings: ``tradectl queue dead`` takes the messages out
+        # for a moment while it lists them, and one low reading must not resolve (or re-fire).
+        level = max(dead.messages, self._dead_last if self._dead_last is not None else 0)
+        self._dead_last = dead.messages
+        if self._dead_baseline is None or level < self._dead_baseline:
+            self._dead_baseline = level
+        if level == self._dead_baseline:
             return
-        grown = dead.messages - self._dead_baseline
+        grown = level - self._dead_baseline
         yield (
             ("dead_letters_growing", dead.name),
             (
-                f"dead-letter queue {dead.name} grew by {grown} to {dead.messages} message(s) "
+                f"dead-letter queue {dead.name} grew by {grown} to {level} message(s) "
                 "(tradectl queue dead)"
             ),
         )

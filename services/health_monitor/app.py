@@ -24,6 +24,7 @@ from services.health_monitor.collector import Collector
 from services.health_monitor.http import EmbeddedServer, create_app
 from services.health_monitor.metrics import Metrics
 from services.health_monitor.snapshot import HealthSnapshot
+from shared import logstream
 from shared.broker import Broker
 from shared.errors import BrokerError, StoreError
 from shared.gitinfo import head_commit
@@ -149,24 +150,16 @@ class HealthMonitor:
         """Stop delivering to ``inbox``."""
         self._subscribers.discard(inbox)
 
-    async def log_tail(self, task_id: str, tail: int) -> list[dict[str, Any]]:
-        """The last ``tail`` entries of the task's log stream, oldest first.
+    async def log_tail(self, task_id: str, count: int) -> list[dict[str, Any]]:
+        """The last ``count`` lines of the task's output, oldest first (``LogLine.as_dict``).
 
         Raises:
             TaskNotFoundError: no such task.
             StoreError: Redis failed.
         """
         await self.store.get(task_id)
-        try:
-            entries = await self.store.redis.xrevrange(
-                self.store.keys.task_logs(task_id), count=tail
-            )
-        except (RedisError, OSError) as e:
-            raise StoreError(f"reading the logs of {task_id} failed: {e}") from e
-        return [
-            {str(k): v for k, v in (fields or {}).items()}
-            for _id, fields in reversed(entries or [])
-        ]
+        lines = await logstream.tail(self.store.redis, self.store.keys.task_logs(task_id), count)
+        return [line.as_dict() for line in lines]
 
     def _publish_snapshot(self, snapshot: HealthSnapshot) -> None:
         self.latest = snapshot

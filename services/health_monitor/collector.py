@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractChannel
 
 from services.health_monitor.snapshot import HealthSnapshot, QueueInfo, SyncSummary, TaskSummary
@@ -23,6 +22,7 @@ from shared.events import finite_metrics
 from shared.gitsync import SyncStatus
 from shared.health import load_services
 from shared.messages import TERMINAL_STATES, TaskState
+from shared.queues import queue_depths
 from shared.settings import Settings
 from shared.store import StatusStore, TaskRecord
 
@@ -125,34 +125,19 @@ class Collector:
         An unreachable broker gives an empty list (the snapshot says so through its problems).
         """
         topology = self.broker.topology
-        found: list[QueueInfo] = []
+        routes = {topology.queue(r): r for r in ROUTES if r != "dead"}
+        routes[topology.dead_letter_queue] = "dead"
         try:
-            channel = await self._open_channel()
-            # The raw channel: aio-pika's robust channel answers a repeated declare of a queue
-            # from its cache, with the counts of the first declare.
-            raw = await channel.get_underlay_channel()
-            for route in ROUTES:
-                name = topology.dead_letter_queue if route == "dead" else topology.queue(route)
-                result = await raw.queue_declare(name, passive=True)
-                found.append(
-                    QueueInfo(
-                        name=name,
-                        route=route,
-                        messages=int(result.message_count or 0),
-                        consumers=int(result.consumer_count or 0),
-                    )
-                )
+            if self._channel is None or self._channel.is_closed:
+                self._channel = await self.broker.connection.channel()
+            depths = await queue_depths(self._channel, topology)
         except (*BROKER_FAILURES, BrokerError):
-            # A missing queue closes the channel; a new one is opened next pass.
-            self._channel = None
+            self._channel = None  # a missing queue closes the channel; a new one next pass
             return []
-        return found
-
-    async def _open_channel(self) -> AbstractChannel:
-        if self._channel is None or self._channel.is_closed:
-            connection: aio_pika.abc.AbstractRobustConnection = self.broker.connection
-            self._channel = await connection.channel()
-        return self._channel
+        return [
+            QueueInfo(name=d.name, route=routes[d.name], messages=d.messages, consumers=d.consumers)
+            for d in depths
+        ]
 
     async def _active(self) -> list[TaskSummary]:
         records = [
