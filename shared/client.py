@@ -49,9 +49,11 @@ from shared.messages import (
     task_id_for_key,
 )
 from shared.queues import (
+    DeadLetter,
     DeadLetterList,
     QueueReport,
     Requeued,
+    drop_dead_letter,
     peek_dead_letters,
     queue_report,
     requeue_dead_letter,
@@ -403,6 +405,15 @@ class DistributedClient:
             BrokerError: RabbitMQ failed (the dead letter stays where it was).
         """
         return await requeue_dead_letter(self.broker, letter_id)
+
+    async def drop_dead_letter(self, letter_id: str) -> DeadLetter:
+        """Delete one dead letter (by id, message id or task id) for good.
+
+        Raises:
+            DeadLetterNotFoundError: no dead letter has that id.
+            BrokerError: RabbitMQ failed (the dead letter stays where it was).
+        """
+        return await drop_dead_letter(self.broker, letter_id)
 
     async def cancel(self, task_id: str, *, wait_s: float | None = 30.0) -> CancelResult:
         """Cancel a task; ``task_id`` may be a unique prefix.

@@ -255,35 +255,68 @@ async def requeue_dead_letter(
         BrokerError: RabbitMQ failed (the dead letter then stays where it was).
     """
     async with _borrowed_dead_letters(broker) as (queue, held):
-        while len(held) < scan_limit:
-            message = await _get(queue)
-            if message is None:
-                break
-            held.append(message)  # handed back on exit unless requeued below
-            letter = describe_dead_letter(message)
-            if letter_id not in (letter.id, letter.message_id, letter.task_id):
-                continue
-            target = _target_queue(letter, broker.topology)
-            await broker.publish_to_queue(
-                target,
-                message.body,
-                headers=_requeue_headers(message, letter.requeues),
-                message_id=message.message_id,
-                priority=message.priority,
-            )
-            held.remove(message)
-            try:
-                await message.ack()
-            except BROKER_FAILURES as e:
-                # Republished but not acked: the broker requeues the dead copy, a duplicate
-                # a person sees in the next listing, never a loss.
-                raise BrokerError(f"requeued, but removing the dead copy failed: {e}") from e
-            return Requeued(letter=letter, queue=target)
-        raise DeadLetterNotFoundError(
-            f"no dead letter with id {letter_id!r} among the {len(held)} in "
-            f"{broker.topology.dead_letter_queue}",
-            letter_id=letter_id,
+        message, letter = await _find(broker, queue, held, letter_id, scan_limit)
+        target = _target_queue(letter, broker.topology)
+        await broker.publish_to_queue(
+            target,
+            message.body,
+            headers=_requeue_headers(message, letter.requeues),
+            message_id=message.message_id,
+            priority=message.priority,
         )
+        # Republished: if the ack below fails the broker requeues the dead copy, a duplicate a
+        # person sees in the next listing, never a loss.
+        await _remove(held, message, "requeued, but removing the dead copy failed")
+        return Requeued(letter=letter, queue=target)
+
+
+async def drop_dead_letter(
+    broker: Broker, letter_id: str, *, scan_limit: int = REQUEUE_SCAN_LIMIT
+) -> DeadLetter:
+    """Delete one dead letter for good (a person read it and decided it is garbage).
+
+    Raises:
+        DeadLetterNotFoundError: no dead letter has that id (among the first ``scan_limit``).
+        BrokerError: RabbitMQ failed (the dead letter then stays where it was).
+    """
+    async with _borrowed_dead_letters(broker) as (queue, held):
+        message, letter = await _find(broker, queue, held, letter_id, scan_limit)
+        await _remove(held, message, "removing the dead letter failed")
+        return letter
+
+
+async def _find(
+    broker: Broker,
+    queue: AbstractQueue,
+    held: list[AbstractIncomingMessage],
+    letter_id: str,
+    scan_limit: int,
+) -> tuple[AbstractIncomingMessage, DeadLetter]:
+    """The oldest dead letter matching ``letter_id``; every delivery read is kept in ``held``."""
+    while len(held) < scan_limit:
+        message = await _get(queue)
+        if message is None:
+            break
+        held.append(message)  # handed back on exit unless removed
+        letter = describe_dead_letter(message)
+        if letter_id in (letter.id, letter.message_id, letter.task_id):
+            return message, letter
+    raise DeadLetterNotFoundError(
+        f"no dead letter with id {letter_id!r} among the {len(held)} in "
+        f"{broker.topology.dead_letter_queue}",
+        letter_id=letter_id,
+    )
+
+
+async def _remove(
+    held: list[AbstractIncomingMessage], message: AbstractIncomingMessage, failure: str
+) -> None:
+    """Ack ``message`` (taking it out of the dead-letter queue) instead of handing it back."""
+    held.remove(message)
+    try:
+        await message.ack()
+    except BROKER_FAILURES as e:
+        raise BrokerError(f"{failure}: {e}") from e
 
 
 def describe_dead_letter(message: AbstractIncomingMessage) -> DeadLetter:

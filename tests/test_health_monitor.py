@@ -246,6 +246,27 @@ async def test_dead_letter_growth_alerts(
             await exchange.publish(aio_pika.Message(b"not json"), routing_key="submit")
         alert = await listener.wait_for("dead_letters_growing")
         assert "grew by 1" in alert["message"]
+        # A bad message is the sender's problem: listed as active, but the desktop is healthy.
+        active = await monitor.get("/api/alerts?active=true")
+        assert [a["kind"] for a in active] == ["dead_letters_growing"]
+        assert (await monitor.http.get("/healthz")).status_code == 200
+
+
+async def test_sigterm_ends_open_event_streams_and_exits(
+    platform: Platform, monitor: Monitor
+) -> None:
+    """An open dashboard must not keep a stopping monitor alive (systemd would SIGKILL it)."""
+    url = f"http://127.0.0.1:{monitor.port}/api/stream"
+    async with httpx.AsyncClient(timeout=None) as http, http.stream("GET", url) as stream:
+        lines = stream.aiter_lines()
+        while "event: snapshot" not in await anext(lines):
+            pass
+        stopped_at = time.monotonic()
+        proc = platform.procs["health_monitor"].proc
+        proc.terminate()
+        code = await asyncio.to_thread(proc.wait, 15)
+        assert code == 0
+        assert time.monotonic() - stopped_at < 5
 
 
 @pytest.mark.usefixtures("isolated_git")

@@ -157,3 +157,11 @@ async def test_queue_dead_lists_without_losing_and_requeues_one_message(
     missing = await asyncio.to_thread(cli, s, "queue", "dead", "--requeue", "no-such-letter")
     assert missing.returncode == 4 and "no dead letter with id 'no-such-letter'" in missing.stderr
     assert await dead_count(client) == 1
+
+    # A person who has read it drops it for good; then it is gone, and a second drop finds none.
+    dropped = await asyncio.to_thread(cli, s, "queue", "dead", "--drop", bad["id"])
+    assert dropped.returncode == 0, dropped.stderr
+    assert f"dropped {bad['id']}" in dropped.stdout
+    assert await dead_count(client) == 0
+    twice = await asyncio.to_thread(cli, s, "queue", "dead", "--drop", bad["id"])
+    assert twice.returncode == 4

@@ -85,6 +85,7 @@ class TaskExecution:
                 artifact_location=artifact_location(env.settings, submission.task_id),
                 log_level=env.settings.log_level,
                 log_format=env.settings.log_format,
+                settings=env.settings,
             ),
             self.on_progress,
             self.on_checkpoint,
@@ -260,10 +261,21 @@ class TaskExecution:
         await self.logs.close()
 
     async def _republish(self) -> None:
+        """Publish a handed-back task at once, and take it off the dispatch pump's list.
+
+        The hand-back also put it on that list (due now): if this publish fails, the scheduler's
+        pump publishes it instead; if it succeeds, the pump must not publish it a second time.
+        """
+        task_id = self.submission.task_id
         try:
             await self.env.broker.publish_submission(self.submission, self.route)
-        except BrokerError as e:  # the retry pump cannot see it; say so loudly
-            log.error("hand_back_publish_failed", error=str(e))
+        except BrokerError as e:
+            log.warning("hand_back_publish_failed", error=str(e), fallback="dispatch pump")
+            return
+        try:
+            await self.env.store.dispatched(task_id)
+        except StoreError as e:  # the pump may publish it again: a refused claim, no harm
+            log.warning("hand_back_not_unlisted", error=str(e))
 
     async def _record(self, verdict: Verdict) -> Transition | None:
         """The outcome's compare-and-set, retried with doubling back-off while Redis is away.

@@ -2,8 +2,8 @@
 
 An alert is identified by ``(kind, subject)``. It fires (a ``health.alert.<kind>`` event, a line
 in ``<ns>:alerts``) when its condition first holds, and resolves (the same event with
-``resolved: true``) when it no longer does. While any is active the monitor is unhealthy
-(``/healthz`` answers 503 and lists their messages).
+``resolved: true``) when it no longer does. While any but a warning (``WARNING_KINDS``) is active
+the monitor is unhealthy (``/healthz`` answers 503 and lists their messages).
 
 Conditions (Flower and the RabbitMQ management UI show the same facts; these are the ones that
 need a person):
@@ -29,6 +29,9 @@ from shared.constants import ROUTE_CPU, ROUTE_GPU
 from shared.health import HealthAlert, ServiceState
 
 Key = tuple[str, str]
+#: Alerts that are news, not ill health: a bad message is the sender's problem, so it does not
+#: turn ``/healthz`` to 503 (the dashboard and ``/api/alerts`` still show it).
+WARNING_KINDS = frozenset({"dead_letters_growing"})
 LIVE = (ServiceState.ONLINE, ServiceState.BUSY)
 
 
@@ -55,13 +58,17 @@ class AlertTracker:
                     changes.append(alert)
         for key in [k for k in self.active if k not in holding]:
             gone = self.active.pop(key)
-            changes.append(gone.model_copy(update={"resolved": True, "ts": now}))
+            message = f"resolved: {gone.kind} {gone.subject} (was: {gone.message})"
+            changes.append(
+                gone.model_copy(update={"resolved": True, "ts": now, "message": message})
+            )
         return changes
 
     @property
     def problems(self) -> list[str]:
-        """Messages of the active alerts, oldest first."""
-        return [a.message for a in sorted(self.active.values(), key=lambda a: a.ts)]
+        """Messages of the active alerts that make the desktop unhealthy, oldest first."""
+        current = sorted(self.active.values(), key=lambda a: a.ts)
+        return [a.message for a in current if a.kind not in WARNING_KINDS]
 
     def _conditions(self, snapshot: HealthSnapshot) -> Iterator[tuple[Key, str]]:
         yield from self._offline(snapshot)

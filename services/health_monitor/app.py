@@ -40,6 +40,11 @@ ALERTS_KEPT = 200
 #: Snapshots a slow dashboard connection may fall behind before it is skipped ahead.
 SUBSCRIBER_BACKLOG = 8
 
+#: Longest wait for open HTTP connections to finish at stop (s).
+SHUTDOWN_GRACE_S = 3
+#: The inbox message that ends an event stream (the monitor is stopping).
+CLOSE = "close"
+
 Inbox = asyncio.Queue[tuple[str, dict[str, Any]]]
 
 
@@ -63,6 +68,7 @@ class HealthMonitor:
         self.latest: HealthSnapshot | None = None
         self.recent_alerts: deque[HealthAlert] = deque(maxlen=ALERTS_KEPT)
         self._subscribers: set[Inbox] = set()
+        self._closing = False
         self._started_at = 0.0
         self._periodic = Periodic("health_pass", settings.health_interval_s, self.run_pass)
         self.server = EmbeddedServer(
@@ -73,6 +79,7 @@ class HealthMonitor:
                 log_config=None,
                 access_log=False,
                 lifespan="off",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
             )
         )
         self._serve: asyncio.Task[None] | None = None
@@ -95,6 +102,9 @@ class HealthMonitor:
 
     async def stop(self) -> None:
         if self._serve is not None:
+            # Open dashboards hold their event streams for ever: end them, or uvicorn would wait.
+            self._closing = True
+            self._deliver(CLOSE, {})
             self.server.should_exit = True
             await asyncio.gather(self._serve, return_exceptions=True)
             self._serve = None
@@ -125,6 +135,7 @@ class HealthMonitor:
                 "problems": problems,
                 "healthy": not problems,
                 "alerts": list(self.recent_alerts)[:50],
+                "active_alerts": sorted(self.alerts.active.values(), key=lambda a: a.ts),
             }
         )
         try:
@@ -143,7 +154,10 @@ class HealthMonitor:
     def subscribe(self) -> Inbox:
         """An inbox that receives every later snapshot and alert (for one SSE connection)."""
         inbox: Inbox = asyncio.Queue(maxsize=SUBSCRIBER_BACKLOG)
-        self._subscribers.add(inbox)
+        if self._closing:
+            inbox.put_nowait((CLOSE, {}))
+        else:
+            self._subscribers.add(inbox)
         return inbox
 
     def unsubscribe(self, inbox: Inbox) -> None:

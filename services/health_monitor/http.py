@@ -12,7 +12,7 @@ Routes:
     ``GET /api/tasks/{id}/logs?tail=``     the last lines of its output
     ``GET /api/tasks/{id}/plots/{name}``   a PNG from its local artifact folder
     ``GET /api/sync``                      git-sync and artifact-sync state
-    ``GET /api/alerts``                    recent alerts, newest first
+    ``GET /api/alerts?active=``            recent alert events, newest first; or those holding now
     ``GET /api/stream``                    server-sent events: ``snapshot`` and ``alert``
     ``GET /``                              the dashboard (``static/index.html``)
 """
@@ -87,8 +87,9 @@ def create_app(monitor: HealthMonitor) -> FastAPI:
         return monitor.require_snapshot().sync.model_dump(mode="json")
 
     @app.get("/api/alerts")
-    async def alerts() -> list[dict[str, Any]]:
-        return [a.model_dump(mode="json") for a in monitor.recent_alerts]
+    async def alerts(active: bool = False) -> list[dict[str, Any]]:
+        chosen = monitor.require_snapshot().active_alerts if active else monitor.recent_alerts
+        return [a.model_dump(mode="json") for a in chosen]
 
     @app.get("/api/tasks")
     async def tasks(
@@ -173,6 +174,8 @@ async def _events(monitor: HealthMonitor) -> AsyncIterator[bytes]:
             except TimeoutError:
                 yield b": keep-alive\n\n"
                 continue
+            if kind == "close":
+                return  # the monitor stops; EventSource reconnects to the next one
             yield _sse(kind, data)
     finally:
         monitor.unsubscribe(inbox)

@@ -79,7 +79,10 @@ class HealthSnapshot(BaseModel):
     queued: list[TaskSummary] = Field(default_factory=list)
     recent: list[TaskSummary] = Field(default_factory=list)
     sync: SyncSummary = Field(default_factory=SyncSummary)
+    #: Recent alert events (fired and resolved), newest first.
     alerts: list[HealthAlert] = Field(default_factory=list)
+    #: The alerts that hold now, oldest first.
+    active_alerts: list[HealthAlert] = Field(default_factory=list)
 
     @property
     def workers(self) -> list[ServiceStatus]:

@@ -12,7 +12,7 @@ from rich.table import Table
 from shared.cli.common import JsonOpt, fail, out, with_client
 from shared.cli.workers import duration
 from shared.errors import DeadLetterNotFoundError
-from shared.queues import DeadLetterList, QueueReport, Requeued
+from shared.queues import DeadLetter, DeadLetterList, QueueReport, Requeued
 
 queue_app = typer.Typer(help="Queues: depth, consumers, dead letters.", no_args_is_help=True)
 
@@ -79,15 +79,33 @@ def dead(
             help="Put this dead letter (id, message id or task id) back into its source queue."
         ),
     ] = None,
+    drop: Annotated[
+        str | None,
+        typer.Option(help="Delete this dead letter (id, message id or task id) for good."),
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=10_000, help="List at most this many.")] = 100,
     as_json: JsonOpt = False,
 ) -> None:
-    """List dead-lettered messages with their reasons (they stay in the queue), or requeue one.
+    """List dead-lettered messages with their reasons (they stay in the queue), or act on one.
 
     --requeue ID republishes that message to the queue it came from (the submit queue for
     intake messages) and removes it from the dead-letter queue; a message still bad is
-    dead-lettered again with its reason. Exit 4 when no dead letter has that id.
+    dead-lettered again with its reason. --drop ID deletes it for good. Exit 4 when no dead
+    letter has that id.
     """
+    if requeue is not None and drop is not None:
+        fail("pass --requeue or --drop, not both", 2)
+    if drop is not None:
+        drop_id = drop
+        try:
+            gone: DeadLetter = with_client(lambda c: c.drop_dead_letter(drop_id))
+        except DeadLetterNotFoundError as e:
+            fail(str(e), 4)
+        if as_json:
+            print(json.dumps(gone.model_dump(mode="json"), indent=2))
+        else:
+            out.print(f"dropped {gone.id} ({gone.reason})", markup=False, highlight=False)
+        return
     if requeue is None:
         found: DeadLetterList = with_client(lambda c: c.dead_letters(limit))
         if as_json:
