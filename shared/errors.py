@@ -77,3 +77,26 @@ class CommitCheckError(TaskError):
 
 class DeadLetterNotFoundError(TradePlatError):
     """No message in the dead-letter queue has the id asked for (``queue dead --requeue``)."""
+
+
+class DependencyError(TaskError):
+    """A task's ``depends_on`` or config references are refused (unknown parent, self, bad path).
+
+    ``fields["field"]`` names what is wrong (``depends_on``, ``config.model_task``).
+    """
+
+
+class PipelineError(TaskError):
+    """A pipeline file is refused (unknown step, cycle, bad reference), naming the field."""
+
+
+class ScheduleError(TaskError):
+    """A schedule is refused: bad cron expression or time zone, name taken, bad task config."""
+
+
+class ScheduleNotFoundError(TradePlatError):
+    """No schedule has this name."""
+
+
+class DuplicateServiceError(TradePlatError):
+    """Another live process already beats under this service's kind and name."""

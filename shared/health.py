@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 from redis.exceptions import RedisError
 
 from shared.broker import Broker
-from shared.errors import BrokerError, NotConnectedError, StoreError
+from shared.errors import BrokerError, DuplicateServiceError, NotConnectedError, StoreError
 from shared.periodic import Periodic
 from shared.settings import Settings
 from shared.store import StatusStore
@@ -300,6 +300,39 @@ class Beacon:
         self._started = time.time()
         self._version = package_version()
         self._periodic = Periodic(f"{kind}_heartbeat", settings.heartbeat_interval_s, self.beat)
+
+    async def ensure_unique(self) -> None:
+        """Refuse to start when another live process beats under this kind and name.
+
+        A heartbeat key left by a process that died (its TTL not yet run out) is told apart
+        from a live one by watching it for one and a half intervals: a live process refreshes
+        it (new ``ts``), a dead one does not.
+
+        Raises:
+            DuplicateServiceError: another process keeps the name alive (two workers named
+                alike would share one heartbeat and hide each other's death).
+            StoreError: Redis failed.
+        """
+        key = self.store.keys.service(self.kind, self.name)
+        try:
+            first = await self.store.redis.get(key)
+            if first is None:
+                return
+            seen = Heartbeat.model_validate_json(first)
+            if (seen.host, seen.pid) == (socket.gethostname(), os.getpid()):
+                return
+            await asyncio.sleep(self.settings.heartbeat_interval_s * 1.5)
+            later = await self.store.redis.get(key)
+        except (RedisError, OSError) as e:
+            raise StoreError(f"reading the heartbeat of {self.name} failed: {e}") from e
+        except ValidationError:
+            return
+        if later is None or Heartbeat.model_validate_json(later).ts == seen.ts:
+            return  # the earlier process is gone; its key just has not expired yet
+        raise DuplicateServiceError(
+            f"another {self.kind} named {self.name!r} is alive on {seen.host} (pid {seen.pid}): "
+            "give each one its own TP_WORKER_NAME"
+        )
 
     def start(self) -> None:
         """Beat now and then every interval."""

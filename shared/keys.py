@@ -24,9 +24,18 @@ class Keys:
         ``<ns>:services``           hash ``<kind>:<name>`` -> last heartbeat (JSON), so a service
                                     whose key expired is still known and shown ``offline``
         ``<ns>:alerts``             list of recent health alerts (JSON, newest first, capped)
+        ``<ns>:alerts:active``      hash ``<kind>|<subject>`` -> the alert holding now (JSON)
         ``<ns>:gitsync:<host>``     git-sync's last report for one desktop's checkout (JSON)
         ``<ns>:gitsync-hosts``      set of those keys
         ``<ns>:artifacts:<id>``     a task's artifact sync state (JSON)
+        ``<ns>:task:<id>:children`` set of the ids of tasks that depend on this one
+        ``<ns>:held``               sorted set of ``submitted`` tasks the scheduler holds (parents
+                                    not completed, start time not reached), scored by when to
+                                    look at each again (Unix s, Redis clock)
+        ``<ns>:schedules``          set of schedule names
+        ``<ns>:schedule:<name>``    hash: a recurring submission (spec JSON, paused, next due,
+                                    last fired occurrence and task)
+        ``<ns>:schedule:<name>:runs``  list of the schedule's recent firings (JSON, newest first)
     """
 
     namespace: str
@@ -81,6 +90,14 @@ class Keys:
         return f"{self.namespace}:services"
 
     @property
+    def alerts_active(self) -> str:
+        """Hash of the alerts that hold now: ``<kind>|<subject>`` -> JSON ``HealthAlert``.
+
+        A restarted monitor reads it, so it neither repeats nor forgets them.
+        """
+        return f"{self.namespace}:alerts:active"
+
+    @property
     def alerts(self) -> str:
         """List of recent health alerts, newest first (JSON ``HealthAlert``)."""
         return f"{self.namespace}:alerts"
@@ -102,6 +119,28 @@ class Keys:
     def git_sync_index(self) -> str:
         """Set of every desktop's git-sync status key (read on each submit: no SCAN)."""
         return f"{self.namespace}:gitsync-hosts"
+
+    def children(self, task_id: str) -> str:
+        """Set of the ids of tasks that wait for ``task_id`` (``depends_on``)."""
+        return f"{self.namespace}:task:{task_id}:children"
+
+    @property
+    def held(self) -> str:
+        """Sorted set of held ``submitted`` tasks, scored by when to check each again (Unix s)."""
+        return f"{self.namespace}:held"
+
+    @property
+    def schedules(self) -> str:
+        """Set of the names of every recurring schedule."""
+        return f"{self.namespace}:schedules"
+
+    def schedule(self, name: str) -> str:
+        """Hash holding one schedule (spec, paused, next due, last firing)."""
+        return f"{self.namespace}:schedule:{name}"
+
+    def schedule_runs(self, name: str) -> str:
+        """List of a schedule's recent firings (JSON ``{occurrence, task_id, fired_at}``)."""
+        return f"{self.namespace}:schedule:{name}:runs"
 
     @property
     def pattern(self) -> str:

@@ -52,4 +52,7 @@ class Periodic:
                 await self._duty()
             except (StoreError, BrokerError) as e:
                 log.warning(f"{self.name}_failed", error=str(e))
+            except Exception:
+                log.exception(f"{self.name}_crashed")  # a bug: say so before the loop ends
+                raise
             await asyncio.sleep(self.interval_s)

@@ -98,7 +98,11 @@ def main(name: str, factory: Callable[[Settings], Service]) -> None:
     except TradePlatError as e:  # a setting this service cannot work with (no storage...)
         print(f"{name}: cannot start: {e}", file=sys.stderr)
         sys.exit(2)
-    asyncio.run(run_until_signalled(service))
+    try:
+        asyncio.run(run_until_signalled(service))
+    except TradePlatError as e:  # refused at start: a duplicate name...
+        print(f"{name}: cannot start: {e}", file=sys.stderr)
+        sys.exit(2)
     action = getattr(service, "exit_action", None)
     if action == "reexec":
         logging.shutdown()

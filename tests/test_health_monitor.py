@@ -26,6 +26,7 @@ from shared.messages import TaskState
 from shared.settings import Settings
 from tests.conftest import Platform, ServiceProcess
 from tests.gitrepos import Repos, git
+from tests.netproxy import TcpProxy
 from tests.test_pipeline import wait_state
 
 pytestmark = pytest.mark.slow
@@ -42,10 +43,10 @@ FAST = {
 class Monitor:
     """The health-monitor process and an HTTP client to it."""
 
-    def __init__(self, platform: Platform) -> None:
+    def __init__(self, platform: Platform, **env: str) -> None:
         self.port = free_port()
         self.proc: ServiceProcess = platform.start(
-            "health_monitor", TP_HEALTH_PORT=str(self.port), **FAST
+            "health_monitor", TP_HEALTH_PORT=str(self.port), **FAST, **env
         )
         self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{self.port}", timeout=5)
 
@@ -313,3 +314,59 @@ def rabbitmq_depths(namespace: str) -> dict[str, int]:
         if len(parts) == 2 and parts[0].startswith(f"{namespace}."):
             depths[parts[0]] = int(parts[1])
     return depths
+
+
+async def test_monitor_outlives_a_broker_outage_and_says_so(
+    platform: Platform, settings: Settings
+) -> None:
+    """RabbitMQ cut off (a proxy in between): 503 naming it, then healthy again by itself."""
+    proxy = TcpProxy("127.0.0.1", 5672)
+    try:
+        monitor = Monitor(platform, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{proxy.port}/")
+        await monitor.ready()
+        await until(lambda: _status(monitor, "/healthz", 200), 10)
+        proxy.cut()
+
+        async def broker_named() -> bool:
+            r = await monitor.http.get("/healthz")
+            return r.status_code == 503 and "RabbitMQ unreachable" in " ".join(r.json()["problems"])
+
+        await until(broker_named, 15)
+        proxy.restore()
+        await until(lambda: _status(monitor, "/healthz", 200), 60)
+        before = (await monitor.get("/api/snapshot"))["ts"]
+        await asyncio.sleep(1.5)
+        assert (await monitor.get("/api/snapshot"))["ts"] > before  # passes go on
+        await monitor.http.aclose()
+    finally:
+        proxy.close()
+
+
+async def test_restarted_monitor_neither_repeats_nor_forgets_an_alert(
+    platform: Platform, settings: Settings
+) -> None:
+    await platform.start_all(**FAST)
+    monitor = Monitor(platform)
+    await monitor.ready()
+    name = settings.worker_name
+    await until(lambda: _is(monitor.worker_state(name), "online"), 30)
+    async with AlertListener(settings) as listener:
+        worker = platform.procs["gpu_worker"].proc
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(10)
+        await listener.wait_for("worker_offline")
+        monitor.proc.proc.kill()
+        monitor.proc.proc.wait(10)
+        await monitor.http.aclose()
+
+        monitor = Monitor(platform)  # a new process, same namespace
+        await monitor.ready()
+        await asyncio.sleep(2)  # a few passes
+        active = await monitor.get("/api/alerts?active=true")
+        assert [a["kind"] for a in active] == ["worker_offline"]
+        platform.start("gpu_worker", **FAST)
+        await listener.wait_for("worker_offline", resolved=True, timeout=60)
+        fired = [a for a in listener.alerts if not a["resolved"]]
+        assert [a["kind"] for a in fired] == ["worker_offline"], fired  # once, not twice
+        assert await monitor.get("/api/alerts?active=true") == []
+        await monitor.http.aclose()

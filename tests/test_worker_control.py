@@ -273,3 +273,36 @@ def test_worker_start_systemd_reports_the_real_systemctl_failure(settings: Setti
     )
     assert started.returncode == 1
     assert f"systemctl start {unit} failed (exit" in " ".join(started.stderr.split())
+
+
+async def test_worker_stop_of_a_paused_worker_says_lost_not_stopped(
+    platform: Platform, client: DistributedClient
+) -> None:
+    """A worker SIGSTOPped mid-drain lets its heartbeat expire: that is not a clean stop."""
+    s = platform.settings
+    worker = start_worker(platform, "paused", **CPU_ONLY)
+    await wait_worker(client, "paused", {ServiceState.ONLINE})
+    os.kill(worker.proc.pid, signal.SIGSTOP)
+    try:
+        stopped = await asyncio.to_thread(cli, s, "worker", "stop", "paused", "--timeout", "15")
+        assert stopped.returncode == 1, (stopped.stdout, stopped.stderr)
+        assert "lost, not stopped: paused" in " ".join(stopped.stderr.split())
+        assert "stopped: paused" not in stopped.stdout
+    finally:
+        os.kill(worker.proc.pid, signal.SIGCONT)
+
+
+async def test_a_second_worker_with_the_same_name_is_refused(
+    platform: Platform, client: DistributedClient
+) -> None:
+    """Two workers named alike would share one heartbeat and hide each other's death."""
+    first = start_worker(platform, "dup", **CPU_ONLY)
+    await wait_worker(client, "dup", {ServiceState.ONLINE})
+    second = start_worker(platform, "dup", **CPU_ONLY)
+    assert await asyncio.to_thread(second.proc.wait, 30) == 2
+    assert "another gpu-worker named 'dup' is alive" in second.log_text()
+    # A worker restarted right after a crash is not refused by its predecessor's leftover key.
+    os.kill(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    third = start_worker(platform, "dup", **CPU_ONLY)
+    await wait_worker(client, "dup", {ServiceState.ONLINE}, pid=third.proc.pid)

@@ -89,6 +89,7 @@ class Worker:
         runner.warm_up(self.settings.worker_preload)
         await asyncio.to_thread(runner.wait_until_warm)
         await self.store.start()
+        await self.beacon.ensure_unique()
         await self.broker.start()
         for route, slots in (
             (ROUTE_GPU, self.settings.worker_gpu_slots),

@@ -21,7 +21,7 @@ need a person):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from services.health_monitor.snapshot import HealthSnapshot
 from shared.artifacts import ArtifactState
@@ -38,8 +38,11 @@ LIVE = (ServiceState.ONLINE, ServiceState.BUSY)
 class AlertTracker:
     """Remembers active alerts between passes and reports what changed."""
 
-    def __init__(self) -> None:
+    def __init__(self, own: tuple[str, str] | None = None) -> None:
         self.active: dict[Key, HealthAlert] = {}
+        #: ``(kind, name)`` of the monitor itself: never reported offline by itself (its first
+        #: pass after a restart can run before its own heartbeat is written).
+        self._own = own
         #: Dead letters when the queue was last quiet (None until the first pass).
         self._dead_baseline: int | None = None
         self._dead_last: int | None = None
@@ -64,6 +67,15 @@ class AlertTracker:
             )
         return changes
 
+    def restore(self, alerts: Iterable[HealthAlert]) -> None:
+        """Take the alerts that held when an earlier monitor stopped.
+
+        So a restart neither fires them again nor forgets to resolve them.
+        """
+        for alert in alerts:
+            if not alert.resolved:
+                self.active[(alert.kind, alert.subject)] = alert
+
     @property
     def problems(self) -> list[str]:
         """Messages of the active alerts that make the desktop unhealthy, oldest first."""
@@ -76,11 +88,12 @@ class AlertTracker:
         yield from self._sync(snapshot)
         yield from self._dead_letters(snapshot)
 
-    @staticmethod
-    def _offline(snapshot: HealthSnapshot) -> Iterator[tuple[Key, str]]:
+    def _offline(self, snapshot: HealthSnapshot) -> Iterator[tuple[Key, str]]:
         for service in snapshot.services:
             beat = service.heartbeat
             if service.state is not ServiceState.OFFLINE or beat.stopped:
+                continue
+            if (beat.kind, beat.name) == self._own:
                 continue
             kind = "worker_offline" if beat.worker is not None else "service_offline"
             yield (

@@ -10,6 +10,7 @@ turns 503 instead of answering from stale data.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections import deque
 from typing import Any
@@ -56,7 +57,7 @@ class HealthMonitor:
         self.store = StatusStore(settings)
         self.broker = Broker(settings, name="health-monitor")
         self.collector = Collector(settings, self.store, self.broker)
-        self.alerts = AlertTracker()
+        self.alerts = AlertTracker(own=("health-monitor", socket.gethostname()))
         self.metrics = Metrics()
         self.beacon = Beacon(
             settings,
@@ -119,10 +120,11 @@ class HealthMonitor:
         try:
             snapshot = await self.collector.collect()
         except StoreError as e:
-            snapshot = HealthSnapshot(
-                ts=time.time(), healthy=False, problems=[f"Redis unreachable: {e}"]
-            )
-            self._publish_snapshot(snapshot)
+            self._publish_snapshot(self._stale(f"Redis unreachable: {e}"))
+            return
+        except Exception as e:  # the loop must outlive any one pass: report it, not die
+            log.exception("health_pass_failed")
+            self._publish_snapshot(self._stale(f"health pass failed: {e!r}"))
             return
         changes = self.alerts.update(snapshot)
         for alert in changes:
@@ -144,6 +146,19 @@ class HealthMonitor:
             log.warning("metrics_count_failed", error=str(e))
         self.metrics.update(snapshot, len(self.alerts.active))
         self._publish_snapshot(snapshot)
+
+    def _stale(self, problem: str) -> HealthSnapshot:
+        """The last good snapshot, kept for reading but marked unhealthy and stale."""
+        now = time.time()
+        last = self.latest or HealthSnapshot(ts=now, healthy=False)
+        return last.model_copy(
+            update={
+                "ts": now,
+                "healthy": False,
+                "problems": [problem],
+                "stale_since": last.stale_since or last.ts,
+            }
+        )
 
     def require_snapshot(self) -> HealthSnapshot:
         """The latest snapshot (raises HTTP 503 before the first pass)."""
@@ -197,10 +212,16 @@ class HealthMonitor:
         self.recent_alerts.appendleft(alert)
         self._deliver("alert", alert.model_dump(mode="json"))
         body = alert.model_dump_json()
+        keys = self.store.keys
+        field = f"{alert.kind}|{alert.subject}"
         try:
             async with self.store.redis.pipeline(transaction=True) as pipe:
-                pipe.lpush(self.store.keys.alerts, body)
-                pipe.ltrim(self.store.keys.alerts, 0, ALERTS_KEPT - 1)
+                pipe.lpush(keys.alerts, body)
+                pipe.ltrim(keys.alerts, 0, ALERTS_KEPT - 1)
+                if alert.resolved:
+                    pipe.hdel(keys.alerts_active, field)
+                else:
+                    pipe.hset(keys.alerts_active, field, body)
                 await pipe.execute()
         except (RedisError, OSError) as e:
             log.warning("alert_not_stored", error=str(e))
@@ -217,6 +238,11 @@ class HealthMonitor:
             raise StoreError(f"reading alerts failed: {e}") from e
         for item in reversed(raw):
             self.recent_alerts.appendleft(HealthAlert.model_validate_json(item))
+        try:
+            active = await self.store.redis.hvals(self.store.keys.alerts_active)
+        except (RedisError, OSError) as e:
+            raise StoreError(f"reading active alerts failed: {e}") from e
+        self.alerts.restore(HealthAlert.model_validate_json(item) for item in active)
 
     async def _redis_now(self) -> float:
         seconds, micros = await self.store.redis.time()

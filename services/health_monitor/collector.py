@@ -131,8 +131,10 @@ class Collector:
             if self._channel is None or self._channel.is_closed:
                 self._channel = await self.broker.connection.channel()
             depths = await queue_depths(self._channel, topology)
-        except (*BROKER_FAILURES, BrokerError):
-            self._channel = None  # a missing queue closes the channel; a new one next pass
+        except (*BROKER_FAILURES, BrokerError, RuntimeError):
+            # A missing queue closes the channel; a dropped connection makes aiormq raise a
+            # plain RuntimeError ("... closed"). Either way: a new channel next pass.
+            self._channel = None
             return []
         return [
             QueueInfo(name=d.name, route=routes[d.name], messages=d.messages, consumers=d.consumers)

@@ -96,10 +96,11 @@ def create_app(monitor: HealthMonitor) -> FastAPI:
         state: TaskState | None = None, limit: int = Query(50, ge=1, le=500)
     ) -> list[dict[str, Any]]:
         store = monitor.store
-        if state is not None:
-            records = await store.in_state(state, limit, newest_first=True)
-        else:
-            records = await store.list_recent(limit)
+        with _task_errors():
+            if state is not None:
+                records = await store.in_state(state, limit, newest_first=True)
+            else:
+                records = await store.list_recent(limit)
         tasks_dir = monitor.settings.tasks_dir
         return [summarise(r, tasks_dir).model_dump(mode="json") for r in records]
 

@@ -70,6 +70,8 @@ class HealthSnapshot(BaseModel):
     ts: float
     healthy: bool
     problems: list[str] = Field(default_factory=list)
+    #: Set while a pass cannot read Redis: the data below is from that time (Unix s).
+    stale_since: float | None = None
     services: list[ServiceStatus] = Field(default_factory=list)
     queues: list[QueueInfo] = Field(default_factory=list)
     tasks_by_state: dict[str, int] = Field(default_factory=dict)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import unicodedata
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -83,3 +84,14 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 def format_ts(ts: float) -> str:
     """Unix seconds as local ISO time with milliseconds."""
     return datetime.fromtimestamp(ts).isoformat(sep=" ", timespec="milliseconds")
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (ESC, BEL, ...) but tab shown escaped.
+
+    Task output and dead-letter headers come from outside; an ESC sequence printed raw could
+    clear the laptop's screen, retitle the window or hide the lines after it.
+    """
+    return "".join(
+        ch if ch == "\t" or unicodedata.category(ch) != "Cc" else ascii(ch)[1:-1] for ch in text
+    )

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from shared.cli.common import JsonOpt, fail, out, with_client
+from shared.cli.common import JsonOpt, fail, out, printable, with_client
 from shared.cli.workers import duration
 from shared.errors import DeadLetterNotFoundError
 from shared.queues import DeadLetter, DeadLetterList, QueueReport, Requeued
@@ -61,9 +61,9 @@ def dead_table(found: DeadLetterList) -> Table:
     table.title_justify = "left"
     for d in found.letters:
         table.add_row(
-            escape(d.id),
-            escape(d.reason),
-            escape(d.source_queue or "-"),
+            escape(printable(d.id)),
+            escape(printable(d.reason)),
+            escape(printable(d.source_queue or "-")),
             str(d.requeues),
             str(d.size_bytes),
             escape(d.preview),

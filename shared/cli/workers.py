@@ -168,17 +168,21 @@ def stop(
     The worker stops consuming, lets its running tasks finish within the desktop's
     TP_DRAIN_TIMEOUT_S, else hands them back to the queue (attempt not counted), then exits 0;
     the other workers keep serving. Exit 4 when no worker of that name is online, 124 when
-    --timeout passed while a worker was still draining.
+    --timeout passed while a worker was still draining, 1 when a worker's heartbeat expired
+    without a clean stop (killed or paused mid-drain).
     """
     if (name is None) == (not all_workers):
         fail("name one worker or pass --all", 2)
     outcome = with_client(lambda c: _drain(c, name, wait=wait, timeout_s=timeout, quiet=as_json))
-    targets, alive, known = outcome
+    targets, alive, known = outcome  # known: every worker (no target) or the lost ones
     names = [w.heartbeat.name for w in targets]
+    lost = known if targets else []
     if as_json:
-        left = {w.heartbeat.name for w in alive}
+        left = {w.heartbeat.name for w in [*alive, *lost]}
         stopped = [n for n in names if n not in left] if wait else []
-        print(json.dumps({"requested": names, "stopped": stopped, "waited": wait}, indent=2))
+        lost_names = [w.heartbeat.name for w in lost]
+        body = {"requested": names, "stopped": stopped, "lost": lost_names, "waited": wait}
+        print(json.dumps(body, indent=2))
     if not targets and name is not None:
         listed = ", ".join(f"{w.heartbeat.name} ({w.state.value})" for w in known) or "none"
         fail(f"no worker named {name!r} is online (known workers: {listed})", 4)
@@ -186,6 +190,13 @@ def stop(
         err.print("no worker is online: nothing to drain", markup=False)
     elif wait and alive:
         fail(f"still draining after {timeout:g} s: {', '.join(_label(w) for w in alive)}", 124)
+    elif wait and lost:
+        gone = ", ".join(w.heartbeat.name for w in lost)
+        fail(
+            f"lost, not stopped: {gone} (its heartbeat expired without a clean stop: killed, or "
+            "paused; its tasks come back when their leases expire)",
+            1,
+        )
     elif wait and not as_json:
         out.print(f"stopped: {', '.join(names)}", markup=False, highlight=False)
 
@@ -202,7 +213,17 @@ async def _drain(
             out.print(f"drain requested: {_label(w)}", markup=False, highlight=False)
     if not wait:
         return targets, targets, []
-    return targets, await client.wait_workers_stopped(targets, timeout_s=timeout_s), []
+    alive = await client.wait_workers_stopped(targets, timeout_s=timeout_s)
+    wanted = {(w.heartbeat.name, w.heartbeat.pid, w.heartbeat.started_at) for w in targets}
+    # Gone without saying "stopped": killed, or paused past its TTL (SIGSTOP), mid-drain.
+    lost = [
+        w
+        for w in await client.workers()
+        if (w.heartbeat.name, w.heartbeat.pid, w.heartbeat.started_at) in wanted
+        and w.state is ServiceState.OFFLINE
+        and not w.heartbeat.stopped
+    ]
+    return targets, alive, lost
 
 
 def _label(worker: ServiceStatus) -> str:
