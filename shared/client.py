@@ -29,6 +29,7 @@ from shared.constants import DEFAULT_PRIORITY
 from shared.errors import (
     CommitCheckError,
     DecodeError,
+    DependencyError,
     IdempotencyConflictError,
     StoreError,
     TaskNotFoundError,
@@ -40,6 +41,7 @@ from shared.health import WORKER_KIND, ServiceState, ServiceStatus, load_service
 from shared.logstream import LogLine, read_after
 from shared.messages import (
     CancelRequest,
+    ConfigRef,
     DrainRequest,
     EventKind,
     TaskEvent,
@@ -48,6 +50,8 @@ from shared.messages import (
     decode,
     task_id_for_key,
 )
+from shared.pipelines import Pipeline
+from shared.pipelines import plan as plan_pipeline
 from shared.queues import (
     DeadLetter,
     DeadLetterList,
@@ -58,6 +62,8 @@ from shared.queues import (
     queue_report,
     requeue_dead_letter,
 )
+from shared.references import validate_with_refs
+from shared.schedules import CronClock, Schedule, ScheduleSpec, ScheduleStore
 from shared.settings import Settings
 from shared.store import StatusStore, TaskRecord
 from shared.task_types import validate_config
@@ -140,6 +146,9 @@ class DistributedClient:
         git_commit: str | None = None,
         time_limit_s: float | None = None,
         max_attempts: int | None = None,
+        depends_on: list[str] | None = None,
+        config_refs: list[ConfigRef] | None = None,
+        not_before: float | None = None,
     ) -> TaskRecord:
         """Validate and submit a task; idempotent per task id.
 
@@ -157,6 +166,13 @@ class DistributedClient:
                 ``TP_TASK_TIMEOUT_S``.
             max_attempts: runs before giving up (lost workers, retryable errors); default
                 ``TP_MAX_ATTEMPTS``.
+            depends_on: ids of parent tasks (each must exist): the scheduler holds this task
+                until every one completed, and fails it when one fails or is cancelled.
+            config_refs: config values taken from parents once they completed (their task
+                ids are added to ``depends_on``); the config is validated now with those fields
+                left open, and in full when they are filled in.
+            not_before: not queued before this Unix time (s, compared with the Redis clock;
+                see ``shared.schedules.parse_start_time``).
 
         Returns:
             The task's record right after the submit (``submitted``, or further on when the id
@@ -164,13 +180,20 @@ class DistributedClient:
 
         Raises:
             UnknownTaskTypeError, TaskConfigError: refused, nothing queued.
+            DependencyError: a parent does not exist, or the task would depend on itself.
             IdempotencyConflictError: the id is taken by a task of another type or config.
             CommitCheckError: ``TP_COMMIT_CHECK=refuse`` and the checkout is dirty or unpushed.
             pydantic.ValidationError: a bad id or priority.
             StoreError, BrokerError: Redis or RabbitMQ failed.
         """
-        # The record and the wire carry the config as it will run: validated, defaults filled in.
-        config = validate_config(task_type, dict(config or {})).model_dump(mode="json")
+        refs = list(config_refs or [])
+        parents = list(dict.fromkeys([*(depends_on or []), *(r.task_id for r in refs)]))
+        if refs:  # validated in full by the scheduler once the references are filled in
+            config = dict(config or {})
+            validate_with_refs(task_type, config, refs)
+        else:
+            # The record and the wire carry the config as it will run: validated, defaults in.
+            config = validate_config(task_type, dict(config or {})).model_dump(mode="json")
         if git_commit is None:
             git_commit = await self.pinned_commit()
         if task_id is None:
@@ -186,10 +209,15 @@ class DistributedClient:
             git_commit=git_commit,
             timeout_s=time_limit_s,
             max_attempts=max_attempts,
+            depends_on=parents,
+            config_refs=refs,
+            not_before=not_before,
         )
+        await self._check_parents(task_id, parents)
         created = await self.store.create(submission)
         record = await self.store.get(task_id)
-        if not created and (record.task_type, record.config) != (task_type, config):
+        known = (record.task_type, record.config_template or record.config, record.depends_on)
+        if not created and known != (task_type, config, parents):
             raise IdempotencyConflictError(
                 f"task {task_id} already exists as a different {record.task_type} task "
                 f"(state {record.state.value}); use a new id or idempotency key",
@@ -200,6 +228,142 @@ class DistributedClient:
         if created or record.state is TaskState.SUBMITTED:
             await self.broker.publish_submission(submission)
         return record
+
+    async def _check_parents(self, task_id: str, parents: list[str]) -> None:
+        """Refuse a ``depends_on`` naming this task itself or a task that does not exist."""
+        if task_id in parents:
+            raise DependencyError("depends_on: a task cannot depend on itself", field="depends_on")
+        unknown = [p for p, found in (await self.store.exists(parents)).items() if not found]
+        if unknown:
+            raise DependencyError(
+                f"depends_on: unknown task {', '.join(map(repr, unknown))}", field="depends_on"
+            )
+
+    async def submit_pipeline(
+        self,
+        pipeline: Pipeline,
+        *,
+        idempotency_key: str | None = None,
+        git_commit: str | None = None,
+    ) -> dict[str, TaskRecord]:
+        """Submit every step of a pipeline, parents first; returns each step's record by name.
+
+        Args:
+            pipeline: as ``shared.pipelines.load_pipeline`` read it.
+            idempotency_key: derive each step's task id from this key and the step's name, so a
+                retried submit (after a broker error midway) makes the same tasks.
+            git_commit: pin every step to this commit; default as ``submit`` (``HEAD``).
+
+        Raises:
+            PipelineError: the pipeline is refused (naming the field); nothing is submitted.
+            Whatever ``submit`` raises (steps already submitted stay).
+        """
+        steps = plan_pipeline(pipeline)
+        if idempotency_key is None:
+            ids = {p.name: str(uuid.uuid4()) for p in steps}
+        else:
+            ids = {p.name: task_id_for_key(f"{idempotency_key}:{p.name}") for p in steps}
+        if git_commit is None:
+            git_commit = await self.pinned_commit()
+        records: dict[str, TaskRecord] = {}
+        for p in steps:
+            records[p.name] = await self.submit(
+                p.step.type,
+                p.step.config,
+                priority=p.step.priority,
+                task_id=ids[p.name],
+                git_commit=git_commit,
+                time_limit_s=p.step.time_limit_s,
+                max_attempts=p.step.max_attempts,
+                depends_on=[ids[parent] for parent in p.parents],
+                config_refs=[r.bind(ids) for r in p.refs],
+            )
+        return records
+
+    # Recurring schedules (``tradectl schedule ...``).
+
+    async def add_schedule(
+        self,
+        name: str,
+        cron: str,
+        task_type: str,
+        config: dict[str, Any] | None = None,
+        *,
+        timezone: str = "UTC",
+        priority: int = DEFAULT_PRIORITY,
+        time_limit_s: float | None = None,
+        max_attempts: int | None = None,
+        paused: bool = False,
+    ) -> Schedule:
+        """Create a recurring submission, kept in Redis and fired by the scheduler.
+
+        Args:
+            name: unique name (``[A-Za-z0-9][A-Za-z0-9_.-]*``).
+            cron: five fields, or six with seconds last (``* * * * * */10``).
+            task_type: a registered type.
+            config: the type's config, validated now.
+            timezone: IANA zone the expression is read in (default UTC).
+            priority: as ``submit``, for every task it submits.
+            time_limit_s: as ``submit`` (s).
+            max_attempts: as ``submit``.
+            paused: create it paused (``resume_schedule`` starts it).
+
+        Returns:
+            The schedule with its first due time.
+
+        Raises:
+            ScheduleError: a bad cron expression or zone, or the name is taken (the message
+                names the field).
+            UnknownTaskTypeError, TaskConfigError: a bad task.
+            pydantic.ValidationError: a bad name or priority.
+        """
+        clock = CronClock(cron, timezone)
+        config = validate_config(task_type, dict(config or {})).model_dump(mode="json")
+        spec = ScheduleSpec(
+            name=name,
+            cron=clock.expr,
+            timezone=timezone,
+            task_type=task_type,
+            config=config,
+            priority=priority,
+            time_limit_s=time_limit_s,
+            max_attempts=max_attempts,
+            created_by=socket.gethostname(),
+        )
+        schedules = ScheduleStore(self.store)
+        first = clock.next_after(await self.store.now())
+        await schedules.add(spec, next_due_at=first, paused=paused)
+        return await schedules.get(name)
+
+    async def schedules(self) -> list[Schedule]:
+        """Every schedule by name, with its state (paused, next due, last firing)."""
+        return await ScheduleStore(self.store).list_all()
+
+    async def schedule(self, name: str) -> Schedule:
+        """One schedule (``ScheduleNotFoundError`` if there is none of that name)."""
+        return await ScheduleStore(self.store).get(name)
+
+    async def schedule_runs(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
+        """A schedule's recent firings, newest first: ``{occurrence, task_id, fired_at}``."""
+        return await ScheduleStore(self.store).runs(name, limit)
+
+    async def pause_schedule(self, name: str) -> Schedule:
+        """Stop firing a schedule until ``resume_schedule``."""
+        return await ScheduleStore(self.store).set_paused(name, True)
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        """Fire a paused schedule again from its next occurrence.
+
+        Runs missed while it was paused are not made up.
+        """
+        schedules = ScheduleStore(self.store)
+        spec = (await schedules.get(name)).spec
+        due = CronClock(spec.cron, spec.timezone).next_after(await self.store.now())
+        return await schedules.set_paused(name, False, next_due_at=due)
+
+    async def remove_schedule(self, name: str) -> None:
+        """Delete a schedule (the tasks it submitted stay)."""
+        await ScheduleStore(self.store).remove(name)
 
     async def pinned_commit(self, *, warn: Callable[[list[str]], None] | None = None) -> str | None:
         """The commit a task submitted now is pinned to: ``HEAD`` of ``TP_CODE_DIR``.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -52,11 +52,45 @@ class WireModel(BaseModel):
     schema_version: Literal[1] = 1
 
 
+#: Most parents one task may wait for, and most config references it may carry.
+MAX_DEPENDENCIES = 100
+
+
+class ConfigRef(BaseModel):
+    """A value of a child task's config taken from a parent task when the parents have completed.
+
+    The scheduler resolves it after every parent completed, then validates the whole config.
+
+    Attributes:
+        target: dotted path of the config field to set (``model_task``, ``optimizer.lr``); with
+            ``merge``, the mapping to merge into (``""``: the config itself).
+        task_id: the parent task.
+        source: ``task_id`` (the parent's id) or ``result`` / ``result.<dotted path>`` (a value
+            of the parent's result, e.g. ``result.best_params`` or ``result.metrics.steps``).
+        merge: the value is a mapping whose keys are merged into ``target`` (``config_from``)
+            instead of replacing it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field("", max_length=500, pattern=r"^([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*)?$")
+    task_id: str = Field(pattern=TASK_ID_PATTERN)
+    source: str = Field("task_id", max_length=500, pattern=r"^(task_id|result(\.[A-Za-z0-9_-]+)*)$")
+    merge: bool = False
+
+    @property
+    def text(self) -> str:
+        """The reference as a pipeline file writes it: ``${tasks.<id>.<source>}``."""
+        return f"${{tasks.{self.task_id}.{self.source}}}"
+
+
 class TaskSubmission(WireModel):
     """A task as the client submits it and as the scheduler dispatches it to a work queue.
 
     ``config`` stays a plain mapping on the wire; the scheduler and the CLI validate it against the
-    task type's config model (``shared.task_types``).
+    task type's config model (``shared.task_types``). A task with ``depends_on`` or
+    ``not_before`` is held by the scheduler (state ``submitted``) until every parent completed
+    and the start time passed; ``config_refs`` are then filled in from the parents.
     """
 
     task_id: str = Field(pattern=TASK_ID_PATTERN)
@@ -69,6 +103,15 @@ class TaskSubmission(WireModel):
     git_commit: str | None = Field(None, pattern=r"^[0-9a-f]{7,64}$")
     timeout_s: float | None = Field(None, gt=0, description="Maximum run time (s).")
     max_attempts: int | None = Field(None, ge=1, le=100, description="Runs before giving up.")
+    depends_on: list[Annotated[str, Field(pattern=TASK_ID_PATTERN)]] = Field(
+        default_factory=list,
+        max_length=MAX_DEPENDENCIES,
+        description="Parent task ids: held until every one completed; fails if one does not.",
+    )
+    config_refs: list[ConfigRef] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
+    not_before: float | None = Field(
+        None, ge=0, description="Not queued before this Unix time (s, the desktop's Redis clock)."
+    )
 
 
 class EventKind(StrEnum):

@@ -242,6 +242,15 @@ class Settings(BaseSettings):
     health_interval_s: float = Field(
         1.0, gt=0, le=60, description="Pause between two health checks of the monitor (s)."
     )
+    schedule_poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description=(
+            "How often the scheduler fires due schedules and releases tasks whose start time "
+            "came (s): how late a firing or an --at start may be."
+        ),
+    )
     task_log_max_lines: int = Field(
         10_000, ge=100, le=1_000_000, description="Lines of output kept per task in Redis."
     )

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from shared.constants import FINISHED_TASK_TTL_S
 from shared.errors import NotConnectedError, StoreError, TaskNotFoundError
 from shared.keys import Keys
-from shared.messages import TERMINAL_STATES, TaskState, TaskSubmission
+from shared.messages import TERMINAL_STATES, ConfigRef, TaskState, TaskSubmission
 from shared.settings import Settings
 
 # Every script below that moves a task also moves its id between the per-state sorted sets
@@ -223,6 +223,10 @@ def _store_errors(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
+#: For other modules keeping data in the status store's Redis (schedules).
+store_errors = _store_errors
+
+
 class TaskRecord(BaseModel):
     """A task as Redis holds it. Timestamps are Unix seconds from the Redis server's clock."""
 
@@ -259,6 +263,13 @@ class TaskRecord(BaseModel):
     result: dict[str, Any] | None = None
     error: str | None = None
     traceback: str | None = None
+    #: Parents this task waits for (all must complete), config values taken from them, and the
+    #: time before which it is not queued (Unix s, Redis clock).
+    depends_on: list[str] = Field(default_factory=list)
+    config_refs: list[ConfigRef] = Field(default_factory=list)
+    not_before: float | None = None
+    #: The config as submitted, references unresolved (set when the scheduler resolved them).
+    config_template: dict[str, Any] | None = None
 
     @property
     def finished_at(self) -> float | None:
@@ -283,7 +294,7 @@ class TaskRecord(BaseModel):
     def from_hash(cls, raw: Mapping[str, str]) -> TaskRecord:
         """Build from the Redis hash; JSON fields (config, result) are decoded."""
         data: dict[str, Any] = {k: v for k, v in raw.items() if v != ""}
-        for field in ("config", "result"):
+        for field in ("config", "result", "depends_on", "config_refs", "config_template"):
             if field in data:
                 data[field] = json.loads(data[field])
         return cls.model_validate(data)
@@ -382,6 +393,13 @@ class StatusStore:
             "timeout_s": "" if submission.timeout_s is None else str(submission.timeout_s),
             "max_attempts": "" if submission.max_attempts is None else str(submission.max_attempts),
             "submitted_at_client": str(submission.submitted_at),
+            "depends_on": json.dumps(submission.depends_on) if submission.depends_on else "",
+            "config_refs": (
+                json.dumps([r.model_dump() for r in submission.config_refs])
+                if submission.config_refs
+                else ""
+            ),
+            "not_before": "" if submission.not_before is None else repr(submission.not_before),
         }
         keys = [
             self.keys.task(submission.task_id),
@@ -540,6 +558,11 @@ class StatusStore:
         )
 
     @_store_errors
+    async def dispatch_pending(self, task_id: str) -> bool:
+        """Whether ``task_id`` still waits in the dispatch set (not published, not crossed off)."""
+        return await self.redis.zscore(self.keys.retries, task_id) is not None
+
+    @_store_errors
     async def dispatched(self, task_id: str) -> None:
         """Forget a due dispatch after publishing it.
 
@@ -593,6 +616,66 @@ class StatusStore:
     async def _now(self) -> float:
         seconds, micros = await self.redis.time()
         return float(seconds) + float(micros) / 1e6
+
+    @_store_errors
+    async def now(self) -> float:
+        """The Redis server's clock (Unix s): the one clock of laptop, desktop and scheduler."""
+        return await self._now()
+
+    @_store_errors
+    async def exists(self, task_ids: Iterable[str]) -> dict[str, bool]:
+        """Whether a record exists for each of ``task_ids`` (one round trip)."""
+        ids = list(task_ids)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for task_id in ids:
+                pipe.exists(self.keys.task(task_id))
+            found = await pipe.execute()
+        return {task_id: bool(n) for task_id, n in zip(ids, found, strict=True)}
+
+    @_store_errors
+    async def hold(self, task_id: str, parents: Iterable[str], check_at: float) -> None:
+        """Hold a ``submitted`` task: list it under each parent and look at it at ``check_at``.
+
+        Idempotent. The children sets only speed the release up (a parent's end finds its
+        children at once); the held set is what a periodic pass walks, so a lost event delays a
+        release by one pass at most.
+
+        Args:
+            task_id: the held task.
+            parents: its ``depends_on``.
+            check_at: when to evaluate it again (Unix s, Redis clock).
+        """
+        async with self.redis.pipeline(transaction=True) as pipe:
+            for parent in parents:
+                pipe.sadd(self.keys.children(parent), task_id)
+                # Outlives the parent's record (30 days after it ended) by at most as long.
+                pipe.expire(self.keys.children(parent), FINISHED_TASK_TTL_S)
+            pipe.zadd(self.keys.held, {task_id: check_at})
+            await pipe.execute()
+
+    @_store_errors
+    async def recheck_held(self, task_id: str, check_at: float) -> None:
+        """Look at a held task again at ``check_at`` (Unix s, Redis clock)."""
+        await self.redis.zadd(self.keys.held, {task_id: check_at})
+
+    @_store_errors
+    async def unhold(self, task_id: str) -> None:
+        """Forget a held task (released, failed, cancelled or gone)."""
+        await self.redis.zrem(self.keys.held, task_id)
+
+    @_store_errors
+    async def due_held(self, limit: int = 200) -> list[str]:
+        """Held tasks due to be looked at again, soonest first."""
+        now = await self._now()
+        return cast(
+            list[str],
+            await self.redis.zrangebyscore(self.keys.held, "-inf", now, start=0, num=limit),
+        )
+
+    @_store_errors
+    async def children(self, task_id: str) -> list[str]:
+        """Ids of the tasks that depend on ``task_id``."""
+        return sorted(cast(set[str], await self.redis.smembers(self.keys.children(task_id))))
 
     @_store_errors
     async def get(self, task_id: str) -> TaskRecord:

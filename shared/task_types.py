@@ -144,3 +144,7 @@ def validate_config(task_type: str, config: dict[str, Any]) -> TaskConfig:
         errors = [(".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
         detail = "; ".join(f"{loc}: {msg}" for loc, msg in errors)
         raise TaskConfigError(f"invalid {task_type} config: {detail}", errors=errors) from e
+
+
+import shared.backtest_config  # noqa: E402 - last: it registers "backtest" from there
+import shared.hyperopt_config  # noqa: E402, F401 - registers "hyperopt", "hyperopt_trial"

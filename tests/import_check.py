@@ -7,6 +7,7 @@ Usage: ``python tests/import_check.py services`` or ``python tests/import_check.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import sys
 
@@ -45,6 +46,8 @@ def run_cli(args: list[str]) -> str:
 
 
 if __name__ == "__main__":
+    # A hang prints every thread's stack (and exits) instead of waiting for pytest's timeout.
+    faulthandler.dump_traceback_later(150, exit=True)
     mode = sys.argv[1]
     outcome = asyncio.run(run_services()) if mode == "services" else run_cli(sys.argv[2:])
     loaded = [m for m in HEAVY if m in sys.modules]

@@ -219,3 +219,16 @@ def test_list_state_filter_covers_the_whole_index(settings: Settings) -> None:
     assert [r["task_id"] for r in json.loads(proc.stdout)] == [old_failed]
     proc = tradectl("task", "list", "--limit", "2", "--json", env=env)
     assert [r["task_id"] for r in json.loads(proc.stdout)] == newer[::-1][:2]
+
+
+def test_task_output_cannot_drive_the_laptop_terminal() -> None:
+    """ESC/BEL sequences in a task's output or a dead letter's reason are shown, not obeyed."""
+    from shared.cli.common import printable
+    from shared.cli.tasks import log_line_text
+    from shared.logstream import LogLine
+
+    hostile = "\x1b]0;PWNED\x07 \x1b[2J\x1b[31mred\tok"
+    shown = log_line_text(LogLine(ts=0.0, stream="stdout", attempt=1, text=hostile)).plain
+    assert "\x1b" not in shown and "\x07" not in shown
+    assert "\\x1b[2J" in shown and "\tok" in shown
+    assert printable("plain text") == "plain text"

@@ -6,6 +6,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 ProgressSink = Callable[[float, str, dict[str, float]], None]
 
@@ -41,6 +45,9 @@ class TaskContext:
         artifact_location: where artifact-sync copies the task's folder
             (``s3://bucket/prefix/<id>/`` or a path), if shared storage is configured (MLflow
             tag ``tp.artifact_location``).
+        settings: the worker's settings (broker, Redis, namespace), for a task that works with
+            the platform itself (``hyperopt`` submits trial tasks and keeps its study in Redis);
+            None outside a worker.
     """
 
     task_id: str
@@ -50,6 +57,7 @@ class TaskContext:
     tracking_uri: str
     git_commit: str | None = None
     artifact_location: str | None = None
+    settings: Settings | None = field(default=None, repr=False)
     _progress_sink: ProgressSink | None = field(default=None, repr=False)
     _checkpoint_sink: Callable[[], None] | None = field(default=None, repr=False)
     _stop_requested: bool = field(default=False, repr=False)

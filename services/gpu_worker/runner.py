@@ -43,7 +43,7 @@ from services.gpu_worker.context import RETRYABLE_ERRORS, TaskContext
 from services.gpu_worker.tasks import TASK_ENTRYPOINTS
 from shared.constants import CHILD_EXIT_GRACE_S, TRACEBACK_SUMMARY_CHARS
 from shared.logstream import LogLine
-from shared.settings import LogFormat, LogLevel
+from shared.settings import LogFormat, LogLevel, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +125,8 @@ class ChildJob:
     artifact_location: str | None = None
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
+    #: The worker's settings, for tasks that use the platform themselves (``hyperopt``).
+    settings: Settings | None = None
 
 
 @dataclass
@@ -173,6 +175,7 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         tracking_uri=job.tracking_uri,
         git_commit=job.git_commit,
         artifact_location=job.artifact_location,
+        settings=job.settings,
         _progress_sink=lambda f, m, metrics: report(("progress", f, m, metrics)),
         _checkpoint_sink=lambda: report(("checkpoint",)),
     )

@@ -1,18 +1,26 @@
-"""Scheduler wiring: consume the intake queue, validate, record ``queued``, route by type."""
+"""Scheduler wiring: consume the intake queue, validate, record ``queued``, route by type.
+
+Beside the intake it runs the reaper and dispatch pump (every ``reaper_interval_s``) and the
+planner (every ``schedule_poll_s``): it fires due schedules and releases held tasks whose start
+time came or whose parents' news was missed; parents' end events release children at once.
+"""
 
 from __future__ import annotations
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
+from services.scheduler.dependencies import Dependencies
 from services.scheduler.intake import IntakeDecision, decide
 from services.scheduler.reaper import Reaper
+from services.scheduler.schedules import ScheduleRunner
 from shared.broker import Broker
 from shared.constants import ROUTE_SUBMIT, SCHEDULER_PREFETCH
 from shared.consuming import handle_delivery
 from shared.events import state_event
 from shared.gitinfo import head_commit
 from shared.health import Beacon
+from shared.periodic import Periodic
 from shared.settings import Settings
 from shared.store import StatusStore
 
@@ -33,6 +41,9 @@ class Scheduler:
         self.store = StatusStore(settings)
         self._channel: AbstractChannel | None = None
         self.reaper = Reaper(settings, self.store, self.broker)
+        self.dependencies = Dependencies(settings, self.store, self.broker, self.reaper.dispatch)
+        self.schedules = ScheduleRunner(self.store, self.broker)
+        self.planner = Periodic("planner", settings.schedule_poll_s, self.plan_once)
         self.beacon = Beacon(
             settings,
             self.store,
@@ -46,13 +57,17 @@ class Scheduler:
         await self.broker.start()
         self._channel = await self.broker.consumer_channel(SCHEDULER_PREFETCH)
         queue = await self._channel.get_queue(self.broker.topology.queue(ROUTE_SUBMIT))
+        await self.dependencies.start()
         await queue.consume(self.on_message)
         self.reaper.start()
+        self.planner.start()
         self.beacon.start()
 
     async def stop(self) -> None:
         await self.beacon.stop()
+        await self.planner.stop()
         await self.reaper.stop()
+        await self.dependencies.stop()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()
         self._channel = None
@@ -67,8 +82,13 @@ class Scheduler:
             source_queue=self.broker.topology.queue(ROUTE_SUBMIT),
         )
 
+    async def plan_once(self) -> None:
+        """One planner pass: fire due schedules, then look at held tasks that are due."""
+        await self.schedules.run_due()
+        await self.dependencies.run_due()
+
     async def _handle(self, message: AbstractIncomingMessage) -> None:
-        decision = await decide(message, self.settings, self.store)
+        decision = await decide(message, self.settings, self.store, self.dependencies)
         if decision.dead_letter_reason is not None:
             log.warning("message_dead_lettered", reason=decision.dead_letter_reason)
             await self.broker.dead_letter(

@@ -4,6 +4,8 @@ Kept apart from the AMQP wiring so every rule reads in one place:
     undecodable / schema-invalid      -> dead-letter with the reason
     unknown type / invalid config     -> task ``failed`` with the error
     new valid task                    -> ``submitted -> queued``, route by type
+    task with parents or a start time -> held ``submitted`` (``dependencies``): queued, routed or
+                                         failed there, now or when its parents end
     duplicate (same task id)          -> dropped (idempotent submit)
     redelivered after a crash mid-way -> routed again (the worker's claim dedups)
 """
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
+from services.scheduler.dependencies import Dependencies
 from shared.errors import DecodeError, TaskError
 from shared.messages import TaskState, TaskSubmission, decode
+from shared.references import validate_with_refs
 from shared.settings import Settings
 from shared.store import StatusStore
 from shared.task_types import route_of
@@ -36,7 +40,10 @@ class IntakeDecision:
 
 
 async def decide(
-    message: AbstractIncomingMessage, settings: Settings, store: StatusStore
+    message: AbstractIncomingMessage,
+    settings: Settings,
+    store: StatusStore,
+    dependencies: Dependencies,
 ) -> IntakeDecision:
     """Decide and record (in Redis) what happens to one intake message."""
     try:
@@ -44,19 +51,26 @@ async def decide(
     except DecodeError as e:
         return IntakeDecision(dead_letter_reason=str(e))
     await store.create(submission)
+    held = is_held(submission)
     try:
-        route = route_of(submission.task_type, submission.config)
+        route = validate(submission, held=held)
     except TaskError as e:
         moved = await store.transition(
             submission.task_id,
             [TaskState.SUBMITTED],
             TaskState.FAILED,
             by="scheduler",
+            reason=str(e),
             fields={"error": str(e)},
         )
         return IntakeDecision(
             submission, moved_to=TaskState.FAILED if moved.applied else None, error=str(e)
         )
+    if held:
+        parents = [*submission.depends_on, *(r.task_id for r in submission.config_refs)]
+        outcome = await dependencies.hold(submission.task_id, list(dict.fromkeys(parents)))
+        log.info("task_held", task_id=submission.task_id, outcome=outcome.value)
+        return IntakeDecision(submission)  # queued, published or failed there, or later
     moved = await store.transition(
         submission.task_id, [TaskState.SUBMITTED], TaskState.QUEUED, by="scheduler"
     )
@@ -67,3 +81,24 @@ async def decide(
         return IntakeDecision(submission, route=route)
     log.info("duplicate_submit_dropped", task_id=submission.task_id, state=moved.previous)
     return IntakeDecision(submission)
+
+
+def is_held(submission: TaskSubmission) -> bool:
+    """Whether the task waits for parents or a start time before it may be queued."""
+    return bool(submission.depends_on or submission.config_refs) or (
+        submission.not_before is not None
+    )
+
+
+def validate(submission: TaskSubmission, *, held: bool) -> str:
+    """The task's queue route ("" for a held task, routed when released).
+
+    A held task's referenced fields are validated once its parents filled them in.
+
+    Raises:
+        TaskError: an unknown type or an invalid config (naming the field).
+    """
+    if held:
+        validate_with_refs(submission.task_type, submission.config, submission.config_refs)
+        return ""
+    return route_of(submission.task_type, submission.config)

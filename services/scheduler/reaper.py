@@ -11,6 +11,8 @@ Every ``reaper_interval_s``:
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
 from shared.broker import Broker
@@ -33,6 +35,9 @@ class Reaper:
         self.store = store
         self.broker = broker
         self._periodic = Periodic("reaper", settings.reaper_interval_s, self.run_once)
+        # One dispatch at a time in this process: the pump and a release's immediate dispatch
+        # must not both publish a task before either crossed it off.
+        self._dispatching = asyncio.Lock()
 
     def start(self) -> None:
         self._periodic.start()
@@ -64,11 +69,22 @@ class Reaper:
 
     async def dispatch_due(self) -> None:
         """Publish every queued task whose dispatch is due (one failure does not block others)."""
-        for task_id in await self.store.due_dispatches():
-            try:
+        async with self._dispatching:
+            for task_id in await self.store.due_dispatches():
+                try:
+                    await self._dispatch_one(task_id)
+                except (StoreError, BrokerError) as e:
+                    log.error("dispatch_failed", task_id=task_id, error=str(e))
+
+    async def dispatch(self, task_id: str) -> None:
+        """Publish one task now if its dispatch is still pending (a task just released).
+
+        Raises:
+            StoreError, BrokerError: it stays due, and the pump publishes it on its next pass.
+        """
+        async with self._dispatching:
+            if await self.store.dispatch_pending(task_id):
                 await self._dispatch_one(task_id)
-            except (StoreError, BrokerError) as e:
-                log.error("dispatch_failed", task_id=task_id, error=str(e))
 
     async def _dispatch_one(self, task_id: str) -> None:
         try:

@@ -18,12 +18,29 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from shared.cli.artifacts import download_into
-from shared.cli.common import JsonOpt, err, fail, format_ts, load_settings, out, run, with_client
+from shared.cli.common import (
+    JsonOpt,
+    err,
+    fail,
+    format_ts,
+    load_settings,
+    out,
+    printable,
+    run,
+    with_client,
+)
 from shared.client import CancelResult, DistributedClient
 from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY
-from shared.errors import BrokerError, StoreError, TaskError, TaskNotFoundError
+from shared.errors import (
+    BrokerError,
+    DependencyError,
+    StoreError,
+    TaskError,
+    TaskNotFoundError,
+)
 from shared.logstream import LogLine
 from shared.messages import EventKind, TaskEvent, TaskState, describe_validation_error
+from shared.schedules import parse_start_time
 from shared.store import TaskRecord
 
 task_app = typer.Typer(help="Submit, follow and inspect tasks.", no_args_is_help=True)
@@ -139,6 +156,10 @@ def print_record(record: TaskRecord, *, as_json: bool) -> None:
         out.print(f"  [red]error[/red] {escape(record.error)}", highlight=False)
     if record.waiting:
         out.print(f"  [yellow]waiting[/yellow] {escape(record.waiting)}", highlight=False)
+    if record.depends_on:
+        out.print(f"  depends on    {', '.join(record.depends_on)}", highlight=False, markup=False)
+    if record.not_before:
+        out.print(f"  not before    {format_ts(record.not_before)}", highlight=False, markup=False)
     ran_on = (record.result or {}).get("git_commit") or record.code_commit
     if record.git_commit or ran_on:
         out.print(
@@ -188,6 +209,22 @@ def submit(
         int | None,
         typer.Option(min=1, max=100, help="Runs before giving up; default TP_MAX_ATTEMPTS."),
     ] = None,
+    depends_on: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--depends-on",
+            help="Parent task id (or unique prefix), repeatable: the task waits until every "
+            "parent completed, and fails if one fails or is cancelled.",
+        ),
+    ] = None,
+    at: Annotated[
+        str | None,
+        typer.Option(
+            "--at",
+            help="Not queued before this time: ISO (2025-01-31T02:00 local time, "
+            "2025-01-31T02:00:00Z UTC) or relative to now (+30s, +5m, +2h, +1d).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Validate and submit a task; with --wait follow its progress and print its metrics."""
@@ -202,6 +239,8 @@ def submit(
             "idempotency_key": idempotency_key,
             "time_limit_s": time_limit,
             "max_attempts": max_attempts,
+            "depends_on": [await resolve_parent(client, p) for p in depends_on or []],
+            "not_before": parse_start_time(at, await client.store.now()) if at else None,
         }
         if not wait:
             return await client.submit(task_type, config, **submit_kw)
@@ -222,6 +261,14 @@ def submit(
         print(record_json(record))
     else:
         out.print(record.task_id, highlight=False, markup=False)
+
+
+async def resolve_parent(client: DistributedClient, id_or_prefix: str) -> str:
+    """The full id of a ``--depends-on`` parent, or a refusal naming the option (exit 2)."""
+    try:
+        return await client.store.resolve_id(id_or_prefix)
+    except TaskNotFoundError as e:
+        raise DependencyError(f"depends_on: {e}", field="depends_on") from e
 
 
 def print_warnings(problems: list[str]) -> None:
@@ -259,7 +306,9 @@ async def follow(
             )
         except TimeoutError:
             record = await client.status(submitted[0])
-            hint = " (is a scheduler running?)" if record.state is TaskState.SUBMITTED else ""
+            hint = ""
+            if record.state is TaskState.SUBMITTED:
+                hint = f" ({record.waiting})" if record.waiting else " (is a scheduler running?)"
             raise WaitTimedOutError(
                 f"task {record.task_id} still {record.state.value} after {timeout:g} s{hint}"
             ) from None
@@ -501,7 +550,7 @@ def log_line_text(line: LogLine) -> Text:
     """``HH:MM:SS.mmm [stream] text`` (local time) as rich ``Text``: never read as markup."""
     stamp = datetime.fromtimestamp(line.ts).strftime("%H:%M:%S.%f")[:-3]
     tag = (f"[{line.stream}]", STREAM_STYLES.get(line.stream, ""))
-    return Text.assemble((stamp, "dim"), " ", tag, " ", line.text)
+    return Text.assemble((stamp, "dim"), " ", tag, " ", printable(line.text))
 
 
 def print_log_line(line: LogLine, *, as_json: bool) -> None:

@@ -9,4 +9,7 @@ from __future__ import annotations
 TASK_ENTRYPOINTS: dict[str, str] = {
     "train_model": "services.gpu_worker.tasks.train_model:run",
     "probe": "services.gpu_worker.tasks.probe:run",
+    "backtest": "services.gpu_worker.tasks.backtest:run",
+    "hyperopt": "services.gpu_worker.tasks.hyperopt:run",
+    "hyperopt_trial": "services.gpu_worker.tasks.hyperopt:run_trials",
 }

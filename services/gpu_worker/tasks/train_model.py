@@ -20,7 +20,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,9 @@ from services.gpu_worker.tasks.ohlcv import (
 )
 from services.gpu_worker.tasks.tracking import MlflowRecorder, mlflow_run
 from shared.task_types import TrainModelConfig
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: MLflow experiment every ``train_model`` run is recorded under.
 EXPERIMENT_NAME = "train_model"
@@ -372,6 +375,47 @@ def plot_loss_curve(history: list[dict[str, float]], baseline_loss: float, path:
     figure.savefig(path, format="png")
 
 
+def load_split(config: TrainModelConfig) -> tuple[pd.DataFrame, SplitData]:
+    """The configured bars and their standardised chronological split into samples.
+
+    Raises:
+        FileNotFoundError, ValueError: as :func:`.ohlcv.load_ohlcv` (no file, unusable bars).
+    """
+    bars = load_ohlcv(config.dataset)
+    features = build_features(bars, config.feature_window)
+    return bars, split_chronological(features, config.validation_fraction)
+
+
+def fit_and_score(
+    data: SplitData,
+    config: TrainModelConfig,
+    device: torch.device,
+    on_epoch: EpochCallback | None = None,
+    resume: Checkpoint | None = None,
+) -> tuple[TrainOutcome, dict[str, float]]:
+    """Train (:func:`train_classifier`) and measure the final model beside the baseline.
+
+    The core of ``train_model`` without its task duties (checkpoints, MLflow, artifacts), so a
+    hyper-parameter search can call it once per trial.
+
+    Returns:
+        The outcome and its metrics: the final model's ``train_loss``, ``train_accuracy``,
+        ``val_loss`` and ``val_accuracy`` (:func:`evaluate_split`), the baseline's
+        (:func:`baseline_metrics`), and ``n_train``/``n_val`` (samples).
+
+    Raises:
+        FloatingPointError: training diverged (see :func:`train_classifier`).
+    """
+    outcome = train_classifier(data, config, device, on_epoch, resume)
+    metrics = {
+        **outcome.final,
+        **baseline_metrics(data.y_train, data.y_val),
+        "n_train": float(len(data.y_train)),
+        "n_val": float(len(data.y_val)),
+    }
+    return outcome, metrics
+
+
 def run(config: TrainModelConfig, ctx: TaskContext) -> dict[str, Any]:
     """Train the configured model on the configured bars; the ``train_model`` entry point.
 
@@ -397,10 +441,7 @@ def run(config: TrainModelConfig, ctx: TaskContext) -> dict[str, Any]:
             ends FAILED and no metrics are reported.
     """
     device = resolve_device(config.device)
-    bars = load_ohlcv(config.dataset)
-    data = split_chronological(
-        build_features(bars, config.feature_window), config.validation_fraction
-    )
+    bars, data = load_split(config)
     cpu = torch.device("cpu")
     resume = load_checkpoint(
         ctx.checkpoint_path, config, lambda: new_train_state(config, data.n_features, cpu)
@@ -409,13 +450,7 @@ def run(config: TrainModelConfig, ctx: TaskContext) -> dict[str, Any]:
     with mlflow_run(ctx, EXPERIMENT_NAME, tags) as recorder:
         recorder.log_params(config.model_dump())
         hook = _epoch_hook(config, ctx, recorder)
-        outcome = train_classifier(data, config, device, hook, resume)
-        metrics = {
-            **outcome.final,
-            **baseline_metrics(data.y_train, data.y_val),
-            "n_train": float(len(data.y_train)),
-            "n_val": float(len(data.y_val)),
-        }
+        outcome, metrics = fit_and_score(data, config, device, hook, resume)
         artifacts = write_artifacts(ctx.artifact_dir, outcome, data, config, metrics)
         recorder.log_metrics({k: v for k, v in metrics.items() if k not in outcome.final}, step=0)
         recorder.log_artifacts([ctx.artifact_dir / name for name in artifacts])
