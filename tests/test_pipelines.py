@@ -170,3 +170,61 @@ def _types_known(path: Path) -> bool:
 
     steps = yaml.safe_load(path.read_text())["steps"]
     return all(step["type"] in TASK_TYPES for step in steps)
+
+
+GOOG_CHAIN = """
+name: goog-chain
+steps:
+  - name: search
+    type: hyperopt
+    config:
+      target: train_model
+      base_config: {dataset: GOOG, epochs: 1, feature_window: 8, hidden_size: 8, device: cpu}
+      search_space:
+        learning_rate: {type: float, low: 0.0005, high: 0.01, log: true}
+        hidden_size: {type: categorical, choices: [8, 16]}
+      metric: val_loss
+      direction: minimize
+      n_trials: 4
+      seed: 7
+  - name: train
+    type: train_model
+    config_from: {search: best_params}
+    config: {dataset: GOOG, epochs: 2, feature_window: 8, device: cpu}
+  - name: backtest
+    type: backtest
+    config:
+      dataset: GOOG
+      strategy: model_signal
+      model_task: ${steps.train.task_id}
+      commission: 0.002
+"""
+
+
+@pytest.mark.slow
+async def test_search_train_best_backtest_on_goog(
+    platform: Platform, client: DistributedClient, tmp_path: Path
+):
+    """The issue's chain: hyperopt -> train_model on the best parameters -> backtest of it."""
+    await platform.start_all(
+        TP_WORKER_CODE_UPDATE="ignore", TP_SCHEDULE_POLL_S="0.2", OMP_NUM_THREADS="1"
+    )
+    path = tmp_path / "chain.yaml"
+    path.write_text(GOOG_CHAIN)
+    cli = tradectl(
+        "pipeline", "submit", str(path), "--wait", "--json", "--timeout", "240",
+        env=cli_env(platform.settings), timeout=270,
+    )  # fmt: skip
+    assert cli.returncode == 0, (cli.stdout, cli.stderr)
+    steps = json.loads(cli.stdout)["steps"]
+    search, train, backtest = [await client.status(s["task_id"]) for s in steps.values()]
+    assert [r.state for r in (search, train, backtest)] == [TaskState.COMPLETED] * 3
+    best = search.result["best_params"]
+    assert set(best) == {"learning_rate", "hidden_size"}
+    # The training ran on the search's best parameters, the backtest traded that model.
+    assert train.config["learning_rate"] == best["learning_rate"]
+    assert train.config["hidden_size"] == best["hidden_size"]
+    assert backtest.config["model_task"] == train.task_id
+    assert search.completed_at <= train.queued_at and train.completed_at <= backtest.queued_at
+    stats = backtest.result["metrics"]
+    assert "sharpe_ratio" in stats and "max_drawdown_pct" in stats
