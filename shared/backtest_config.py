@@ -20,7 +20,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from shared.constants import ROUTE_CPU, ROUTE_GPU
 from shared.messages import TASK_ID_PATTERN
-from shared.task_types import BUNDLED_DATASETS, TASK_TYPES, TaskConfig, TaskType
+from shared.task_types import TASK_TYPES, TaskConfig, TaskType, check_dataset
 
 #: Highest commission, spread or slippage accepted (a fraction: 0.05 is 5 % of the order value).
 #: Far above any broker's fee, low enough to catch a percentage typed as a fraction (``1`` for 1 %).
@@ -82,14 +82,7 @@ class BacktestConfig(TaskConfig):
     @field_validator("dataset")
     @classmethod
     def _check_dataset(cls, value: str) -> str:
-        # The rule of TrainModelConfig.dataset.
-        if value.upper() in BUNDLED_DATASETS:
-            return value.upper()
-        if not value.lower().endswith((".csv", ".parquet", ".pq")):
-            raise ValueError(
-                f"must be one of {', '.join(BUNDLED_DATASETS)} or a .csv/.parquet path"
-            )
-        return value
+        return check_dataset(value)  # the rule of TrainModelConfig.dataset
 
     @field_validator("end")
     @classmethod

@@ -19,6 +19,19 @@ from shared.errors import TaskConfigError, UnknownTaskTypeError
 BUNDLED_DATASETS = ("GOOG", "EURUSD", "BTCUSD")
 
 
+def check_dataset(value: str) -> str:
+    """A dataset name as configs take it: a bundled sample (upper-cased) or a CSV/Parquet path.
+
+    Raises:
+        ValueError: neither (pydantic names the field).
+    """
+    if value.upper() in BUNDLED_DATASETS:
+        return value.upper()
+    if not value.lower().endswith((".csv", ".parquet", ".pq")):
+        raise ValueError(f"must be one of {', '.join(BUNDLED_DATASETS)} or a .csv/.parquet path")
+    return value
+
+
 class TaskConfig(BaseModel):
     """Base of task configs: unknown keys are refused, so a typo names its field."""
 
@@ -50,13 +63,7 @@ class TrainModelConfig(TaskConfig):
     @field_validator("dataset")
     @classmethod
     def _check_dataset(cls, value: str) -> str:
-        if value.upper() in BUNDLED_DATASETS:
-            return value.upper()
-        if not value.lower().endswith((".csv", ".parquet", ".pq")):
-            raise ValueError(
-                f"must be one of {', '.join(BUNDLED_DATASETS)} or a .csv/.parquet path"
-            )
-        return value
+        return check_dataset(value)
 
 
 class ProbeConfig(TaskConfig):
