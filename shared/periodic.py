@@ -29,6 +29,7 @@ class Periodic:
         self.interval_s = interval_s
         self._duty = duty
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def running(self) -> bool:
@@ -37,17 +38,26 @@ class Periodic:
 
     def start(self) -> None:
         """Begin the loop (first pass at once)."""
+        self._stopping = False
         self._task = asyncio.create_task(self._loop(), name=self.name)
 
     async def stop(self) -> None:
-        """Cancel the loop and wait for it to end."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """End the loop and wait for it to end.
+
+        The loop is cancelled again every second until it has ended: a cancellation can be
+        lost inside a duty (Python 3.11's ``asyncio.wait_for`` drops one that arrives just as
+        its inner call completes; 3.12 rewrote it), and the loop would then run on for ever.
+        """
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1.0)
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self._duty()
             except (StoreError, BrokerError) as e:

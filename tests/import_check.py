@@ -10,6 +10,7 @@ import asyncio
 import faulthandler
 import json
 import sys
+from typing import Any
 
 HEAVY = ("torch", "mlflow", "pandas", "services.gpu_worker.tasks.train_model")
 
@@ -30,8 +31,19 @@ async def run_services() -> str:
             record = await client.wait(record.task_id, timeout_s=240)
             return f"{record.state.value} {record.error or ''}".strip()
     finally:
-        await worker.stop()
-        await scheduler.stop()
+        await _bounded(worker.stop(), "worker")
+        await _bounded(scheduler.stop(), "scheduler")
+
+
+async def _bounded(stop: Any, what: str) -> None:
+    """Await a service's stop; if it hangs, print every asyncio task's stack and fail."""
+    try:
+        await asyncio.wait_for(stop, 60)
+    except TimeoutError:
+        print(f"{what}.stop() hung; asyncio tasks:", file=sys.stderr)
+        for task in asyncio.all_tasks():
+            task.print_stack(file=sys.stderr)
+        raise
 
 
 def run_cli(args: list[str]) -> str:

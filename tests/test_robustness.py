@@ -223,3 +223,25 @@ async def wait_until_recorded(client: DistributedClient, task_id: str, timeout: 
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+async def test_periodic_stops_even_when_a_duty_swallows_the_cancel() -> None:
+    """A duty that loses a cancellation (as 3.11's wait_for can) must not hang the stop."""
+    from shared.periodic import Periodic
+
+    swallowed = 0
+    in_duty = asyncio.Event()
+
+    async def duty() -> None:
+        nonlocal swallowed
+        in_duty.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            swallowed += 1  # lost, as a racing wait_for would lose it
+
+    periodic = Periodic("swallow", 30.0, duty)
+    periodic.start()
+    await in_duty.wait()
+    await asyncio.wait_for(periodic.stop(), 5)  # one cancel lost, the next one ends it
+    assert swallowed == 1
