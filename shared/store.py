@@ -708,6 +708,10 @@ class StatusStore:
                     break
         if len(matches) == 1:
             return matches[0]
+        # A hyperopt task and its trial tasks (``<id>.runner-<n>``): the prefix means the parent.
+        parents = [m for m in matches if all(o.startswith(m) for o in matches)]
+        if len(parents) == 1 and len(matches) <= 5:
+            return parents[0]
         if matches:
             raise TaskNotFoundError(
                 f"task id prefix {id_or_prefix!r} is ambiguous: {', '.join(matches)}"

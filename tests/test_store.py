@@ -101,6 +101,10 @@ async def test_resolve_id_by_unique_prefix(settings):
             await store.resolve_id("abc")
         with pytest.raises(TaskNotFoundError, match="no task 'q'"):
             await store.resolve_id("q")
+        # A hyperopt task's prefix also matches its trial tasks: it means the hyperopt task.
+        for task_id in ("hyp-9", "hyp-9.runner-1", "hyp-9.runner-2"):
+            await store.create(submission(task_id))
+        assert await store.resolve_id("hyp") == "hyp-9"
     finally:
         await store.stop()
 

@@ -581,3 +581,31 @@ def test_checkpoint_with_every_epoch_done_finishes_at_once(
     assert all(torch.equal(weights[k], first_weights[k]) for k in first_weights)
     tags, steps = mlflow_view(shared_tracking_uri, result["mlflow_run_id"])
     assert (tags["tp.resumed_from_epoch"], steps) == ("3", [])
+
+
+def _open_store(uri: str, results: Any) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from services.gpu_worker.tasks.tracking import open_client
+
+    try:
+        open_client(MlflowClient, uri).get_experiment_by_name("x")
+        results.put("ok")
+    except Exception as e:  # the failure under test: a migration race
+        results.put(repr(e))
+
+
+@pytest.mark.slow
+def test_tasks_starting_together_on_a_fresh_mlflow_store_all_open_it(tmp_path: Path) -> None:
+    """The cpu and gpu slots' first tasks create the SQLite store at once: none may fail."""
+    import multiprocessing
+
+    for round_ in range(2):
+        uri = f"sqlite:///{tmp_path / f'r{round_}' / 'mlflow.db'}"
+        results: Any = multiprocessing.Queue()
+        procs = [multiprocessing.Process(target=_open_store, args=(uri, results)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(120)
+        assert [results.get(timeout=5) for _ in procs] == ["ok"] * 3

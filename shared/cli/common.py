@@ -87,11 +87,13 @@ def format_ts(ts: float) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` safe for a terminal: control characters (ESC, BEL, ...) but tab shown escaped.
+    """``text`` safe for a terminal: control characters (ESC, BEL, CR...) shown escaped.
+
+    Tab and newline are kept (a traceback stays readable).
 
     Task output and dead-letter headers come from outside; an ESC sequence printed raw could
     clear the laptop's screen, retitle the window or hide the lines after it.
     """
     return "".join(
-        ch if ch == "\t" or unicodedata.category(ch) != "Cc" else ascii(ch)[1:-1] for ch in text
+        ch if ch in "\t\n" or unicodedata.category(ch) != "Cc" else ascii(ch)[1:-1] for ch in text
     )

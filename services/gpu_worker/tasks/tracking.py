@@ -7,6 +7,7 @@ state, so a child never leaks settings into the next task.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import time
 from collections.abc import Iterator
@@ -60,6 +61,28 @@ def _artifact_location(tracking_uri: str) -> str | None:
     return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
 
 
+def open_client(client_class: Any, tracking_uri: str) -> Any:
+    """An MLflow client whose store is ready; a SQLite store is created under a file lock.
+
+    Two tasks starting at once on a fresh data folder (the cpu and gpu slots) would otherwise
+    both create and migrate the empty SQLite database, and one fails ("Online migration expected
+    to match one row ... 0 found"). The first call on the client builds the store, so it is
+    made while holding ``<db>.lock``.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        return client_class(tracking_uri=tracking_uri)
+    lock_path = Path(tracking_uri.removeprefix("sqlite:///") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = client_class(tracking_uri=tracking_uri)
+            client.get_experiment_by_name("Default")  # builds (creates, migrates) the store
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
+
+
 def _experiment_id(client: Any, tracking_uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -96,7 +119,7 @@ def mlflow_run(
 
     _quiet_mlflow()  # after the import: importing mlflow configures its loggers
 
-    client = MlflowClient(tracking_uri=ctx.tracking_uri)
+    client = open_client(MlflowClient, ctx.tracking_uri)
     tags = {"tp.task_id": ctx.task_id, "tp.attempt": str(ctx.attempt), **(extra_tags or {})}
     if ctx.git_commit:
         tags["mlflow.source.git.commit"] = ctx.git_commit
