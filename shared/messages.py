@@ -24,6 +24,10 @@ TASK_TYPE_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1c0c52-6a43-4b8e-9a55-0f1b1f0a7e21")
 
 
+#: Latest accepted start time (Unix s): 9999-12-31 UTC, the last moment ``datetime`` can show.
+MAX_START_TIME = 253_402_300_799.0
+
+
 class TaskState(StrEnum):
     """Task lifecycle states (see docs/architecture.md for the transitions)."""
 
@@ -110,7 +114,10 @@ class TaskSubmission(WireModel):
     )
     config_refs: list[ConfigRef] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
     not_before: float | None = Field(
-        None, ge=0, description="Not queued before this Unix time (s, the desktop's Redis clock)."
+        None,
+        ge=0,
+        le=MAX_START_TIME,
+        description="Not queued before this Unix time (s, the desktop's Redis clock).",
     )
 
 

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from shared.constants import DEFAULT_PRIORITY, MAX_PRIORITY
 from shared.errors import ScheduleError, ScheduleNotFoundError
-from shared.messages import IDEMPOTENCY_NAMESPACE
+from shared.messages import IDEMPOTENCY_NAMESPACE, MAX_START_TIME
 from shared.store import StatusStore, store_errors
 
 log = structlog.get_logger(__name__)
@@ -364,20 +364,36 @@ def parse_start_time(text: str, now: float) -> float:
     match = _RELATIVE.match(text)
     if match:
         parts = re.findall(r"(\d+(?:\.\d+)?)\s*([smhd]?)", match.group(1))
-        return now + sum(float(n) * _UNIT_S[unit] for n, unit in parts)
+        return _bounded(now + sum(float(n) * _UNIT_S[unit] for n, unit in parts), text)
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
-    except ValueError as e:
+        if when.tzinfo is None:
+            when = when.astimezone()  # local time here
+        ts = when.timestamp()
+    except (ValueError, OverflowError, OSError) as e:
         raise ScheduleError(
             f"at: {text!r} is neither an ISO time (2025-01-31T02:00, 2025-01-31T02:00:00Z) "
             "nor relative (+30s, +5m, +2h, +1d)",
             field="at",
         ) from e
-    if when.tzinfo is None:
-        when = when.astimezone()  # local time here
-    return when.timestamp()
+    return _bounded(ts, text)
+
+
+def _bounded(ts: float, text: str) -> float:
+    """``ts`` if it is a start time a task can have (up to 9999-12-31 UTC).
+
+    Raises:
+        ScheduleError: too far (``at: ...``).
+    """
+    if not 0 <= ts <= MAX_START_TIME:
+        raise ScheduleError(f"at: {text!r} is out of range (up to 9999-12-31)", field="at")
+    return ts
 
 
 def format_utc(ts: float) -> str:
     """Unix seconds as ``2025-01-31T02:00:00.000Z`` (messages the desktop and laptop share)."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    try:
+        when = datetime.fromtimestamp(ts, UTC)
+    except (ValueError, OverflowError, OSError):
+        return f"{ts:.3f} (Unix s)"  # out of datetime's range: say it plainly, never raise
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")

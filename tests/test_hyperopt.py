@@ -390,6 +390,11 @@ async def test_twenty_trials_on_one_single_slot_worker(
     assert {r["state"] for r in rows} == {"COMPLETE"} and result["trial_counts"] == {"COMPLETE": 20}
     assert {(r["task_id"], r["worker"]) for r in rows} == {(task.task_id, "w-one")}
     assert set(result["best_params"]) == set(space)
+    # The study's keys stay to be inspected, and expire with the task's record.
+    prefix = result["study"]["key_prefix"]
+    keys = [k async for k in client.store.redis.scan_iter(match=f"{prefix}:*")]
+    ttls = [await client.store.redis.ttl(k) for k in keys]
+    assert keys and all(0 < ttl <= 30 * 24 * 3600 for ttl in ttls)
     values = [r["value"] for r in rows]
     assert result["best_value"] == min(values) == rows[result["best_trial"]]["value"]
     assert result["best_metrics"]["val_loss"] == result["best_value"]

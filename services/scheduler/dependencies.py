@@ -126,6 +126,8 @@ class Dependencies:
                 await self.evaluate_tree(task_id)
             except (StoreError, BrokerError) as e:
                 log.error("held_task_check_failed", task_id=task_id, error=str(e))
+            except Exception:  # one bad task must not end the planner for every other one
+                log.exception("held_task_check_crashed", task_id=task_id)
 
     async def evaluate_tree(self, task_id: str) -> Held:
         """Evaluate ``task_id``; when it fails, its children (and theirs) at once."""

@@ -59,6 +59,8 @@ class ScheduleRunner:
                 log.error("schedule_fire_failed", schedule=schedule.name, error=str(e))
             except (ScheduleError, ValidationError) as e:  # a spec stored by an older version
                 log.error("schedule_invalid", schedule=schedule.name, error=str(e))
+            except Exception:  # one bad schedule must not end the planner for the others
+                log.exception("schedule_fire_crashed", schedule=schedule.name)
 
     async def fire(self, schedule: Schedule, now: float) -> str:
         """Submit the task of the latest due occurrence and move the schedule on.

@@ -132,6 +132,10 @@ def _run_study(config: HyperoptConfig, ctx: TaskContext) -> dict[str, Any]:
             runners = _runners(link, helpers, handle.trials(), who)
         return _finish(ctx, config, handle, runners)
     finally:
+        # However the run ends (done, cancelled, failed), the study's keys expire with the
+        # task's record: a retry within 30 days finds it; nothing stays in Redis for ever.
+        with contextlib.suppress(Exception):
+            _keep_for(handle, FINISHED_TASK_TTL_S)
         handle.close()
 
 
@@ -210,7 +214,7 @@ def _finish(
     handle: StudyHandle,
     runners: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Write the artifacts and MLflow runs, keep the study for 30 days, build the result."""
+    """Write the artifacts and MLflow runs, build the result (the study expires in 30 days)."""
     trials = handle.trials()
     complete = [t for t in trials if t.state is TrialState.COMPLETE]
     if not complete:
@@ -225,7 +229,6 @@ def _finish(
     run_id = report.record_mlflow(
         ctx, config, trials, brief, [ctx.artifact_dir / name for name in artifacts]
     )
-    _keep_for(handle, FINISHED_TASK_TTL_S)
     rows = report.trial_rows(trials)
     counts = brief["trial_counts"]
     best = handle.study.best_trial
