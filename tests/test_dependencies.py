@@ -211,7 +211,7 @@ async def test_bad_dependencies_and_times_are_refused_naming_the_field(
     bad_at = tradectl("task", "submit", "probe", "--at", "tomorrowish", env=env)
     assert bad_at.returncode == 2 and "at: 'tomorrowish'" in bad_at.stderr, bad_at.stderr
     # Beyond what a date can show (it once ended the scheduler's planner) or before year 1.
-    for when in ("+999999999999d", "9999-12-31T23:59:59-12:00", "0001-01-01T00:00"):
+    for when in ("+999999999999d", "9999-12-31T23:59:59-12:00", "0001-01-01T00:00", ""):
         refused = tradectl("task", "submit", "probe", "--at", when, env=env)
         assert refused.returncode == 2 and "at: " in refused.stderr, (when, refused.stderr)
 

@@ -240,7 +240,7 @@ def submit(
             "time_limit_s": time_limit,
             "max_attempts": max_attempts,
             "depends_on": [await resolve_parent(client, p) for p in depends_on or []],
-            "not_before": parse_start_time(at, await client.store.now()) if at else None,
+            "not_before": None if at is None else parse_start_time(at, await client.store.now()),
         }
         if not wait:
             return await client.submit(task_type, config, **submit_kw)
