@@ -106,6 +106,10 @@ class PlannedStep:
         return self.step.name
 
 
+#: Longest pipeline document read (characters): a pipeline is a page of YAML, not a data set.
+MAX_PIPELINE_CHARS = 1_000_000
+
+
 def load_pipeline(path: Path) -> Pipeline:
     """Read and check a pipeline file (YAML, ``safe_load``).
 
@@ -119,6 +123,20 @@ def load_pipeline(path: Path) -> Pipeline:
     return parse_pipeline(text, source=str(path))
 
 
+def _refuse_aliases(text: str, source: str) -> None:
+    """Refuse YAML aliases, which a pipeline never needs.
+
+    A few nested ones expand into billions of nodes (a "YAML bomb").
+
+    Raises:
+        PipelineError: the document uses an alias (``*name``).
+        yaml.YAMLError: not YAML.
+    """
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        if isinstance(token, yaml.AliasToken):
+            raise PipelineError(f"{source}: YAML aliases (*{token.value}) are not allowed")
+
+
 def parse_pipeline(text: str, *, source: str = "pipeline") -> Pipeline:
     """Parse and check a pipeline document (see the module docstring).
 
@@ -126,10 +144,15 @@ def parse_pipeline(text: str, *, source: str = "pipeline") -> Pipeline:
         PipelineError: the message names the field (``steps.train.depends_on: unknown step
             'serch'``, ``steps: cycle a -> b -> a``).
     """
+    if len(text) > MAX_PIPELINE_CHARS:
+        raise PipelineError(f"{source} is over {MAX_PIPELINE_CHARS} characters")
     try:
+        _refuse_aliases(text, source)
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise PipelineError(f"{source} is not valid YAML: {e}") from e
+    except RecursionError as e:
+        raise PipelineError(f"{source} is nested too deeply") from e
     if not isinstance(data, dict):
         raise PipelineError(f"{source} must be a mapping with 'steps'")
     try:

@@ -123,6 +123,13 @@ async def test_an_idempotency_key_makes_a_resubmit_the_same_tasks(
         ),
         ("steps: [{name: a, type: nope}]", "steps.a.config: unknown task type 'nope'"),
         ("steps: {a: 1", "is not valid YAML"),
+        # A "YAML bomb": each alias doubles the one before; never expanded, refused at once.
+        (
+            "a: &a [x, x]\nb: &b [*a, *a]\nc: &c [*b, *b]\nsteps: [{name: s, type: probe, "
+            "config: {z: *c}}]",
+            "YAML aliases (*a) are not allowed",
+        ),
+        ("steps: " + "[" * 5000 + "]" * 5000, "nested too deeply"),
     ],
 )
 def test_bad_pipelines_are_refused_naming_the_field(document: str, message: str):
