@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 import typer
 from rich.markup import escape
@@ -11,8 +12,11 @@ from rich.table import Table
 
 from shared.cli.common import JsonOpt, fail, out, printable, with_client
 from shared.cli.workers import duration
+from shared.client import DistributedClient
 from shared.errors import DeadLetterNotFoundError
 from shared.queues import DeadLetter, DeadLetterList, QueueReport, Requeued
+
+T = TypeVar("T")
 
 queue_app = typer.Typer(help="Queues: depth, consumers, dead letters.", no_args_is_help=True)
 
@@ -97,10 +101,7 @@ def dead(
         fail("pass --requeue or --drop, not both", 2)
     if drop is not None:
         drop_id = drop
-        try:
-            gone: DeadLetter = with_client(lambda c: c.drop_dead_letter(drop_id))
-        except DeadLetterNotFoundError as e:
-            fail(str(e), 4)
+        gone: DeadLetter = _on_one_letter(lambda c: c.drop_dead_letter(drop_id))
         if as_json:
             print(json.dumps(gone.model_dump(mode="json"), indent=2))
         else:
@@ -114,10 +115,7 @@ def dead(
             out.print(dead_table(found))
         return
     letter_id = requeue
-    try:
-        done: Requeued = with_client(lambda c: c.requeue_dead_letter(letter_id))
-    except DeadLetterNotFoundError as e:
-        fail(str(e), 4)
+    done: Requeued = _on_one_letter(lambda c: c.requeue_dead_letter(letter_id))
     if as_json:
         print(json.dumps(done.model_dump(mode="json"), indent=2))
         return
@@ -126,3 +124,11 @@ def dead(
         markup=False,
         highlight=False,
     )
+
+
+def _on_one_letter(act: Callable[[DistributedClient], Awaitable[T]]) -> T:
+    """Run ``act`` (a requeue or a drop of one dead letter); exit 4 when none has that id."""
+    try:
+        return with_client(act)
+    except DeadLetterNotFoundError as e:
+        fail(str(e), 4)
