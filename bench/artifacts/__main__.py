@@ -30,10 +30,10 @@ from pydantic import SecretStr
 
 from bench.latency_proxy import start_latency_proxy
 from bench.moto_server import free_port, start_moto
-from services.artifact_sync.syncer import Progress, sync_task
 from shared.artifacts import ArtifactRequest
 from shared.settings import Settings
 from shared.storage import Storage, open_storage
+from shared.storage.sync import Progress, sync_task
 
 MiB = 1024 * 1024
 

@@ -16,7 +16,6 @@ from collections import defaultdict
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 
-from services.artifact_sync.syncer import Progress, status_of, sync_task
 from shared.artifacts import ArtifactEvent, ArtifactRequest, ArtifactState, ArtifactStatus
 from shared.broker import Broker
 from shared.constants import FINISHED_TASK_TTL_S, ROUTE_ARTIFACTS
@@ -29,6 +28,7 @@ from shared.settings import Settings
 from shared.storage import Storage, StorageError, open_storage, safe_task_id
 from shared.storage.base import Opener, open_binary
 from shared.storage.naming import UnsafeNameError
+from shared.storage.sync import Progress, status_of, sync_task
 from shared.store import StatusStore
 
 log = structlog.get_logger(__name__)
