@@ -94,6 +94,11 @@ class Broker:
                 log.warning("broker_close_failed", error=repr(e))
 
     @property
+    def connected(self) -> bool:
+        """Whether ``start`` succeeded (and ``stop`` was not called since)."""
+        return self._connection is not None
+
+    @property
     def connection(self) -> AbstractRobustConnection:
         """The robust connection (``NotConnectedError`` before ``start``)."""
         if self._connection is None:

@@ -270,6 +270,8 @@ class TaskRecord(BaseModel):
     not_before: float | None = None
     #: The config as submitted, references unresolved (set when the scheduler resolved them).
     config_template: dict[str, Any] | None = None
+    #: Why the task ran on the client's machine instead of the desktop (local fallback).
+    fallback_reason: str = ""
 
     @property
     def finished_at(self) -> float | None:
@@ -369,6 +371,11 @@ class StatusStore:
             self._redis = None
 
     @property
+    def connected(self) -> bool:
+        """Whether ``start`` succeeded (and ``stop`` was not called since)."""
+        return self._redis is not None
+
+    @property
     def redis(self) -> aioredis.Redis:
         """The underlying client (raises ``NotConnectedError`` before ``start``)."""
         if self._redis is None:
@@ -463,6 +470,51 @@ class StatusStore:
         applied, before, *rest = await self._call(self._transition, keys, args)
         attempts = int(rest[0]) if rest and rest[0] is not None else 0
         return Transition(bool(applied), TaskState(before) if before else None, attempts)
+
+    async def claim(
+        self,
+        task_id: str,
+        worker: str,
+        *,
+        lease_s: float,
+        code_commit: str | None = None,
+        expected: Iterable[TaskState] = (TaskState.QUEUED,),
+        fields: Mapping[str, str | int | float] | None = None,
+        reason: str = "",
+    ) -> Transition:
+        """Take a task to run it: ``queued -> running`` for ``worker``, one compare-and-set.
+
+        The one claim every runner makes, a desktop worker and the laptop's local fallback
+        alike: of two parties claiming the same task at once exactly one applies (Redis runs
+        the script atomically); the other sees ``previous`` = ``running`` and must not run it.
+
+        Args:
+            task_id: the task.
+            worker: the claimant's name (``local:<host>`` for the local fallback).
+            lease_s: lease to hold (s); the claimant renews it (``renew_lease``).
+            code_commit: commit of the code the run starts on.
+            expected: states it may be claimed from (the fallback also takes ``submitted``).
+            fields: more hash fields set in the same step.
+            reason: why, kept in history.
+
+        Returns:
+            The ``Transition``; ``attempts`` is this run's attempt number when it applied.
+        """
+        return await self.transition(
+            task_id,
+            expected,
+            TaskState.RUNNING,
+            by=worker,
+            reason=reason,
+            fields={
+                "worker": worker,
+                "+attempts": 1,
+                "lease_s": lease_s,
+                "code_commit": code_commit or "",
+                "waiting": "",
+                **(fields or {}),
+            },
+        )
 
     @_store_errors
     async def update_if(

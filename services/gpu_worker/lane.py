@@ -111,18 +111,11 @@ class Lane:
         if not await self._commit_ready(submission):
             await settle(message)
             return
-        claim = await self.env.store.transition(
+        claim = await self.env.store.claim(
             submission.task_id,
-            [TaskState.QUEUED],
-            TaskState.RUNNING,
-            by=self.env.name,
-            fields={
-                "worker": self.env.name,
-                "+attempts": 1,
-                "lease_s": self.env.settings.lease_s,
-                "code_commit": self.env.code_commit or "",
-                "waiting": "",
-            },
+            self.env.name,
+            lease_s=self.env.settings.lease_s,
+            code_commit=self.env.code_commit,
         )
         if claim.applied:
             await self._start(message, submission, claim.attempts)
