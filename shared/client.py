@@ -27,6 +27,7 @@ from shared.artifacts import ArtifactRequest, ArtifactStatus
 from shared.broker import Broker
 from shared.constants import DEFAULT_PRIORITY
 from shared.errors import (
+    BrokerError,
     CommitCheckError,
     DecodeError,
     DependencyError,
@@ -35,6 +36,7 @@ from shared.errors import (
     TaskNotFoundError,
 )
 from shared.events import state_event
+from shared.fallback import FallbackPolicy, split_local_profile, submit_and_wait_or_run_locally
 from shared.gitinfo import CheckoutState, checkout_state
 from shared.gitsync import SyncRequest, SyncStatus
 from shared.health import WORKER_KIND, ServiceState, ServiceStatus, load_services
@@ -64,7 +66,7 @@ from shared.queues import (
 )
 from shared.references import validate_with_refs
 from shared.schedules import CronClock, Schedule, ScheduleSpec, ScheduleStore
-from shared.settings import Settings
+from shared.settings import FallbackMode, Settings
 from shared.store import StatusStore, TaskRecord
 from shared.task_types import validate_config
 
@@ -102,16 +104,41 @@ class DistributedClient:
     Args:
         settings: connection settings; default ``Settings()`` (env ``TP_*`` and ``.env``).
         name: connection name shown in the RabbitMQ management UI.
+        fallback_local: let ``submit_and_wait`` run the task on this machine when the desktop
+            is unreachable or does not start it (``shared.fallback``); ``connect`` then
+            tolerates an unreachable RabbitMQ or Redis. Off by default in the library (the CLI
+            follows ``TP_FALLBACK``).
+        confirm_fallback: with ``fallback_local``, asked ``confirm(reason)`` before each local
+            run (may block; runs in a thread).
+        start_timeout_s: with no worker online for its queue, how long a queued task may wait
+            before it runs here (s); default ``TP_FALLBACK_START_TIMEOUT_S``.
 
     Use as ``async with DistributedClient() as client: ...``.
     """
 
-    def __init__(self, settings: Settings | None = None, *, name: str = "client") -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        name: str = "client",
+        fallback_local: bool = False,
+        confirm_fallback: Callable[[str], bool] | None = None,
+        start_timeout_s: float | None = None,
+    ) -> None:
         self.settings = settings or Settings()
         self.store = StatusStore(self.settings)
         self.broker = Broker(self.settings, name=name)
         #: While following events, the record is also re-read this often (s).
         self.recheck_s = SAFETY_RECHECK_S
+        mode: FallbackMode = "never"
+        if fallback_local:
+            mode = "local" if confirm_fallback is None else "ask"
+        #: When ``submit_and_wait`` runs the task on this machine instead (``shared.fallback``).
+        self.fallback = FallbackPolicy(
+            mode, start_timeout_s or self.settings.fallback_start_timeout_s, confirm_fallback
+        )
+        #: Why RabbitMQ or Redis could not be reached at ``connect`` (fallback enabled only).
+        self.unreachable: str | None = None
 
     async def __aenter__(self) -> DistributedClient:
         await self.connect()
@@ -123,12 +150,22 @@ class DistributedClient:
     async def connect(self) -> None:
         """Connect to Redis and RabbitMQ.
 
+        With the local fallback enabled an unreachable server is not an error: ``unreachable``
+        says why, and ``submit_and_wait`` runs the task on this machine.
+
         Raises:
-            StoreError: Redis unreachable.
-            BrokerError: RabbitMQ unreachable.
+            StoreError: Redis unreachable (fallback disabled).
+            BrokerError: RabbitMQ unreachable (fallback disabled).
         """
-        await self.store.start()
-        await self.broker.start()
+        failures = []
+        for server in (self.store, self.broker):
+            try:
+                await server.start()
+            except (StoreError, BrokerError) as e:
+                if not self.fallback.enabled:
+                    raise
+                failures.append(str(e))
+        self.unreachable = "; ".join(failures) or None
 
     async def close(self) -> None:
         """Close both connections."""
@@ -186,19 +223,58 @@ class DistributedClient:
             pydantic.ValidationError: a bad id or priority.
             StoreError, BrokerError: Redis or RabbitMQ failed.
         """
+        submission = await self.prepare(
+            task_type,
+            config,
+            priority=priority,
+            task_id=task_id,
+            idempotency_key=idempotency_key,
+            git_commit=git_commit,
+            time_limit_s=time_limit_s,
+            max_attempts=max_attempts,
+            depends_on=depends_on,
+            config_refs=config_refs,
+            not_before=not_before,
+        )
+        return await self.submit_prepared(submission)
+
+    async def prepare(
+        self,
+        task_type: str,
+        config: dict[str, Any] | None = None,
+        *,
+        priority: int = DEFAULT_PRIORITY,
+        task_id: str | None = None,
+        idempotency_key: str | None = None,
+        git_commit: str | None = None,
+        time_limit_s: float | None = None,
+        max_attempts: int | None = None,
+        depends_on: list[str] | None = None,
+        config_refs: list[ConfigRef] | None = None,
+        not_before: float | None = None,
+    ) -> TaskSubmission:
+        """The submission ``submit`` would send, validated; nothing is recorded or sent.
+
+        Takes ``submit``'s arguments. A config's local profile (``config["local"]``, see
+        ``shared.fallback``) is checked and left out: only a local run applies it.
+
+        Raises:
+            UnknownTaskTypeError, TaskConfigError, CommitCheckError, pydantic.ValidationError:
+                as ``submit``.
+        """
+        config, _ = split_local_profile(task_type, config)
         refs = list(config_refs or [])
         parents = list(dict.fromkeys([*(depends_on or []), *(r.task_id for r in refs)]))
-        if refs:  # validated in full by the scheduler once the references are filled in
-            config = dict(config or {})
-            validate_with_refs(task_type, config, refs)
-        else:
+        if not refs:
             # The record and the wire carry the config as it will run: validated, defaults in.
-            config = validate_config(task_type, dict(config or {})).model_dump(mode="json")
+            config = validate_config(task_type, config).model_dump(mode="json")
+        else:  # validated in full by the scheduler once the references are filled in
+            validate_with_refs(task_type, config, refs)
         if git_commit is None:
             git_commit = await self.pinned_commit()
         if task_id is None:
             task_id = task_id_for_key(idempotency_key) if idempotency_key else str(uuid.uuid4())
-        submission = TaskSubmission(
+        return TaskSubmission(
             task_id=task_id,
             task_type=task_type,
             config=config,
@@ -213,6 +289,25 @@ class DistributedClient:
             config_refs=refs,
             not_before=not_before,
         )
+
+    async def submit_prepared(
+        self, submission: TaskSubmission, *, publish: bool = True
+    ) -> TaskRecord:
+        """Record a prepared submission in Redis and publish it (``submit``'s second half).
+
+        Args:
+            submission: as ``prepare`` made it.
+            publish: False records it only (the local fallback claims it without the broker).
+
+        Raises:
+            DependencyError, IdempotencyConflictError, StoreError, BrokerError: as ``submit``.
+        """
+        if not self.store.connected:
+            raise StoreError(self.unreachable or "Redis: not connected")
+        if publish and not self.broker.connected:
+            raise BrokerError(self.unreachable or "broker: not connected")
+        task_id, task_type, config = submission.task_id, submission.task_type, submission.config
+        parents = submission.depends_on
         await self._check_parents(task_id, parents)
         created = await self.store.create(submission)
         record = await self.store.get(task_id)
@@ -225,7 +320,7 @@ class DistributedClient:
             )
         # A known id is published again only while still ``submitted``: an earlier publish may
         # have been lost; the scheduler drops the duplicate if both arrive.
-        if created or record.state is TaskState.SUBMITTED:
+        if publish and (created or record.state is TaskState.SUBMITTED):
             await self.broker.publish_submission(submission)
         return record
 
@@ -399,7 +494,7 @@ class DistributedClient:
         """
         s = self.settings
         followed = {f"{s.git_remote}/{s.git_branch}"} if s.git_branch else set()
-        if not followed:
+        if not followed and self.store.connected:
             with contextlib.suppress(StoreError):
                 followed = {f"{r.remote}/{r.branch}" for r in await self.sync_status() if r.branch}
         return await asyncio.to_thread(checkout_state, s.checkout_dir, frozenset(followed))
@@ -720,8 +815,8 @@ class DistributedClient:
         Raises:
             TimeoutError: ``timeout_s`` passed first.
         """
-        async with self._subscribed(task_id) as queue, asyncio.timeout(timeout_s):
-            return await self._wait_on(queue, task_id, on_event)
+        async with self.subscribed(task_id) as queue, asyncio.timeout(timeout_s):
+            return await self.wait_on(queue, task_id, on_event)
 
     async def submit_and_wait(
         self,
@@ -731,6 +826,7 @@ class DistributedClient:
         timeout_s: float | None = None,
         on_event: EventCallback | None = None,
         on_submitted: Callable[[TaskRecord], None] | None = None,
+        on_local: Callable[[str], None] | None = None,
         **submit_kw: Any,
     ) -> TaskRecord:
         """Subscribe to the task's events, submit it, and wait for its end.
@@ -739,22 +835,40 @@ class DistributedClient:
         ``on_event``. Takes ``submit``'s keyword arguments and ``wait``'s ``timeout_s`` and
         ``on_event``; ``on_submitted`` is called with the record right after the submit.
 
+        With the local fallback enabled (``fallback_local``, ``TP_FALLBACK``) the task runs on
+        this machine when the desktop is unreachable or does not start it (``shared.fallback``);
+        ``on_local`` is then called with the reason as it starts, and the record's ``worker`` is
+        ``local:<host>`` and its ``fallback_reason`` says why.
+
         Raises:
+            TimeoutError: ``timeout_s`` passed and the task had started on the desktop (or could
+                not run here).
             Whatever ``submit`` and ``wait`` raise.
         """
+        if self.fallback.enabled:
+            return await submit_and_wait_or_run_locally(
+                self,
+                task_type,
+                config,
+                timeout_s=timeout_s,
+                on_event=on_event,
+                on_submitted=on_submitted,
+                on_local=on_local,
+                submit_kw=submit_kw,
+            )
         task_id = submit_kw.pop("task_id", None)
         if task_id is None:
             key = submit_kw.get("idempotency_key")
             task_id = task_id_for_key(key) if key else str(uuid.uuid4())
-        async with self._subscribed(task_id) as queue:
+        async with self.subscribed(task_id) as queue:
             record = await self.submit(task_type, config, task_id=task_id, **submit_kw)
             if on_submitted is not None:
                 on_submitted(record)
             async with asyncio.timeout(timeout_s):
-                return await self._wait_on(queue, task_id, on_event)
+                return await self.wait_on(queue, task_id, on_event)
 
     @contextlib.asynccontextmanager
-    async def _subscribed(self, task_id: str) -> AsyncIterator[AbstractQueue]:
+    async def subscribed(self, task_id: str) -> AsyncIterator[AbstractQueue]:
         """An exclusive auto-delete queue bound to ``task.*.<task_id>``, closed on exit."""
         channel = await self.broker.connection.channel()
         try:
@@ -765,9 +879,10 @@ class DistributedClient:
         finally:
             await channel.close()
 
-    async def _wait_on(
+    async def wait_on(
         self, queue: AbstractQueue, task_id: str, on_event: EventCallback | None
     ) -> TaskRecord:
+        """Wait for the end of a task whose events ``queue`` receives (from ``subscribed``)."""
         # Deliveries go through an asyncio.Queue: a timed-out get() on it is harmless, whereas
         # cancelling aio-pika's queue iterator closes it.
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
@@ -829,9 +944,18 @@ class SyncClient:
     Runs its own event loop; use as a context manager (``with SyncClient() as client: ...``).
     """
 
-    def __init__(self, settings: Settings | None = None, *, name: str = "sync-client") -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        name: str = "sync-client",
+        fallback_local: bool = False,
+        start_timeout_s: float | None = None,
+    ) -> None:
         self._loop = asyncio.new_event_loop()
-        self._client = DistributedClient(settings, name=name)
+        self._client = DistributedClient(
+            settings, name=name, fallback_local=fallback_local, start_timeout_s=start_timeout_s
+        )
 
     def __enter__(self) -> SyncClient:
         self._run(self._client.connect())

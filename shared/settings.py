@@ -26,6 +26,7 @@ ArtifactBackend = Literal["none", "s3", "path"]
 ChecksumMode = Literal["when_supported", "when_required"]
 AddressingStyle = Literal["auto", "path", "virtual"]
 PartChecksum = Literal["crc32", "md5"]
+FallbackMode = Literal["local", "never", "ask"]
 
 #: The checkout this code runs from (``shared/`` sits at its top level).
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
@@ -253,6 +254,21 @@ class Settings(BaseSettings):
     )
     task_log_max_lines: int = Field(
         10_000, ge=100, le=1_000_000, description="Lines of output kept per task in Redis."
+    )
+    fallback: FallbackMode = Field(
+        "local",
+        description=(
+            "When the desktop cannot run a task the client waits for: run it on this machine "
+            "(local), never, or ask on the terminal (ask; never without one)."
+        ),
+    )
+    fallback_start_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "With no worker online for the task's queue, how long a waiting client lets a "
+            "queued task sit before running it locally (s)."
+        ),
     )
 
     @field_validator("amqp_url")

@@ -83,7 +83,10 @@ def cleanup(s: Settings) -> None:
 
 def service_env(s: Settings, **extra: str) -> dict[str, str]:
     """Environment for a service process using the test's namespace, folders and worker name."""
-    return service_environment(s, os.environ, **{"TP_WORKER_NAME": s.worker_name, **extra})
+    # TP_FALLBACK=never: a tradectl that cannot reach a test's desktop fails, as the tests of
+    # errors expect; tests of the local fallback set it (or drop it for the default).
+    base = {"TP_WORKER_NAME": s.worker_name, "TP_FALLBACK": "never"}
+    return service_environment(s, os.environ, **{**base, **extra})
 
 
 def tradectl(

@@ -127,6 +127,8 @@ class ChildJob:
     log_format: LogFormat = "auto"
     #: The worker's settings, for tasks that use the platform themselves (``hyperopt``).
     settings: Settings | None = None
+    #: Echo the task's stdout on stderr (a local run: the client's stdout carries its result).
+    stdout_to_stderr: bool = False
 
 
 @dataclass
@@ -184,6 +186,8 @@ def child_main(job: ChildJob, conn: Connection) -> None:
     _release_forkserver()
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if job.stdout_to_stderr:
+        os.dup2(2, 1)
     _configure_child_logging(job)
     capture = _start_capture(job.attempt, report)
     try:

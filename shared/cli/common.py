@@ -27,7 +27,7 @@ from rich.markup import escape
 
 from shared.client import DistributedClient
 from shared.errors import BrokerError, StoreError, TaskNotFoundError
-from shared.settings import Settings, describe_settings_error
+from shared.settings import FallbackMode, Settings, describe_settings_error
 
 # soft_wrap: lines that do not fit are not broken, so logs and pipes get one line per event; a
 # pipe gets wide tables (rich would assume 80 columns) so task ids stay whole.
@@ -52,8 +52,17 @@ def load_settings() -> Settings:
         fail(f"bad settings: {describe_settings_error(e)}", 2)
 
 
-def with_client(body: Callable[[DistributedClient], Awaitable[T]]) -> T:
-    """Run ``body(client)`` in a fresh event loop with a connected client; map errors to exits."""
+def with_client(
+    body: Callable[[DistributedClient], Awaitable[T]],
+    *,
+    fallback: FallbackMode = "never",
+    start_timeout_s: float | None = None,
+) -> T:
+    """Run ``body(client)`` in a fresh event loop with a connected client; map errors to exits.
+
+    ``fallback`` other than ``never`` lets the client run a waited-for task locally (``submit``
+    only): ``ask`` asks on the terminal, and means never without one.
+    """
 
     async def main() -> T:
         # Warnings go to stderr: structlog's default is stdout, which --json keeps for JSON.
@@ -64,7 +73,14 @@ def with_client(body: Callable[[DistributedClient], Awaitable[T]]) -> T:
         # aio-pika logs a failed connect itself; the CLI reports it once, as an error.
         for name in ("aio_pika", "aiormq"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-        async with DistributedClient(load_settings(), name="tradectl") as client:
+        client = DistributedClient(
+            load_settings(),
+            name="tradectl",
+            fallback_local=fallback != "never",
+            confirm_fallback=confirm_on_terminal if fallback == "ask" else None,
+            start_timeout_s=start_timeout_s,
+        )
+        async with client:
             result: T = await body(client)
             return result
 
@@ -74,6 +90,14 @@ def with_client(body: Callable[[DistributedClient], Awaitable[T]]) -> T:
         fail(str(e), 4)
     except (StoreError, BrokerError) as e:
         fail(str(e), 3)
+
+
+def confirm_on_terminal(reason: str) -> bool:
+    """``--fallback ask``: ask whether to run the task here; no terminal means no."""
+    if not sys.stdin.isatty():
+        err.print(f"not run locally ({escape(reason)}): --fallback ask and no terminal to ask on")
+        return False
+    return typer.confirm(f"{printable(reason)}. Run the task on this machine?", err=True)
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

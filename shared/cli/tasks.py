@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -41,9 +42,18 @@ from shared.errors import (
 from shared.logstream import LogLine
 from shared.messages import EventKind, TaskEvent, TaskState, describe_validation_error
 from shared.schedules import parse_start_time
+from shared.settings import FallbackMode
 from shared.store import TaskRecord
 
 task_app = typer.Typer(help="Submit, follow and inspect tasks.", no_args_is_help=True)
+
+
+class FallbackOpt(StrEnum):
+    """``--fallback`` choices."""
+
+    LOCAL = "local"
+    NEVER = "never"
+    ASK = "ask"
 
 
 class WaitTimedOutError(Exception):
@@ -141,6 +151,8 @@ def print_record(record: TaskRecord, *, as_json: bool) -> None:
         f"worker={escape(record.worker or '-')}",
         highlight=False,
     )
+    if record.fallback_reason:
+        out.print(f"ran locally: {record.fallback_reason}", highlight=False, markup=False)
     for name in (
         "submitted_at",
         "queued_at",
@@ -225,13 +237,40 @@ def submit(
             "2025-01-31T02:00:00Z UTC) or relative to now (+30s, +5m, +2h, +1d).",
         ),
     ] = None,
+    fallback: Annotated[
+        FallbackOpt | None,
+        typer.Option(
+            help="When the desktop cannot run the task: run it on this machine (local), never, "
+            "or ask; default TP_FALLBACK. Applies with --wait, and at once when RabbitMQ or "
+            "Redis cannot be reached.",
+            case_sensitive=False,
+        ),
+    ] = None,
+    start_timeout: Annotated[
+        float | None,
+        typer.Option(
+            callback=_positive,
+            help="With no worker online for the task, run it locally after this long (s); "
+            "default TP_FALLBACK_START_TIMEOUT_S.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate and submit a task; with --wait follow its progress and print its metrics."""
+    """Validate and submit a task; with --wait follow its progress and print its metrics.
+
+    When the desktop is unreachable, or (with --wait) no worker starts the task, it runs on this
+    machine as the desktop would run it (see --fallback); the output says where it ran and why.
+    A config's "local" mapping is applied over it only then (e.g. local: {epochs: 2}).
+    """
     config = parse_config(config_file, assignments or [])
+    settings = load_settings()
+    mode: FallbackMode = fallback.value if fallback is not None else settings.fallback
+    ran_locally: list[str] = []
 
     async def body(client: DistributedClient) -> TaskRecord:
         commit = await client.pinned_commit(warn=print_warnings)
+        if client.unreachable and not client.store.connected and (depends_on or at):
+            raise StoreError(f"{client.unreachable} (--depends-on and --at need Redis)")
         submit_kw: dict[str, Any] = {
             "git_commit": commit,
             "priority": priority,
@@ -242,19 +281,21 @@ def submit(
             "depends_on": [await resolve_parent(client, p) for p in depends_on or []],
             "not_before": None if at is None else parse_start_time(at, await client.store.now()),
         }
-        if not wait:
+        if not wait and client.unreachable is None:
             return await client.submit(task_type, config, **submit_kw)
-        return await follow(client, task_type, config, submit_kw, timeout, quiet=as_json)
+        return await follow(
+            client, task_type, config, submit_kw, timeout, quiet=as_json, ran_locally=ran_locally
+        )
 
     try:
-        record: TaskRecord = with_client(body)
+        record: TaskRecord = with_client(body, fallback=mode, start_timeout_s=start_timeout)
     except TaskError as e:
         fail(str(e), 2)
     except ValidationError as e:
         fail(describe_validation_error(e), 2)
     except WaitTimedOutError as e:
         fail(str(e), 124)
-    if wait:
+    if wait or ran_locally:
         print_record(record, as_json=as_json)
         raise typer.Exit(0 if record.state == "completed" else 1)
     if as_json:
@@ -285,14 +326,23 @@ async def follow(
     timeout: float | None,
     *,
     quiet: bool,
+    ran_locally: list[str] | None = None,
 ) -> TaskRecord:
-    """Submit and wait, drawing a progress bar from the pushed events (nothing when quiet)."""
+    """Submit and wait, drawing a progress bar from the pushed events (nothing when quiet).
+
+    ``ran_locally`` gets the reason when the task runs on this machine instead.
+    """
     submitted: list[str] = []
 
     def on_submitted(record: TaskRecord) -> None:
         submitted.append(record.task_id)
         if not quiet:
             err.print(f"submitted {record.task_id}", highlight=False, markup=False)
+
+    def on_local(reason: str) -> None:
+        if ran_locally is not None:
+            ran_locally.append(reason)
+        err.print(f"running locally: {printable(reason)}", highlight=False, markup=False)
 
     async def wait(on_event: Callable[[TaskEvent], None] | None) -> TaskRecord:
         try:
@@ -302,6 +352,7 @@ async def follow(
                 timeout_s=timeout,
                 on_event=on_event,
                 on_submitted=on_submitted,
+                on_local=on_local,
                 **submit_kw,
             )
         except TimeoutError:
@@ -309,6 +360,10 @@ async def follow(
             hint = ""
             if record.state is TaskState.SUBMITTED:
                 hint = f" ({record.waiting})" if record.waiting else " (is a scheduler running?)"
+            elif record.worker:
+                hint = f" on {record.worker}"
+                if client.fallback.enabled:
+                    hint += " (not run locally: it started there)"
             raise WaitTimedOutError(
                 f"task {record.task_id} still {record.state.value} after {timeout:g} s{hint}"
             ) from None

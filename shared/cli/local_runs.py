@@ -1,0 +1,53 @@
+"""``tradectl task sync-local``: publish tasks this machine ran while the desktop was away."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from shared.cli.common import JsonOpt, out, printable, with_client
+from shared.client import DistributedClient
+from shared.errors import StoreError
+from shared.local_runs import Published, publish_local_runs
+
+
+def sync_local(
+    task_id: Annotated[
+        str | None, typer.Argument(help="Only this task (id or prefix); default every one.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Publish local runs to the desktop: state and result to Redis, artifacts to shared storage.
+
+    Tasks that ran on this machine while Redis was unreachable (or whose end could not be
+    recorded) are kept in TP_DATA_DIR/local/; this records each in Redis as run by
+    local:<host>, so `task status` shows it, and copies its artifacts to shared storage when
+    TP_ARTIFACT_BACKEND is set. Running it again changes nothing.
+
+    Exit 0 when every finished run is published, 1 when one conflicts with what Redis holds
+    (the local record is kept), 3 when Redis cannot be reached.
+    """
+
+    async def body(client: DistributedClient) -> list[Published]:
+        if not client.store.connected:
+            raise StoreError(client.unreachable or "Redis: not connected")
+        broker = client.broker if client.broker.connected else None  # only to announce ends
+        return await publish_local_runs(client.settings, client.store, broker, task_id=task_id)
+
+    # A client that tolerates an unreachable server (as the fallback's does): Redis is needed,
+    # RabbitMQ only for news.
+    done = with_client(body, fallback="local")
+    if as_json:
+        print(json.dumps([p.__dict__ for p in done], indent=2, default=str))
+    elif not done:
+        out.print("nothing to publish", highlight=False)
+    else:
+        table = Table("task", "state", "outcome", "artifacts", title="local runs")
+        for p in done:
+            table.add_row(p.task_id, p.state.value, printable(p.outcome), printable(p.artifacts))
+        out.print(table, markup=False)
+    if any(p.outcome.startswith("conflict") for p in done):
+        raise typer.Exit(1)

@@ -1,0 +1,394 @@
+"""Tasks the client ran on its own machine (local fallback): their journal, and their publishing.
+
+Every local run is journalled in ``<data_dir>/local/<task_id>.json`` (``LocalRecord``), written
+atomically (temporary file, fsync, rename) at its start and at its end, whether or not Redis
+could be reached. When Redis was reachable the run also lives in the task's Redis record like a
+desktop run (claimed ``queued -> running`` by ``local:<host>``, then ``completed``/``failed``).
+When it was not, or when it came back too late to record the end, the journal holds the
+outcome until ``publish_local_runs`` (``tradectl task sync-local``) writes it to Redis, and copies
+the artifacts to shared storage when that is configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import BaseModel, Field
+
+from shared.artifacts import ArtifactRequest, ArtifactState
+from shared.broker import Broker
+from shared.constants import FINISHED_TASK_TTL_S
+from shared.errors import StoreError
+from shared.events import state_event
+from shared.logstream import LogLine, append
+from shared.messages import TaskState, TaskSubmission
+from shared.settings import Settings
+from shared.storage import StorageError, open_storage
+from shared.storage.sync import Progress, status_of, sync_task
+from shared.store import StatusStore, TaskRecord
+
+log = structlog.get_logger(__name__)
+
+#: Output lines of a local run written to its Redis stream per call, when it is published.
+LOG_BATCH = 500
+#: Worker names of local runs start with this: ``local:<host>``.
+LOCAL_WORKER_PREFIX = "local:"
+
+
+def local_worker_name() -> str:
+    """The name a local run claims its task with: ``local:<this host>``."""
+    return LOCAL_WORKER_PREFIX + socket.gethostname()
+
+
+def is_local_worker(worker: str | None) -> bool:
+    """Whether a record's ``worker`` is a client's local fallback."""
+    return bool(worker) and str(worker).startswith(LOCAL_WORKER_PREFIX)
+
+
+class LocalRecord(BaseModel):
+    """One local run as the client's journal keeps it. Times are Unix s (this machine's clock)."""
+
+    submission: TaskSubmission
+    #: Why it ran here: ``broker unreachable at amqp://...``, ``no cpu worker online for 30 s``.
+    reason: str
+    worker: str
+    state: TaskState
+    attempt: int = 1
+    #: The process running it, and where: a run whose process is gone was lost.
+    host: str = Field(default_factory=socket.gethostname)
+    pid: int = Field(default_factory=os.getpid)
+    #: The task's record is in Redis (created by the submit or by ``publish_local_runs``).
+    in_redis: bool = False
+    #: The end of the run is recorded in Redis.
+    published: bool = False
+    started_at: float
+    finished_at: float | None = None
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    traceback: str | None = None
+    #: The local profile applied over the config (``config["local"]``), as run.
+    profile: dict[str, Any] = Field(default_factory=dict)
+    #: The config the child ran: the submitted one with the profile applied.
+    config_run: dict[str, Any] = Field(default_factory=dict)
+    #: The fields and history reason of the end, to record it in Redis later.
+    end_fields: dict[str, str | int | float] = Field(default_factory=dict)
+    end_reason: str = ""
+    #: Where the artifacts are: in shared storage, or on this machine only (and why).
+    artifacts: str = ""
+    artifacts_stored: bool = False
+    artifact_dir: str = ""
+    #: The run's output lines, one JSON object each (``log_line_json``).
+    log_file: str = ""
+    #: The output lines are in the task's Redis stream (``tradectl task logs``).
+    logs_in_redis: bool = False
+
+    @property
+    def task_id(self) -> str:
+        """The task's id."""
+        return self.submission.task_id
+
+    def to_task_record(self) -> TaskRecord:
+        """The run as a ``TaskRecord``, for printing while Redis has none."""
+        s = self.submission
+        ended = {f"{self.state.value}_at": self.finished_at} if self.state.is_terminal else {}
+        data: dict[str, Any] = {
+            "task_id": s.task_id,
+            "task_type": s.task_type,
+            "state": self.state,
+            "priority": s.priority,
+            "config": s.config,
+            "submitted_by": s.submitted_by,
+            "git_commit": s.git_commit,
+            "timeout_s": s.timeout_s,
+            "attempts": self.attempt,
+            "worker": self.worker,
+            "submitted_at": s.submitted_at,
+            "running_at": self.started_at,
+            "result": self.result,
+            "error": self.error,
+            "traceback": self.traceback,
+            "fallback_reason": self.reason,
+            **ended,
+        }
+        return TaskRecord.model_validate(data)
+
+
+class LocalJournal:
+    """The folder of local run records: ``<data_dir>/local/<task_id>.json``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.root = settings.data_dir / "local"
+
+    def path(self, task_id: str) -> Path:
+        """Where one run's record is kept."""
+        return self.root / f"{task_id}.json"
+
+    def log_path(self, task_id: str) -> Path:
+        """Where one run's output lines are kept (also streamed to Redis when reachable)."""
+        return self.root / f"{task_id}.log"
+
+    def save(self, record: LocalRecord) -> None:
+        """Write atomically: a crash leaves the old record or the new one, never half of one."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(record.model_dump_json(indent=2))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path(record.task_id))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def load(self, task_id: str) -> LocalRecord | None:
+        """One run's record, or None."""
+        path = self.path(task_id)
+        if not path.is_file():
+            return None
+        return LocalRecord.model_validate_json(path.read_text(encoding="utf-8"))
+
+    def all(self) -> list[LocalRecord]:
+        """Every readable record, oldest first; an unreadable file is logged and skipped."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in sorted(self.root.glob("*.json")):
+            try:
+                found.append(LocalRecord.model_validate_json(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError) as e:
+                log.warning("local_record_unreadable", path=str(path), error=str(e))
+        return sorted(found, key=lambda r: r.started_at)
+
+
+def log_line_json(line: LogLine) -> str:
+    """One output line as the journal's log file keeps it."""
+    return json.dumps({"ts": line.ts, "stream": line.stream, "text": line.text})
+
+
+def read_log_file(path: Path, attempt: int) -> list[LogLine]:
+    """The lines of a journal log file (a torn last line, from a crash, is skipped)."""
+    lines = []
+    with contextlib.suppress(FileNotFoundError), path.open(encoding="utf-8") as f:
+        for raw in f:
+            try:
+                data = json.loads(raw)
+                lines.append(LogLine(float(data["ts"]), data["stream"], attempt, data["text"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return lines
+
+
+async def store_artifacts(
+    settings: Settings, record: LocalRecord, store: StatusStore | None
+) -> None:
+    """Copy a finished local run's artifacts to shared storage, noting the outcome in ``record``.
+
+    Uses the same sync as the desktop's artifact-sync (manifest last, unchanged files skipped),
+    from this machine's task folder. With ``TP_ARTIFACT_BACKEND=none`` they stay here. A failure
+    is noted, not raised: ``publish_local_runs`` tries again.
+    """
+    task_dir = settings.tasks_dir / record.task_id
+    if settings.artifact_backend == "none":
+        record.artifacts = f"on this machine only, at {task_dir} (TP_ARTIFACT_BACKEND=none)"
+        return
+    request = ArtifactRequest(task_id=record.task_id, reason="finished", final=True, ts=time.time())
+    progress = Progress()
+    try:
+        async with open_storage(settings) as storage:
+            await sync_task(storage, request, task_dir, progress)
+            status = status_of(request, storage, ArtifactState.SYNCED, progress, attempts=1)
+    except (StorageError, OSError) as e:
+        record.artifacts = f"on this machine only, at {task_dir}: shared storage failed: {e}"
+        log.warning("local_artifacts_not_stored", task_id=record.task_id, error=str(e))
+        return
+    record.artifacts, record.artifacts_stored = status.location, True
+    if store is not None:
+        with contextlib.suppress(StoreError):
+            key = store.keys.artifacts(record.task_id)
+            await store.save_report(key, status, ttl_s=FINISHED_TASK_TTL_S)
+
+
+@dataclass(frozen=True)
+class Published:
+    """What ``publish_local_runs`` did with one local run."""
+
+    task_id: str
+    state: TaskState
+    #: ``published``, ``already published``, ``artifacts stored``, ``conflict: ...``,
+    #: ``not finished``.
+    outcome: str
+    artifacts: str
+
+
+async def publish_local_runs(
+    settings: Settings,
+    store: StatusStore,
+    broker: Broker | None,
+    *,
+    task_id: str | None = None,
+) -> list[Published]:
+    """Record finished local runs in Redis and copy their artifacts to shared storage.
+
+    A run whose task Redis never saw gets its record created from the journalled submission,
+    then claimed by the local worker name and moved to the run's end state, so the history
+    shows one run, by ``local:<host>``. A run already claimed in Redis gets only its end
+    recorded. Running it again changes nothing (each step is a compare-and-set).
+
+    Args:
+        settings: this machine's settings (Redis, storage, ``data_dir`` of the journal).
+        store: a connected status store.
+        broker: a connected broker to announce the end on, or None.
+        task_id: only this run (default: every unpublished one).
+
+    Returns:
+        One ``Published`` per run looked at.
+
+    Raises:
+        StoreError: Redis failed (what was published so far stays published).
+    """
+    journal = LocalJournal(settings)
+    records = journal.all()
+    if task_id is not None:
+        records = [r for r in records if r.task_id == task_id or r.task_id.startswith(task_id)]
+    done = []
+    for record in records:
+        if record.state is TaskState.QUEUED:  # a lost run handed back earlier: the desktop's now
+            continue
+        if not record.state.is_terminal:
+            if _alive(record):
+                done.append(Published(record.task_id, record.state, "still running", ""))
+                continue
+            outcome, handed_back = await _release_lost_run(store, record)
+            journal.save(record)
+            if handed_back:
+                done.append(Published(record.task_id, record.state, outcome, ""))
+                continue
+        stored = record.artifacts_stored or settings.artifact_backend == "none"
+        if record.published and stored and record.logs_in_redis:
+            continue
+        outcome = "already published"
+        if not record.published:
+            outcome = await _publish_end(store, record)
+            if record.published and broker is not None:
+                await broker.announce(
+                    state_event(record.task_id, record.state, worker=record.worker)
+                )
+        if record.published and not record.logs_in_redis:
+            lines = read_log_file(journal.log_path(record.task_id), record.attempt)
+            key = store.keys.task_logs(record.task_id)
+            for start in range(0, len(lines), LOG_BATCH):
+                batch = lines[start : start + LOG_BATCH]
+                await append(store.redis, key, batch, max_lines=settings.task_log_max_lines)
+            record.logs_in_redis = True
+        if not record.artifacts_stored and settings.artifact_backend != "none":
+            await store_artifacts(settings, record, store)
+        journal.save(record)
+        done.append(Published(record.task_id, record.state, outcome, record.artifacts))
+    return done
+
+
+def _alive(record: LocalRecord) -> bool:
+    """Whether the process that ran ``record`` is still running (on this machine)."""
+    if record.host != socket.gethostname() or record.pid <= 0:
+        return False
+    try:
+        os.kill(record.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds that pid
+        return False
+    return True
+
+
+async def _release_lost_run(store: StatusStore, record: LocalRecord) -> tuple[str, bool]:
+    """A local run whose process died (laptop crash, SIGKILL): give the task back, or fail it.
+
+    Claimed in Redis: its long lease is ended now, so the desktop's reaper requeues it (or fails
+    it after ``max_attempts``) as for any lost worker; the journal says ``queued``. Never in
+    Redis: it is ended ``failed`` here and published as such.
+
+    Returns:
+        ``(what happened, whether it was handed back to the desktop)``.
+    """
+    lost = f"local run lost: its process {record.pid} on {record.host} is gone"
+    if record.in_redis:
+        held = await store.renew_lease(record.task_id, record.worker, 0.0)
+        record.state = TaskState.QUEUED
+        if held is None:
+            return "lost; the task had moved on in Redis already", True
+        return f"{lost}; handed back to the desktop (the reaper requeues it)", True
+    record.state, record.error = TaskState.FAILED, lost
+    record.finished_at = time.time()
+    record.end_fields = {"error": lost}
+    record.end_reason = lost
+    return lost, False
+
+
+async def _publish_end(store: StatusStore, record: LocalRecord) -> str:
+    """Create (if needed), claim and end the task in Redis; sets ``record.published``."""
+    if not record.in_redis:
+        await store.create(record.submission)
+        record.in_redis = True
+    current = await store.get(record.task_id)
+    mine = current.worker == record.worker
+    if current.state.is_terminal:
+        if mine:
+            record.published = True
+            return "already published"
+        return f"conflict: the task {current.state.value} in Redis by {current.worker or '-'}"
+    if current.state in (TaskState.SUBMITTED, TaskState.QUEUED):
+        claim = await store.claim(
+            record.task_id,
+            record.worker,
+            lease_s=60.0,
+            expected=(TaskState.SUBMITTED, TaskState.QUEUED),
+            fields={"fallback_reason": record.reason},
+            reason=f"ran locally from {_when(record.started_at)} ({record.reason}); "
+            "published by task sync-local",
+        )
+        if not claim.applied:
+            return f"conflict: the task is {claim.previous} in Redis"
+        record.attempt = claim.attempts
+    elif not mine:
+        return f"conflict: the task is {current.state.value} in Redis on {current.worker or '-'}"
+    moved = await store.transition(
+        record.task_id,
+        (TaskState.RUNNING, TaskState.CANCELLING),
+        record.state,
+        by=record.worker,
+        reason=record.end_reason or f"ran locally ({record.reason}); published later",
+        fields=_end_fields(record.end_fields, record),
+        owner=(record.worker, record.attempt),
+    )
+    if not moved.applied:
+        return f"conflict: the task is {moved.previous} in Redis"
+    record.published = True
+    return "published"
+
+
+def _end_fields(
+    fields: Mapping[str, str | int | float], record: LocalRecord
+) -> dict[str, str | int | float]:
+    """The end's fields, with the run's own times kept (``local_started_at``/``_finished_at``)."""
+    extra: dict[str, str | int | float] = {"local_started_at": record.started_at}
+    if record.finished_at is not None:
+        extra["local_finished_at"] = record.finished_at
+    return {**fields, **extra}
+
+
+def _when(ts: float) -> str:
+    """A local run's time for the history (this machine's clock, UTC)."""
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="seconds")

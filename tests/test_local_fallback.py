@@ -1,0 +1,391 @@
+"""The local fallback: the laptop runs a task itself when the desktop cannot, and never twice.
+
+Real RabbitMQ and Redis; "down" is a port nothing listens on, or a private redis-server started
+only afterwards; the scheduler and workers are real processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from services.gpu_worker.local import LocalRun
+from shared.client import DistributedClient
+from shared.local_runs import LocalJournal, local_worker_name
+from shared.messages import TaskState, TaskSubmission
+from shared.settings import Settings
+from shared.store import StatusStore
+from shared.topology import Topology
+from tests.conftest import ROOT, Platform, service_env, tradectl, wait_for_consumers
+from tests.faults.test_outages import PrivateRedis, dump_logs
+from tests.test_worker_control import start_worker
+
+LIGHT_WORKER = {"TP_WORKER_PRELOAD": '["services.gpu_worker.tasks.probe"]'}
+#: train_model small enough for a few seconds on GOOG, with a smaller local profile.
+TRAIN = {"feature_window": 8, "hidden_size": 16, "epochs": 4, "device": "cpu"}
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ran_on(history: list[dict]) -> list[str]:
+    """Who took the task to ``running``, once per run."""
+    return [h["by"] for h in history if h["to"] == "running"]
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """tradectl's environment with the default TP_FALLBACK (local) and commit pinning off."""
+    env = service_env(settings, TP_COMMIT_CHECK="off", TP_LOG_FORMAT="console", **extra)
+    env.pop("TP_FALLBACK")
+    return env
+
+
+async def queued_task(store: StatusStore, task_id: str) -> TaskSubmission:
+    """A probe task recorded and moved to ``queued``, as the scheduler leaves it."""
+    sub = TaskSubmission(task_id=task_id, task_type="probe", config={}, submitted_at=time.time())
+    assert await store.create(sub)
+    moved = await store.transition(task_id, [TaskState.SUBMITTED], TaskState.QUEUED, by="test")
+    assert moved.applied
+    return sub
+
+
+@pytest.mark.slow
+async def test_broker_down_submit_wait_trains_on_goog_locally(
+    settings: Settings, client: DistributedClient
+):
+    port = closed_port()
+    env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/")
+    sets = [f"{k}={v}" for k, v in TRAIN.items()] + ["local={epochs: 2}"]
+    args = [a for kv in sets for a in ("--set", kv)]
+    cli = tradectl("task", "submit", "train_model", *args, "--wait", env=env, timeout=180)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    expected = f"ran locally: broker unreachable at amqp://guest:***@127.0.0.1:{port}/"
+    assert expected in cli.stdout, cli.stdout
+    assert "val_accuracy" in cli.stdout and "completed" in cli.stdout, cli.stdout
+    task_id = cli.stdout.split()[1]
+    # Redis was reachable: the record is there, run once, by this machine, profile applied.
+    record = await client.status(task_id)
+    assert record.state is TaskState.COMPLETED and record.worker == local_worker_name()
+    assert record.fallback_reason.startswith("broker unreachable at"), record
+    assert record.config["epochs"] == 4 and "local" not in record.config, record.config
+    assert record.result is not None
+    assert record.result["epochs_run"] == 2, record.result
+    assert record.result["ran_locally"]["profile"] == {"epochs": 2}
+    assert record.result["dataset"]["name"] == "GOOG"
+    assert ran_on(await client.history(task_id)) == [local_worker_name()]
+    assert (settings.tasks_dir / task_id / "artifacts" / "model.pt").is_file()
+    journal = LocalJournal(settings).load(task_id)
+    assert journal is not None and journal.published and journal.state is TaskState.COMPLETED
+
+
+async def test_no_worker_online_runs_locally_and_a_late_worker_refuses_the_claim(
+    settings: Settings, platform: Platform
+):
+    platform.start("scheduler")
+    t = Topology(settings.namespace)
+    await wait_for_consumers(settings, {t.queue("submit"): 1})
+    reasons: list[str] = []
+    async with DistributedClient(settings, fallback_local=True, start_timeout_s=1.5) as client:
+        began = time.monotonic()
+        record = await client.submit_and_wait(
+            "probe", {"steps": 2, "sleep_s": 0.2}, on_local=reasons.append, timeout_s=60
+        )
+        took = time.monotonic() - began
+        assert record.state is TaskState.COMPLETED and record.worker == local_worker_name()
+        assert reasons == ["no cpu worker online; not started within 1.5 s"], reasons
+        assert 1.5 <= took < 10, took
+        # Its delivery is still in the cpu queue: a worker started now takes it and drops it.
+        worker = start_worker(platform, "late-worker", **LIGHT_WORKER)
+        deadline = time.monotonic() + 60
+        while "claim_refused" not in worker.log_text():
+            assert time.monotonic() < deadline, dump_logs(platform)
+            await asyncio.sleep(0.2)
+        refused = next(
+            json.loads(line) for line in worker.log_text().splitlines() if "claim_refused" in line
+        )
+        assert refused["task_id"] == record.task_id and refused["state"] == "completed"
+        history = await client.history(record.task_id)
+        assert ran_on(history) == [local_worker_name()], history
+        assert (await client.status(record.task_id)).state is TaskState.COMPLETED
+
+
+def test_worker_and_local_fallback_claim_at_once_exactly_one_wins_100_times(settings: Settings):
+    """Two threads, each with its own event loop and Redis connection, meet at a barrier before
+    each claim: the desktop worker's claim and the local run's claim race for real."""
+    rounds = 100
+    ids = [f"race-{i}" for i in range(rounds)]
+    barrier = threading.Barrier(2, timeout=30)
+    results: dict[str, list[bool]] = {"worker": [], "local": []}
+
+    async def prepare() -> list[TaskSubmission]:
+        store = StatusStore(settings)
+        await store.start()
+        try:
+            return [await queued_task(store, task_id) for task_id in ids]
+        finally:
+            await store.stop()
+
+    submissions = asyncio.run(prepare())
+
+    def party(side: str) -> None:
+        async def claims() -> None:
+            store = StatusStore(settings)
+            await store.start()
+            try:
+                for sub in submissions:
+                    if side == "worker":  # exactly the worker's claim (Lane._handle)
+                        barrier.wait()
+                        claim = await store.claim(sub.task_id, "desktop-1", lease_s=60)
+                        results[side].append(claim.applied)
+                    else:
+                        run = LocalRun(settings, sub, reason="race test", store=store, broker=None)
+                        barrier.wait()
+                        results[side].append(await run.claim())
+            finally:
+                await store.stop()
+
+        asyncio.run(claims())
+
+    threads = [threading.Thread(target=party, args=(side,)) for side in results]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert all(len(r) == rounds for r in results.values()), results
+    winners = [w + loc for w, loc in zip(results["worker"], results["local"], strict=True)]
+    assert winners == [1] * rounds, winners
+    print(f"wins: worker {sum(results['worker'])}, local {sum(results['local'])} of {rounds}")
+
+    async def check() -> None:
+        store = StatusStore(settings)
+        await store.start()
+        try:
+            for sub, worker_won in zip(submissions, results["worker"], strict=True):
+                record = await store.get(sub.task_id)
+                want = "desktop-1" if worker_won else local_worker_name()
+                assert record.state is TaskState.RUNNING and record.worker == want, record
+                assert ran_on(await store.history(sub.task_id)) == [want]
+        finally:
+            await store.stop()
+
+    asyncio.run(check())
+
+
+async def test_wait_timeout_runs_a_queued_task_locally_but_never_one_running_on_the_desktop(
+    settings: Settings, platform: Platform
+):
+    # One cpu slot, no gpu slot: a long probe occupies the worker, so the next one stays queued.
+    await platform.start_all(TP_WORKER_GPU_SLOTS="0", TP_WORKER_CPU_SLOTS="1", **LIGHT_WORKER)
+    async with DistributedClient(settings, fallback_local=True, start_timeout_s=0.5) as client:
+        long = asyncio.create_task(
+            client.submit_and_wait("probe", {"steps": 8, "sleep_s": 6}, timeout_s=2.5)
+        )
+        await asyncio.sleep(1.0)
+        # Queued behind it: the worker is online, so only the wait's timeout sends it here.
+        reasons: list[str] = []
+        queued = await client.submit_and_wait(
+            "probe", {"steps": 1, "sleep_s": 0.1}, timeout_s=2, on_local=reasons.append
+        )
+        assert queued.worker == local_worker_name(), queued
+        assert reasons == ["still queued after 2 s"], reasons
+        # The long one was running on the desktop when its wait timed out: not started here.
+        with pytest.raises(TimeoutError):
+            await long
+        running = await client.list_tasks(state=TaskState.RUNNING)
+        assert [r.worker for r in running] == [settings.worker_name], running
+        long_id = running[0].task_id
+        assert LocalJournal(settings).load(long_id) is None
+        final = await client.wait(long_id, timeout_s=30)
+        assert final.state is TaskState.COMPLETED and final.worker == settings.worker_name
+        assert ran_on(await client.history(long_id)) == [settings.worker_name]
+        # The worker later drops the locally-run task's delivery: one run in its history.
+        deadline = time.monotonic() + 30
+        while ran_on(await client.history(queued.task_id)) != [local_worker_name()] or (
+            "claim_refused" not in platform.procs["gpu_worker"].log_text()
+        ):
+            assert time.monotonic() < deadline, dump_logs(platform)
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_redis_down_at_submit_runs_locally_and_sync_local_publishes_it(
+    settings: Settings, tmp_path: Path
+):
+    server = PrivateRedis(tmp_path / "redis", persist=False)  # not started yet: Redis is down
+    private = settings.model_copy(update={"redis_url": server.url})
+    env = cli_env(private)
+    cli = tradectl("task", "submit", "probe", "--set", "steps=2", "--set", "print_lines=3", env=env)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert f"ran locally: Redis unreachable at {server.url}" in cli.stdout, cli.stdout
+    task_id = cli.stdout.split()[1]
+    journal = LocalJournal(private).load(task_id)
+    assert journal is not None and journal.state is TaskState.COMPLETED, (cli.stdout, task_id)
+    assert not journal.in_redis and not journal.published
+    # Redis still down: nothing to publish to (exit 3), nothing lost.
+    down = tradectl("task", "sync-local", env=env)
+    assert down.returncode == 3 and "Redis unreachable" in down.stderr, down.stderr
+    server.start()
+    try:
+        synced = tradectl("task", "sync-local", env=env)
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+        assert task_id in synced.stdout and "published" in synced.stdout, synced.stdout
+        status = tradectl("task", "status", task_id, "--json", env=env)
+        assert status.returncode == 0, status.stderr
+        shown = json.loads(status.stdout)
+        assert shown["state"] == "completed" and shown["worker"] == local_worker_name()
+        assert shown["result"]["metrics"]["steps"] == 2
+        assert ran_on(shown["history"]) == [local_worker_name()]
+        logs = tradectl("task", "logs", task_id, env=env)
+        assert logs.stdout.count("probe line") == 3, logs.stdout
+        # Again: nothing left to do, nothing doubled.
+        again = tradectl("task", "sync-local", env=env)
+        assert again.returncode == 0 and "nothing to publish" in again.stdout, again.stdout
+    finally:
+        server.kill()
+
+
+async def test_cancel_stops_a_local_run(settings: Settings):
+    """No worker and no scheduler: the task runs here after the start timeout; a cancel from
+    another client (as `tradectl task cancel`) stops the child and records `cancelled`."""
+    fast = settings.model_copy(update={"lease_s": 3.0, "cancel_grace_s": 1.0})
+    async with (
+        DistributedClient(fast, fallback_local=True, start_timeout_s=0.3) as client,
+        DistributedClient(fast) as other,
+    ):
+        run = asyncio.create_task(
+            client.submit_and_wait("probe", {"steps": 60, "sleep_s": 30}, task_id="cancel-me")
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            with_record = await other.list_tasks(state=TaskState.RUNNING)
+            if with_record:
+                break
+            assert time.monotonic() < deadline and not run.done()
+            await asyncio.sleep(0.1)
+        began = time.monotonic()
+        outcome = await other.cancel("cancel-me", wait_s=15)
+        record = await run
+        assert outcome.outcome == "cancelled" and record.state is TaskState.CANCELLED, record
+        assert time.monotonic() - began < 5
+        assert record.worker == local_worker_name()
+
+
+def test_bad_local_profile_and_runs_that_may_not_run_locally_are_refused(
+    settings: Settings, tmp_path: Path
+):
+    dead_redis = f"redis://127.0.0.1:{closed_port()}/0"
+    dead_amqp = f"amqp://guest:guest@127.0.0.1:{closed_port()}/"
+    env = cli_env(settings, TP_AMQP_URL=dead_amqp)
+    bad = tradectl("task", "submit", "probe", "--set", "local={steps: 0}", env=env)
+    assert bad.returncode == 2 and "local.steps" in bad.stderr, bad.stderr
+    notmap = tradectl("task", "submit", "probe", "--set", "local=5", env=env)
+    assert notmap.returncode == 2 and "local: must be a mapping" in notmap.stderr, notmap.stderr
+    never = tradectl("task", "submit", "probe", "--fallback", "never", "--wait", env=env)
+    assert never.returncode == 3 and "broker unreachable" in never.stderr, never.stderr
+    # ask without a terminal: not run, says why, exit 3.
+    ask = tradectl("task", "submit", "probe", "--fallback", "ask", env=env)
+    assert ask.returncode == 3 and "no terminal to ask on" in ask.stderr, ask.stderr
+    no_redis = cli_env(settings, TP_REDIS_URL=dead_redis)
+    held = tradectl("task", "submit", "probe", "--at", "+1h", env=no_redis)
+    assert held.returncode == 3 and "--at need Redis" in held.stderr, held.stderr
+    study = tradectl(
+        "task",
+        "submit",
+        "hyperopt",
+        "--set",
+        "target=train_model",
+        "--set",
+        "n_trials=2",
+        "--set",
+        "search_space={epochs: {type: int, low: 1, high: 2}}",
+        "--set",
+        "metric=val_loss",
+        env=no_redis,
+    )
+    assert study.returncode == 3 and "keeps its study in Redis" in study.stderr, study.stderr
+    assert not (settings.data_dir / "local").exists() or not os.listdir(settings.data_dir / "local")
+
+
+def test_ctrl_c_cancels_a_local_run_and_its_child(settings: Settings):
+    env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
+    env["TP_CANCEL_GRACE_S"] = "2"
+    args = ["task", "submit", "probe", "--set", "steps=30", "--set", "sleep_s=30"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", *args, "--wait", "--json"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    journal = LocalJournal(settings)
+    deadline = time.monotonic() + 30
+    while not (journal.root.is_dir() and list(journal.root.glob("*.log"))):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    time.sleep(1.5)  # into the task's steps
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, out + err
+    shown = json.loads(out)
+    assert shown["state"] == "cancelled" and shown["worker"] == local_worker_name(), shown
+    pid = int(shown["progress_message"].rsplit("pid ", 1)[1])
+    assert not Path(f"/proc/{pid}").exists(), f"task child {pid} outlived the cancel"
+    record = journal.load(shown["task_id"])
+    assert record is not None and record.state is TaskState.CANCELLED and record.published
+
+
+async def test_a_killed_local_run_is_handed_back_by_sync_local_and_the_desktop_runs_it(
+    settings: Settings, platform: Platform, client: DistributedClient
+):
+    """The laptop's tradectl is SIGKILLed mid-run (broker down, Redis up): its child dies with
+    it, the task stays `running` under the local claim's long lease, and `task sync-local`
+    hands it back; the desktop's reaper requeues it and a worker runs it."""
+    await platform.start_all(TP_REAPER_INTERVAL_S="0.5", **LIGHT_WORKER)
+    env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
+    args = ["task", "submit", "probe", "--set", "steps=10", "--set", "sleep_s=10", "--json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (running := await client.list_tasks(state=TaskState.RUNNING)):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        await asyncio.sleep(0.1)
+    task_id = running[0].task_id
+    await asyncio.sleep(1.5)
+    child_pid = int((await client.status(task_id)).progress_message.rsplit("pid ", 1)[1])
+    proc.kill()
+    proc.communicate(timeout=10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child_pid}").exists():
+        assert time.monotonic() < deadline, f"task child {child_pid} outlived its tradectl"
+        await asyncio.sleep(0.1)
+    stuck = await client.status(task_id)
+    assert stuck.state is TaskState.RUNNING and stuck.worker == local_worker_name()
+    assert stuck.lease_until is not None and stuck.lease_until - time.time() > 3600
+    synced = tradectl("task", "sync-local", env=env)
+    assert synced.returncode == 0, synced.stdout + synced.stderr
+    assert "handed back to the desktop" in synced.stdout, synced.stdout
+    final = await client.wait(task_id, timeout_s=90)
+    assert final.state is TaskState.COMPLETED and final.worker == settings.worker_name, final
+    assert ran_on(await client.history(task_id)) == [local_worker_name(), settings.worker_name]
+    again = tradectl("task", "sync-local", env=env)
+    assert again.returncode == 0 and "nothing to publish" in again.stdout, again.stdout
