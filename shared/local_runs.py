@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 from pydantic import BaseModel, Field
 
-from shared.artifacts import ArtifactRequest, ArtifactState
+from shared.artifacts import ArtifactRequest, ArtifactState, ArtifactStatus
 from shared.broker import Broker
 from shared.constants import FINISHED_TASK_TTL_S
 from shared.errors import StoreError
@@ -87,6 +87,9 @@ class LocalRecord(BaseModel):
     #: Where the artifacts are: in shared storage, or on this machine only (and why).
     artifacts: str = ""
     artifacts_stored: bool = False
+    #: The sync's status, to show in ``tradectl artifacts status`` once Redis has it.
+    artifact_status: ArtifactStatus | None = None
+    artifact_status_saved: bool = False
     artifact_dir: str = ""
     #: The run's output lines, one JSON object each (``log_line_json``).
     log_file: str = ""
@@ -210,15 +213,24 @@ async def store_artifacts(
         async with open_storage(settings) as storage:
             await sync_task(storage, request, task_dir, progress)
             status = status_of(request, storage, ArtifactState.SYNCED, progress, attempts=1)
-    except (StorageError, OSError) as e:
-        record.artifacts = f"on this machine only, at {task_dir}: shared storage failed: {e}"
-        log.warning("local_artifacts_not_stored", task_id=record.task_id, error=str(e))
+    except Exception as e:  # storage, disk or a bug: the run's outcome is kept all the same
+        error = str(e) if isinstance(e, (StorageError, OSError)) else repr(e)
+        record.artifacts = f"on this machine only, at {task_dir}: shared storage failed: {error}"
+        log.warning("local_artifacts_not_stored", task_id=record.task_id, error=error)
         return
     record.artifacts, record.artifacts_stored = status.location, True
-    if store is not None:
-        with contextlib.suppress(StoreError):
-            key = store.keys.artifacts(record.task_id)
-            await store.save_report(key, status, ttl_s=FINISHED_TASK_TTL_S)
+    record.artifact_status = status
+    await save_artifact_status(record, store)
+
+
+async def save_artifact_status(record: LocalRecord, store: StatusStore | None) -> None:
+    """Write the run's artifact sync status to Redis (``tradectl artifacts status``), once."""
+    if store is None or record.artifact_status is None or record.artifact_status_saved:
+        return
+    with contextlib.suppress(StoreError):
+        key = store.keys.artifacts(record.task_id)
+        await store.save_report(key, record.artifact_status, ttl_s=FINISHED_TASK_TTL_S)
+        record.artifact_status_saved = True
 
 
 @dataclass(frozen=True)
@@ -276,7 +288,7 @@ async def publish_local_runs(
             if handed_back:
                 done.append(Published(record.task_id, record.state, outcome, ""))
                 continue
-        stored = record.artifacts_stored or settings.artifact_backend == "none"
+        stored = record.artifact_status_saved or settings.artifact_backend == "none"
         if record.published and stored and record.logs_in_redis:
             continue
         outcome = "already published"
@@ -295,6 +307,7 @@ async def publish_local_runs(
             record.logs_in_redis = True
         if not record.artifacts_stored and settings.artifact_backend != "none":
             await store_artifacts(settings, record, store)
+        await save_artifact_status(record, store)
         journal.save(record)
         done.append(Published(record.task_id, record.state, outcome, record.artifacts))
     return done

@@ -28,7 +28,10 @@ from shared.store import StatusStore
 from shared.topology import Topology
 from tests.conftest import ROOT, Platform, service_env, tradectl, wait_for_consumers
 from tests.faults.test_outages import PrivateRedis, dump_logs
+from tests.test_artifacts import s3_client, s3_settings, storage_env
 from tests.test_worker_control import start_worker
+
+__all__ = ["s3_settings"]  # a fixture, used by name
 
 LIGHT_WORKER = {"TP_WORKER_PRELOAD": '["services.gpu_worker.tasks.probe"]'}
 #: train_model small enough for a few seconds on GOOG, with a smaller local profile.
@@ -389,3 +392,41 @@ async def test_a_killed_local_run_is_handed_back_by_sync_local_and_the_desktop_r
     assert ran_on(await client.history(task_id)) == [local_worker_name(), settings.worker_name]
     again = tradectl("task", "sync-local", env=env)
     assert again.returncode == 0 and "nothing to publish" in again.stdout, again.stdout
+
+
+@pytest.mark.slow
+async def test_artifacts_of_a_run_without_redis_go_to_s3_and_sync_local_reports_them(
+    s3_settings: Settings, tmp_path: Path
+):
+    server = PrivateRedis(tmp_path / "redis", persist=False)  # Redis down; S3 (moto) up
+    private = s3_settings.model_copy(update={"redis_url": server.url})
+    env = cli_env(private, **storage_env(private))
+    sets = [f"{k}={v}" for k, v in TRAIN.items()] + ["epochs=1"]
+    args = [a for kv in sets for a in ("--set", kv)]
+    cli = tradectl("task", "submit", "train_model", *args, "--json", env=env, timeout=180)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    task_id = json.loads(cli.stdout)["task_id"]
+    stored = {
+        o["Key"].split(f"tasks/{task_id}/", 1)[1]
+        for o in s3_client(private).list_objects_v2(
+            Bucket=private.s3_bucket, Prefix=f"tasks/{task_id}/"
+        )["Contents"]
+    }
+    assert {"manifest.json", "artifacts/model.pt", "artifacts/metrics.json"} <= stored, stored
+    server.start()
+    try:
+        synced = tradectl("task", "sync-local", env=env)
+        assert synced.returncode == 0, synced.stdout + synced.stderr
+        location = f"s3://{private.s3_bucket}/tasks/{task_id}/"
+        assert location in synced.stdout, synced.stdout
+        shown = tradectl("artifacts", "status", task_id, "--json", env=env)
+        assert shown.returncode == 0, shown.stderr
+        status = json.loads(shown.stdout)
+        status = status[0] if isinstance(status, list) else status
+        assert status["state"] == "synced" and status["location"] == location, status
+        # The laptop's own copy, fetched back from the bucket, verified.
+        fetched = tradectl("task", "result", task_id, "--download", str(tmp_path / "r"), env=env)
+        assert fetched.returncode == 0, fetched.stdout + fetched.stderr
+        assert (tmp_path / "r" / "artifacts" / "model.pt").is_file()
+    finally:
+        server.kill()
