@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.gpu_worker.local import LocalRun
 from shared.client import DistributedClient
@@ -71,7 +72,8 @@ async def test_broker_down_submit_wait_trains_on_goog_locally(
 ):
     port = closed_port()
     env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{port}/")
-    sets = [f"{k}={v}" for k, v in TRAIN.items()] + ["local={epochs: 2}"]
+    # device auto: cuda when this machine has it, else the CPU, as on the desktop.
+    sets = [f"{k}={v}" for k, v in TRAIN.items()] + ["device=auto", "local={epochs: 2}"]
     args = [a for kv in sets for a in ("--set", kv)]
     cli = tradectl("task", "submit", "train_model", *args, "--wait", env=env, timeout=180)
     assert cli.returncode == 0, cli.stdout + cli.stderr
@@ -88,6 +90,7 @@ async def test_broker_down_submit_wait_trains_on_goog_locally(
     assert record.result["epochs_run"] == 2, record.result
     assert record.result["ran_locally"]["profile"] == {"epochs": 2}
     assert record.result["dataset"]["name"] == "GOOG"
+    assert record.result["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert ran_on(await client.history(task_id)) == [local_worker_name()]
     assert (settings.tasks_dir / task_id / "artifacts" / "model.pt").is_file()
     journal = LocalJournal(settings).load(task_id)
