@@ -81,6 +81,9 @@ NO_REPORT_WAIT_S = 10.0
 #: lost to a broker reconnect, not the way results arrive.
 SAFETY_RECHECK_S = 15.0
 
+#: While waiting for a cancelled task to stop, the record is re-read this often (s).
+CANCEL_RECHECK_S = 1.0
+
 #: Following a task's log, the longest ``XREAD BLOCK`` (s): how late the end of a silent task is
 #: noticed (the record is read between two blocks). Well under the Redis socket timeout.
 LOG_FOLLOW_BLOCK_S = 0.5
@@ -722,7 +725,9 @@ class DistributedClient:
         if wait_s is None:
             return CancelResult("cancelling", await self.store.get(task_id))
         try:
-            record = await self.wait(task_id, timeout_s=wait_s)
+            # Re-read each second: a task run locally by a client without a broker sends no
+            # events, and a cancel is worth waiting for closely.
+            record = await self.wait(task_id, timeout_s=wait_s, recheck_s=CANCEL_RECHECK_S)
         except TimeoutError:
             return CancelResult("cancelling", await self.store.get(task_id))
         outcome = "cancelled" if record.state is TaskState.CANCELLED else f"already_{record.state}"
@@ -798,7 +803,12 @@ class DistributedClient:
         return ended, await read_after(self.store.redis, key, after, block_s=block_s)
 
     async def wait(
-        self, task_id: str, *, timeout_s: float | None = None, on_event: EventCallback | None = None
+        self,
+        task_id: str,
+        *,
+        timeout_s: float | None = None,
+        on_event: EventCallback | None = None,
+        recheck_s: float | None = None,
     ) -> TaskRecord:
         """Wait for the task to end, following its events pushed over the broker.
 
@@ -808,6 +818,8 @@ class DistributedClient:
             task_id: the task.
             timeout_s: give up after this long (s); None waits for ever.
             on_event: called with each of the task's events (progress, state changes).
+            recheck_s: re-read the record at least this often (s); default ``recheck_s`` (15 s).
+                A task run by a client whose broker was unreachable sends no events.
 
         Returns:
             The final record (``completed``, ``failed`` or ``cancelled``).
@@ -816,7 +828,7 @@ class DistributedClient:
             TimeoutError: ``timeout_s`` passed first.
         """
         async with self.subscribed(task_id) as queue, asyncio.timeout(timeout_s):
-            return await self.wait_on(queue, task_id, on_event)
+            return await self.wait_on(queue, task_id, on_event, recheck_s=recheck_s)
 
     async def submit_and_wait(
         self,
@@ -880,7 +892,12 @@ class DistributedClient:
             await channel.close()
 
     async def wait_on(
-        self, queue: AbstractQueue, task_id: str, on_event: EventCallback | None
+        self,
+        queue: AbstractQueue,
+        task_id: str,
+        on_event: EventCallback | None,
+        *,
+        recheck_s: float | None = None,
     ) -> TaskRecord:
         """Wait for the end of a task whose events ``queue`` receives (from ``subscribed``)."""
         # Deliveries go through an asyncio.Queue: a timed-out get() on it is harmless, whereas
@@ -888,13 +905,14 @@ class DistributedClient:
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
         await queue.consume(inbox.put, no_ack=True)
         record = await self.store.get(task_id)
-        recheck_s = self.recheck_s
+        every = recheck_s or self.recheck_s
+        recheck_s = every
         while not record.state.is_terminal:
             try:
                 message = await asyncio.wait_for(inbox.get(), recheck_s)
             except TimeoutError:
                 record, fresh = await self._recheck(task_id, record)
-                recheck_s = self.recheck_s if fresh else min(1.0, self.recheck_s)
+                recheck_s = every if fresh else min(1.0, every)
                 continue
             event = _decode_event(message, self.settings.max_message_bytes)
             if event is None:
@@ -905,7 +923,7 @@ class DistributedClient:
                     await maybe
             if event.kind is EventKind.STATE:
                 record, fresh = await self._recheck(task_id, record)
-                recheck_s = self.recheck_s if fresh else min(1.0, self.recheck_s)
+                recheck_s = every if fresh else min(1.0, every)
         return record
 
     async def _recheck(self, task_id: str, last: TaskRecord) -> tuple[TaskRecord, bool]:

@@ -12,12 +12,13 @@ the artifacts to shared storage when that is configured.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,8 +67,9 @@ class LocalRecord(BaseModel):
     state: TaskState
     attempt: int = 1
     #: The process running it, and where: a run whose process is gone was lost.
-    host: str = Field(default_factory=socket.gethostname)
-    pid: int = Field(default_factory=os.getpid)
+    host: str = ""
+    pid: int = 0
+    pid_start: str = ""
     #: The task's record is in Redis (created by the submit or by ``publish_local_runs``).
     in_redis: bool = False
     #: The end of the run is recorded in Redis.
@@ -155,6 +157,22 @@ class LocalJournal:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the journal's lock file (``flock``) for the block: one publisher at a time."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".publish.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def remove(self, task_id: str) -> None:
+        """Forget a run (its record and its output lines)."""
+        for path in (self.path(task_id), self.log_path(task_id)):
+            path.unlink(missing_ok=True)
 
     def load(self, task_id: str) -> LocalRecord | None:
         """One run's record, or None."""
@@ -272,58 +290,83 @@ async def publish_local_runs(
         StoreError: Redis failed (what was published so far stays published).
     """
     journal = LocalJournal(settings)
-    records = journal.all()
-    if task_id is not None:
-        records = [r for r in records if r.task_id == task_id or r.task_id.startswith(task_id)]
-    done = []
-    for record in records:
-        if record.state is TaskState.QUEUED:  # a lost run handed back earlier: the desktop's now
-            continue
-        if not record.state.is_terminal:
-            if _alive(record):
-                done.append(Published(record.task_id, record.state, "still running", ""))
-                continue
-            outcome, handed_back = await _release_lost_run(store, record)
-            journal.save(record)
-            if handed_back:
-                done.append(Published(record.task_id, record.state, outcome, ""))
-                continue
-        stored = record.artifact_status_saved or settings.artifact_backend == "none"
-        if record.published and stored and record.logs_in_redis:
-            continue
-        outcome = "already published"
-        if not record.published:
-            outcome = await _publish_end(store, record)
-            if record.published and broker is not None:
-                await broker.announce(
-                    state_event(record.task_id, record.state, worker=record.worker)
-                )
-        if record.published and not record.logs_in_redis:
-            lines = read_log_file(journal.log_path(record.task_id), record.attempt)
-            key = store.keys.task_logs(record.task_id)
-            for start in range(0, len(lines), LOG_BATCH):
-                batch = lines[start : start + LOG_BATCH]
-                await append(store.redis, key, batch, max_lines=settings.task_log_max_lines)
-            record.logs_in_redis = True
-        if not record.artifacts_stored and settings.artifact_backend != "none":
-            await store_artifacts(settings, record, store)
-        await save_artifact_status(record, store)
+    with journal.locked():  # one publisher at a time: no output line appended twice
+        records = journal.all()
+        if task_id is not None:
+            records = [r for r in records if r.task_id.startswith(task_id)]
+        done = []
+        for record in records:
+            published = await _publish_one(settings, store, broker, journal, record)
+            if published is not None:
+                done.append(published)
+        return done
+
+
+async def _publish_one(
+    settings: Settings,
+    store: StatusStore,
+    broker: Broker | None,
+    journal: LocalJournal,
+    record: LocalRecord,
+) -> Published | None:
+    """``publish_local_runs`` for one run; None when there was nothing to do."""
+    if record.state is TaskState.QUEUED:  # a lost run handed back earlier: the desktop's now
+        return None
+    if not record.state.is_terminal:
+        if _alive(record):
+            return Published(record.task_id, record.state, "still running", "")
+        outcome, handed_back = await _release_lost_run(store, record)
         journal.save(record)
-        done.append(Published(record.task_id, record.state, outcome, record.artifacts))
-    return done
+        if handed_back:
+            return Published(record.task_id, record.state, outcome, "")
+    stored = record.artifact_status_saved or settings.artifact_backend == "none"
+    if record.published and stored and record.logs_in_redis:
+        if time.time() - (record.finished_at or record.started_at) > FINISHED_TASK_TTL_S:
+            journal.remove(record.task_id)  # Redis has let its record expire too by now
+        return None
+    outcome = "already published"
+    if not record.published:
+        outcome = await _publish_end(store, record)
+        if record.published and broker is not None:
+            await broker.announce(state_event(record.task_id, record.state, worker=record.worker))
+    if record.published and not record.logs_in_redis:
+        lines = read_log_file(journal.log_path(record.task_id), record.attempt)
+        key = store.keys.task_logs(record.task_id)
+        for start in range(0, len(lines), LOG_BATCH):
+            batch = lines[start : start + LOG_BATCH]
+            await append(store.redis, key, batch, max_lines=settings.task_log_max_lines)
+        record.logs_in_redis = True
+    if not record.artifacts_stored and settings.artifact_backend != "none":
+        await store_artifacts(settings, record, store)
+    await save_artifact_status(record, store)
+    journal.save(record)
+    return Published(record.task_id, record.state, outcome, record.artifacts)
 
 
 def _alive(record: LocalRecord) -> bool:
-    """Whether the process that ran ``record`` is still running (on this machine)."""
+    """Whether the process that ran ``record`` is still running (on this machine).
+
+    A pid reused by a later process is told apart by its start time (Linux ``/proc``).
+    """
     if record.host != socket.gethostname() or record.pid <= 0:
         return False
     try:
         os.kill(record.pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):  # gone, or the pid is someone else's now
         return False
-    except PermissionError:  # someone else's process now holds that pid
-        return False
-    return True
+    return process_start(record.pid) == record.pid_start
+
+
+def process_start(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22).
+
+    Empty where ``/proc`` is missing (macOS): the pid alone is then trusted.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 async def _release_lost_run(store: StatusStore, record: LocalRecord) -> tuple[str, bool]:
@@ -352,31 +395,18 @@ async def _release_lost_run(store: StatusStore, record: LocalRecord) -> tuple[st
 
 async def _publish_end(store: StatusStore, record: LocalRecord) -> str:
     """Create (if needed), claim and end the task in Redis; sets ``record.published``."""
-    if not record.in_redis:
-        await store.create(record.submission)
-        record.in_redis = True
+    conflict = await _ensure_in_redis(store, record)
+    if conflict is not None:
+        return conflict
     current = await store.get(record.task_id)
-    mine = current.worker == record.worker
     if current.state.is_terminal:
-        if mine:
+        if current.worker == record.worker:
             record.published = True
             return "already published"
         return f"conflict: the task {current.state.value} in Redis by {current.worker or '-'}"
-    if current.state in (TaskState.SUBMITTED, TaskState.QUEUED):
-        claim = await store.claim(
-            record.task_id,
-            record.worker,
-            lease_s=60.0,
-            expected=(TaskState.SUBMITTED, TaskState.QUEUED),
-            fields={"fallback_reason": record.reason},
-            reason=f"ran locally from {_when(record.started_at)} ({record.reason}); "
-            "published by task sync-local",
-        )
-        if not claim.applied:
-            return f"conflict: the task is {claim.previous} in Redis"
-        record.attempt = claim.attempts
-    elif not mine:
-        return f"conflict: the task is {current.state.value} in Redis on {current.worker or '-'}"
+    conflict = await _claim_unless_mine(store, record, current)
+    if conflict is not None:
+        return conflict
     moved = await store.transition(
         record.task_id,
         (TaskState.RUNNING, TaskState.CANCELLING),
@@ -392,13 +422,53 @@ async def _publish_end(store: StatusStore, record: LocalRecord) -> str:
     return "published"
 
 
+async def _claim_unless_mine(
+    store: StatusStore, record: LocalRecord, current: TaskRecord
+) -> str | None:
+    """Claim a not-yet-started task as the local worker (a run Redis never saw); or a conflict."""
+    if current.state in (TaskState.SUBMITTED, TaskState.QUEUED):
+        claim = await store.claim(
+            record.task_id,
+            record.worker,
+            lease_s=60.0,
+            expected=(TaskState.SUBMITTED, TaskState.QUEUED),
+            fields={"fallback_reason": record.reason, "running_at": record.started_at},
+            reason=f"ran locally from {_when(record.started_at)} ({record.reason}); "
+            "published by task sync-local",
+        )
+        if not claim.applied:
+            return f"conflict: the task is {claim.previous} in Redis"
+        record.attempt = claim.attempts
+        return None
+    if current.worker != record.worker:
+        return f"conflict: the task is {current.state.value} in Redis on {current.worker or '-'}"
+    return None
+
+
+async def _ensure_in_redis(store: StatusStore, record: LocalRecord) -> str | None:
+    """Create the task's record from the journalled submission; a conflict's text, or None."""
+    if record.in_redis:
+        return None
+    sub = record.submission
+    created = await store.create(sub)
+    current = await store.get(record.task_id)
+    if not created and (current.task_type, current.config) != (sub.task_type, sub.config):
+        return f"conflict: Redis has another {current.task_type} task with this id"
+    if created:  # the time the laptop submitted it, not the time of this publish
+        await store.update_if(
+            record.task_id, [TaskState.SUBMITTED], {"submitted_at": sub.submitted_at}
+        )
+    record.in_redis = True
+    return None
+
+
 def _end_fields(
     fields: Mapping[str, str | int | float], record: LocalRecord
 ) -> dict[str, str | int | float]:
-    """The end's fields, with the run's own times kept (``local_started_at``/``_finished_at``)."""
-    extra: dict[str, str | int | float] = {"local_started_at": record.started_at}
+    """The end's fields, stamped with the run's own end time (this machine's clock)."""
+    extra: dict[str, str | int | float] = {}
     if record.finished_at is not None:
-        extra["local_finished_at"] = record.finished_at
+        extra[f"{record.state.value}_at"] = record.finished_at
     return {**fields, **extra}
 
 

@@ -237,12 +237,17 @@ async def test_redis_down_at_submit_runs_locally_and_sync_local_publishes_it(
     assert cli.returncode == 0, cli.stdout + cli.stderr
     assert f"ran locally: Redis unreachable at {server.url}" in cli.stdout, cli.stdout
     task_id = cli.stdout.split()[1]
+    assert "run `tradectl task sync-local` once Redis is reachable" in cli.stderr, cli.stderr
     journal = LocalJournal(private).load(task_id)
     assert journal is not None and journal.state is TaskState.COMPLETED, (cli.stdout, task_id)
     assert not journal.in_redis and not journal.published
-    # Redis still down: nothing to publish to (exit 3), nothing lost.
+    # Redis still down: nothing to publish to (exit 3), nothing lost; status reads the journal.
     down = tradectl("task", "sync-local", env=env)
     assert down.returncode == 3 and "Redis unreachable" in down.stderr, down.stderr
+    offline = tradectl("task", "status", task_id[:8], env=env)
+    assert offline.returncode == 0 and "completed" in offline.stdout, offline.stdout
+    assert "journal of local runs" in offline.stderr, offline.stderr
+    time.sleep(1)  # the publish comes visibly later than the run
     server.start()
     try:
         synced = tradectl("task", "sync-local", env=env)
@@ -252,6 +257,10 @@ async def test_redis_down_at_submit_runs_locally_and_sync_local_publishes_it(
         assert status.returncode == 0, status.stderr
         shown = json.loads(status.stdout)
         assert shown["state"] == "completed" and shown["worker"] == local_worker_name()
+        # The run's own times (this machine's clock), not the time of the publish.
+        assert shown["running_at"] == pytest.approx(journal.started_at, abs=0.01)
+        assert shown["completed_at"] == pytest.approx(journal.finished_at, abs=0.01)
+        assert shown["submitted_at"] <= shown["running_at"] < shown["history"][-1]["ts"] - 0.5
         assert shown["result"]["metrics"]["steps"] == 2
         assert ran_on(shown["history"]) == [local_worker_name()]
         logs = tradectl("task", "logs", task_id, env=env)
@@ -264,13 +273,16 @@ async def test_redis_down_at_submit_runs_locally_and_sync_local_publishes_it(
 
 
 async def test_cancel_stops_a_local_run(settings: Settings):
-    """No worker and no scheduler: the task runs here after the start timeout; a cancel from
-    another client (as `tradectl task cancel`) stops the child and records `cancelled`."""
+    """The broker is unreachable for this laptop, so its local run sends no events; a cancel
+    from another client (as `tradectl task cancel`) still stops the child within the lease
+    renewal, records `cancelled`, and the cancelling client learns it within a second."""
     fast = settings.model_copy(update={"lease_s": 3.0, "cancel_grace_s": 1.0})
+    offline = fast.model_copy(update={"amqp_url": f"amqp://guest:guest@127.0.0.1:{closed_port()}/"})
     async with (
-        DistributedClient(fast, fallback_local=True, start_timeout_s=0.3) as client,
+        DistributedClient(offline, fallback_local=True) as client,
         DistributedClient(fast) as other,
     ):
+        assert client.unreachable is not None and "broker unreachable" in client.unreachable
         run = asyncio.create_task(
             client.submit_and_wait("probe", {"steps": 60, "sleep_s": 30}, task_id="cancel-me")
         )
@@ -297,6 +309,8 @@ def test_bad_local_profile_and_runs_that_may_not_run_locally_are_refused(
     env = cli_env(settings, TP_AMQP_URL=dead_amqp)
     bad = tradectl("task", "submit", "probe", "--set", "local={steps: 0}", env=env)
     assert bad.returncode == 2 and "local.steps" in bad.stderr, bad.stderr
+    wrong = tradectl("task", "submit", "probe", "--set", "steps=0", "--fallback", "never", env=env)
+    assert wrong.returncode == 2 and "steps" in wrong.stderr, wrong.stderr  # before connecting
     notmap = tradectl("task", "submit", "probe", "--set", "local=5", env=env)
     assert notmap.returncode == 2 and "local: must be a mapping" in notmap.stderr, notmap.stderr
     never = tradectl("task", "submit", "probe", "--fallback", "never", "--wait", env=env)
@@ -433,3 +447,21 @@ async def test_artifacts_of_a_run_without_redis_go_to_s3_and_sync_local_reports_
         assert (tmp_path / "r" / "artifacts" / "model.pt").is_file()
     finally:
         server.kill()
+
+
+@pytest.mark.slow
+def test_the_python_example_trains_locally_once_when_the_broker_is_down(settings: Settings):
+    env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
+    ran = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "submit_with_fallback.py")],
+        cwd=settings.data_dir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "completed locally (broker unreachable at" in ran.stdout, ran.stdout
+    runs = LocalJournal(settings).all()  # the child's import of the script started nothing
+    assert [r.state for r in runs] == [TaskState.COMPLETED], runs
+    assert runs[0].result is not None and runs[0].result["epochs_run"] == 5

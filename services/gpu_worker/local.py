@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -40,6 +41,7 @@ from shared.local_runs import (
     LocalRecord,
     local_worker_name,
     log_line_json,
+    process_start,
     store_artifacts,
 )
 from shared.logstream import LogLine, LogStreamWriter, clean_text
@@ -141,6 +143,9 @@ class LocalRun:
             worker=self.name,
             state=TaskState.RUNNING,
             attempt=self.attempt,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_start=process_start(os.getpid()),
             in_redis=self.store is not None,
             logs_in_redis=self.store is not None,
             started_at=time.time(),

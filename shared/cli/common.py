@@ -15,6 +15,7 @@ import asyncio
 import logging
 import sys
 import unicodedata
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -24,10 +25,19 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import Progress
 
 from shared.client import DistributedClient
 from shared.errors import BrokerError, StoreError, TaskNotFoundError
 from shared.settings import FallbackMode, Settings, describe_settings_error
+
+# aio-pika leaves a robust connection's close() un-awaited when its first connect fails (the
+# broker is down); Python then warns at exit. Nothing is left open: not the user's concern.
+warnings.filterwarnings(
+    "ignore",
+    message=r"coroutine 'RobustConnection\.close' was never awaited",
+    category=RuntimeWarning,
+)
 
 # soft_wrap: lines that do not fit are not broken, so logs and pipes get one line per event; a
 # pipe gets wide tables (rich would assume 80 columns) so task ids stay whole.
@@ -92,12 +102,22 @@ def with_client(
         fail(str(e), 3)
 
 
+#: Live displays (progress bars) on the terminal: paused while a question is asked there.
+live_displays: list[Progress] = []
+
+
 def confirm_on_terminal(reason: str) -> bool:
     """``--fallback ask``: ask whether to run the task here; no terminal means no."""
     if not sys.stdin.isatty():
         err.print(f"not run locally ({escape(reason)}): --fallback ask and no terminal to ask on")
         return False
-    return typer.confirm(f"{printable(reason)}. Run the task on this machine?", err=True)
+    for display in live_displays:
+        display.stop()
+    try:
+        return typer.confirm(f"{printable(reason)}. Run the task on this machine?", err=True)
+    finally:
+        for display in live_displays:
+            display.start()
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

@@ -24,6 +24,7 @@ from shared.cli.common import (
     err,
     fail,
     format_ts,
+    live_displays,
     load_settings,
     out,
     printable,
@@ -39,11 +40,14 @@ from shared.errors import (
     TaskError,
     TaskNotFoundError,
 )
+from shared.fallback import split_local_profile
+from shared.local_runs import LocalJournal, LocalRecord
 from shared.logstream import LogLine
 from shared.messages import EventKind, TaskEvent, TaskState, describe_validation_error
 from shared.schedules import parse_start_time
-from shared.settings import FallbackMode
+from shared.settings import FallbackMode, Settings
 from shared.store import TaskRecord
+from shared.task_types import validate_config
 
 task_app = typer.Typer(help="Submit, follow and inspect tasks.", no_args_is_help=True)
 
@@ -264,6 +268,10 @@ def submit(
     """
     config = parse_config(config_file, assignments or [])
     settings = load_settings()
+    try:  # refused before anything is connected to: a bad config is exit 2 even when offline
+        validate_config(task_type, split_local_profile(task_type, config)[0])
+    except TaskError as e:
+        fail(str(e), 2)
     mode: FallbackMode = fallback.value if fallback is not None else settings.fallback
     ran_locally: list[str] = []
 
@@ -295,6 +303,8 @@ def submit(
         fail(describe_validation_error(e), 2)
     except WaitTimedOutError as e:
         fail(str(e), 124)
+    if ran_locally:
+        note_unpublished(settings, record.task_id)
     if wait or ran_locally:
         print_record(record, as_json=as_json)
         raise typer.Exit(0 if record.state == "completed" else 1)
@@ -302,6 +312,18 @@ def submit(
         print(record_json(record))
     else:
         out.print(record.task_id, highlight=False, markup=False)
+
+
+def note_unpublished(settings: Settings, task_id: str) -> None:
+    """After a local run Redis could not record: say where it is kept and how to publish it."""
+    kept = LocalJournal(settings).load(task_id)
+    if kept is not None and not kept.published:
+        err.print(
+            f"note: kept on this machine only, in {LocalJournal(settings).path(task_id)}; "
+            "run `tradectl task sync-local` once Redis is reachable",
+            highlight=False,
+            markup=False,
+        )
 
 
 async def resolve_parent(client: DistributedClient, id_or_prefix: str) -> str:
@@ -378,6 +400,7 @@ async def follow(
         console=err,
     ) as bar:
         handle = bar.add_task("submitted", total=1.0)
+        live_displays.append(bar)  # paused while --fallback ask asks
 
         def on_event(event: TaskEvent) -> None:
             if event.kind is EventKind.PROGRESS:
@@ -390,7 +413,10 @@ async def follow(
             else:
                 bar.update(handle, description=event.state.value)
 
-        return await wait(in_order(on_event))
+        try:
+            return await wait(in_order(on_event))
+        finally:
+            live_displays.remove(bar)
 
 
 def in_order(show: Callable[[TaskEvent], None]) -> Callable[[TaskEvent], None]:
@@ -435,7 +461,14 @@ def status(task_id: str, as_json: JsonOpt = False) -> None:
         record = await c.status(task_id)
         return record, await c.history(record.task_id)
 
-    record, history = with_client(body)
+    try:
+        record, history = with_client(body)
+    except typer.Exit as e:  # Redis unreachable: a run kept on this machine is still shown
+        kept = find_local_run(task_id) if e.exit_code == 3 else None
+        if kept is None:
+            raise
+        err.print("note: from this machine's journal of local runs (not yet in Redis)")
+        record, history = kept.to_task_record(), []
     if as_json:
         data = json.loads(record_json(record))
         data["history"] = history
@@ -459,6 +492,12 @@ def status(task_id: str, as_json: JsonOpt = False) -> None:
             escape(str(h.get("reason", ""))),
         )
     out.print(table)
+
+
+def find_local_run(task_id: str) -> LocalRecord | None:
+    """The journalled local run with this id (or unique prefix), if any."""
+    found = [r for r in LocalJournal(load_settings()).all() if r.task_id.startswith(task_id)]
+    return found[0] if len(found) == 1 else None
 
 
 @task_app.command("cancel")
