@@ -40,6 +40,7 @@ from shared.fallback import FallbackPolicy, split_local_profile, submit_and_wait
 from shared.gitinfo import CheckoutState, checkout_state
 from shared.gitsync import SyncRequest, SyncStatus
 from shared.health import WORKER_KIND, ServiceState, ServiceStatus, load_services
+from shared.local_runs import LocalJournal, publish_local_runs
 from shared.logstream import LogLine, read_after
 from shared.messages import (
     CancelRequest,
@@ -310,6 +311,10 @@ class DistributedClient:
         if publish and not self.broker.connected:
             raise BrokerError(self.unreachable or "broker: not connected")
         task_id, task_type, config = submission.task_id, submission.task_type, submission.config
+        if LocalJournal(self.settings).path(task_id).exists():
+            # This machine ran it while Redis was away: that run is the task (one id, one run).
+            broker = self.broker if self.broker.connected else None
+            await publish_local_runs(self.settings, self.store, broker, task_id=task_id, exact=True)
         parents = submission.depends_on
         await self._check_parents(task_id, parents)
         created = await self.store.create(submission)
@@ -707,7 +712,8 @@ class DistributedClient:
                 fields={"waiting": ""},
             )
             if moved.applied:
-                await self.broker.publish_event(state_event(task_id, TaskState.CANCELLED))
+                if self.broker.connected:
+                    await self.broker.publish_event(state_event(task_id, TaskState.CANCELLED))
                 return CancelResult("cancelled", await self.store.get(task_id))
             if moved.previous is None or moved.previous.is_terminal:
                 record = await self.store.get(task_id)
@@ -721,7 +727,9 @@ class DistributedClient:
             )
             if stopping.applied or stopping.previous is TaskState.CANCELLING:
                 break  # else it moved on meanwhile (finished, requeued): decide again
-        await self.broker.publish_cancel(CancelRequest(task_id=task_id, requested_by=by))
+        if self.broker.connected:
+            await self.broker.publish_cancel(CancelRequest(task_id=task_id, requested_by=by))
+        # Else its runner learns of the cancel when it next renews its lease (every few s).
         if wait_s is None:
             return CancelResult("cancelling", await self.store.get(task_id))
         try:
@@ -824,11 +832,25 @@ class DistributedClient:
         Returns:
             The final record (``completed``, ``failed`` or ``cancelled``).
 
+        Without a broker (a client whose RabbitMQ was unreachable at ``connect``) the record is
+        re-read every second instead, and ``on_event`` is not called.
+
         Raises:
             TimeoutError: ``timeout_s`` passed first.
         """
+        if not self.broker.connected:
+            async with asyncio.timeout(timeout_s):
+                return await self._poll_until_ended(task_id)
         async with self.subscribed(task_id) as queue, asyncio.timeout(timeout_s):
             return await self.wait_on(queue, task_id, on_event, recheck_s=recheck_s)
+
+    async def _poll_until_ended(self, task_id: str) -> TaskRecord:
+        """Re-read the record every ``CANCEL_RECHECK_S`` until it is terminal (no broker)."""
+        while True:
+            record = await self.store.get(task_id)
+            if record.state.is_terminal:
+                return record
+            await asyncio.sleep(CANCEL_RECHECK_S)
 
     async def submit_and_wait(
         self,

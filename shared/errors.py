@@ -67,6 +67,10 @@ class TaskConfigError(TaskError):
     """A task config failed validation; ``fields["errors"]`` lists ``(field, message)`` pairs."""
 
 
+class LocalRunExistsError(TaskError):
+    """This machine already ran (or is running) the task locally: it is not run again."""
+
+
 class IdempotencyConflictError(TaskError):
     """A submit reused a task id (or idempotency key) that names a task with another spec."""
 

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from shared.errors import BrokerError, StoreError, TaskConfigError
+from shared.errors import BrokerError, LocalRunExistsError, StoreError, TaskConfigError
 from shared.health import WORKER_KIND, ServiceState, load_services
-from shared.messages import TaskSubmission, task_id_for_key
+from shared.local_runs import LocalJournal, describe_existing
+from shared.messages import TaskState, TaskSubmission, task_id_for_key
 from shared.settings import FallbackMode
 from shared.store import TaskRecord
 from shared.task_types import route_of, validate_config
@@ -118,7 +119,13 @@ def split_local_profile(
     return config, dict(profile)
 
 
-def not_runnable_here(submission: TaskSubmission, *, redis_up: bool) -> str | None:
+def not_runnable_here(
+    submission: TaskSubmission,
+    *,
+    redis_up: bool,
+    broker_up: bool = True,
+    profile: dict[str, Any] | None = None,
+) -> str | None:
     """Why this task may not run locally, or None when it may."""
     missing = [m for m in LOCAL_REQUIREMENTS if importlib.util.find_spec(m) is None]
     if submission.task_type != "probe" and missing:
@@ -132,6 +139,12 @@ def not_runnable_here(submission: TaskSubmission, *, redis_up: bool) -> str | No
         return "it has a start time (the desktop's scheduler holds it)"
     if not redis_up and submission.task_type in NEEDS_REDIS:
         return f"{submission.task_type} keeps its study in Redis, which is unreachable"
+    parallel = {**submission.config, **(profile or {})}.get("parallel", 1)
+    if not broker_up and submission.task_type == "hyperopt" and parallel > 1:
+        return (
+            "hyperopt with parallel > 1 submits its trials through RabbitMQ, which is "
+            "unreachable (a local profile of parallel: 1 runs it here)"
+        )
     return None
 
 
@@ -198,7 +211,12 @@ class _LocalStarter:
         """Condition 1: the broker or Redis is unreachable; run here now, or raise why not."""
         client = self.client
         redis_up = client.store.connected
-        refused = not_runnable_here(self.submission, redis_up=redis_up)
+        refused = not_runnable_here(
+            self.submission,
+            redis_up=redis_up,
+            broker_up=client.broker.connected,
+            profile=self.profile,
+        )
         policy = client.fallback
         if refused is not None or not await policy.allows(reason):
             why = f"not run locally: {refused}" if refused else "local fallback declined"
@@ -222,6 +240,24 @@ class _LocalStarter:
         from services.gpu_worker.local import LocalRun
 
         client = self.client
+        journal = LocalJournal(client.settings)
+        try:
+            existing = journal.load(self.submission.task_id)
+        except ValueError:  # empty: another process reserved it this instant
+            raise LocalRunExistsError(
+                f"task {self.submission.task_id}: {describe_existing(None)}",
+                task_id=self.submission.task_id,
+            ) from None
+        if existing is not None and existing.state is not TaskState.QUEUED:
+            if existing.state.is_terminal and not redis_up:
+                # It ran here while Redis was away (same id or idempotency key): one run.
+                log.info("local_run_exists", task_id=existing.task_id, state=existing.state)
+                return existing.to_task_record()
+            if not existing.state.is_terminal:
+                raise LocalRunExistsError(
+                    f"task {existing.task_id}: {describe_existing(existing)}",
+                    task_id=existing.task_id,
+                )
         commit = None
         if client.settings.commit_check != "off":
             commit = (await client.checkout()).commit

@@ -18,7 +18,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field
 from shared.artifacts import ArtifactRequest, ArtifactState, ArtifactStatus
 from shared.broker import Broker
 from shared.constants import FINISHED_TASK_TTL_S
-from shared.errors import StoreError
+from shared.errors import LocalRunExistsError, StoreError, TaskNotFoundError
 from shared.events import state_event
 from shared.logstream import LogLine, append
 from shared.messages import TaskState, TaskSubmission
@@ -169,6 +169,42 @@ class LocalJournal:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def start(self, record: LocalRecord) -> None:
+        """Record a run's start; only one run of a task per machine (``O_EXCL``).
+
+        A record left by a run handed back to the desktop (``queued``) may be replaced.
+
+        Raises:
+            LocalRunExistsError: this machine has a record of that task already (finished,
+                running, or being written by a process that got there first), or the journal
+                cannot be written (the message says where and why).
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            os.close(os.open(self.path(record.task_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            if not self.root.is_dir():
+                raise self._unwritable(record, f"{self.root} is not a folder") from None
+            try:
+                existing = self.load(record.task_id)
+            except ValueError:  # empty: reserved this instant by another process
+                existing = None
+            if existing is None or existing.state is not TaskState.QUEUED:
+                raise LocalRunExistsError(
+                    f"task {record.task_id}: {describe_existing(existing)}; not run again",
+                    task_id=record.task_id,
+                ) from None
+        except OSError as e:
+            raise self._unwritable(record, str(e)) from e
+        self.save(record)
+
+    def _unwritable(self, record: LocalRecord, why: str) -> LocalRunExistsError:
+        return LocalRunExistsError(
+            f"task {record.task_id} not run locally: its record cannot be kept in "
+            f"{self.root}: {why}",
+            task_id=record.task_id,
+        )
+
     def remove(self, task_id: str) -> None:
         """Forget a run (its record and its output lines)."""
         for path in (self.path(task_id), self.log_path(task_id)):
@@ -210,6 +246,18 @@ def read_log_file(path: Path, attempt: int) -> list[LogLine]:
             except (ValueError, KeyError, TypeError):
                 continue
     return lines
+
+
+def describe_existing(existing: LocalRecord | None) -> str:
+    """What this machine's journal says of a task, for a refusal to run it again."""
+    if existing is None:
+        return "another process on this machine is starting it"
+    if existing.state.is_terminal:
+        published = "" if existing.published else " (not yet in Redis: tradectl task sync-local)"
+        return f"it ran on this machine already, {existing.state.value}{published}"
+    if _alive(existing):
+        return f"it is running on this machine (process {existing.pid})"
+    return "its run on this machine was lost: run `tradectl task sync-local` first"
 
 
 async def store_artifacts(
@@ -269,6 +317,7 @@ async def publish_local_runs(
     broker: Broker | None,
     *,
     task_id: str | None = None,
+    exact: bool = False,
 ) -> list[Published]:
     """Record finished local runs in Redis and copy their artifacts to shared storage.
 
@@ -281,7 +330,8 @@ async def publish_local_runs(
         settings: this machine's settings (Redis, storage, ``data_dir`` of the journal).
         store: a connected status store.
         broker: a connected broker to announce the end on, or None.
-        task_id: only this run (default: every unpublished one).
+        task_id: only this run, by id or prefix (default: every unpublished one).
+        exact: ``task_id`` is a whole id.
 
     Returns:
         One ``Published`` per run looked at.
@@ -293,10 +343,20 @@ async def publish_local_runs(
     with journal.locked():  # one publisher at a time: no output line appended twice
         records = journal.all()
         if task_id is not None:
-            records = [r for r in records if r.task_id.startswith(task_id)]
+            records = [
+                r
+                for r in records
+                if r.task_id == task_id or (not exact and r.task_id.startswith(task_id))
+            ]
         done = []
         for record in records:
-            published = await _publish_one(settings, store, broker, journal, record)
+            try:
+                published = await _publish_one(settings, store, broker, journal, record)
+            except StoreError:
+                raise  # Redis went away: nothing more can be published now
+            except Exception as e:  # one bad record never blocks the others
+                log.exception("local_run_not_published", task_id=record.task_id)
+                published = Published(record.task_id, record.state, f"error: {e!r}", "")
             if published is not None:
                 done.append(published)
         return done
@@ -326,7 +386,11 @@ async def _publish_one(
         return None
     outcome = "already published"
     if not record.published:
-        outcome = await _publish_end(store, record)
+        try:
+            outcome = await _publish_end(store, record)
+        except TaskNotFoundError:  # Redis lost the record (restarted empty): make it again
+            record.in_redis = False
+            outcome = await _publish_end(store, record)
         if record.published and broker is not None:
             await broker.announce(state_event(record.task_id, record.state, worker=record.worker))
     if record.published and not record.logs_in_redis:
@@ -372,20 +436,37 @@ def process_start(pid: int) -> str:
 async def _release_lost_run(store: StatusStore, record: LocalRecord) -> tuple[str, bool]:
     """A local run whose process died (laptop crash, SIGKILL): give the task back, or fail it.
 
-    Claimed in Redis: its long lease is ended now, so the desktop's reaper requeues it (or fails
-    it after ``max_attempts``) as for any lost worker; the journal says ``queued``. Never in
-    Redis: it is ended ``failed`` here and published as such.
+    Claimed in Redis: handed back now (``running -> queued``, due at once, as a worker's
+    drain does), so the desktop's scheduler dispatches it to a worker; the journal says
+    ``queued``. Safe because this machine knows its process is gone: nothing is running it.
+    Never in Redis: it is ended ``failed`` here and published as such.
 
     Returns:
         ``(what happened, whether it was handed back to the desktop)``.
     """
     lost = f"local run lost: its process {record.pid} on {record.host} is gone"
     if record.in_redis:
-        held = await store.renew_lease(record.task_id, record.worker, 0.0)
-        record.state = TaskState.QUEUED
-        if held is None:
-            return "lost; the task had moved on in Redis already", True
-        return f"{lost}; handed back to the desktop (the reaper requeues it)", True
+        moved = await store.transition(
+            record.task_id,
+            (TaskState.RUNNING, TaskState.CANCELLING),
+            TaskState.QUEUED,
+            by=record.worker,
+            reason=f"{lost}; handed back to the desktop by task sync-local",
+            fields={
+                "worker": "",
+                "child_pid": "",
+                "progress": "",
+                "retry_in_s": 0,
+                "fallback_reason": "",
+            },
+            owner=(record.worker, record.attempt),
+        )
+        if moved.applied or moved.previous is not None:
+            record.state = TaskState.QUEUED
+            if not moved.applied:
+                return f"lost; the task had moved on in Redis ({moved.previous})", True
+            return f"{lost}; handed back to the desktop", True
+        record.in_redis = False  # Redis lost the record (restarted empty): failed, published
     record.state, record.error = TaskState.FAILED, lost
     record.finished_at = time.time()
     record.end_fields = {"error": lost}
@@ -399,21 +480,25 @@ async def _publish_end(store: StatusStore, record: LocalRecord) -> str:
     if conflict is not None:
         return conflict
     current = await store.get(record.task_id)
+    expected: tuple[TaskState, ...] = (TaskState.RUNNING, TaskState.CANCELLING)
     if current.state.is_terminal:
-        if current.worker == record.worker:
+        mine = current.worker == record.worker and current.attempts == record.attempt
+        if mine and current.local_published:
             record.published = True
             return "already published"
-        return f"conflict: the task {current.state.value} in Redis by {current.worker or '-'}"
+        if not (mine and current.state is TaskState.FAILED):
+            return f"conflict: the task {current.state.value} in Redis by {current.worker or '-'}"
+        expected = (TaskState.FAILED,)  # failed by the reaper, not heard from: the run's end wins
     conflict = await _claim_unless_mine(store, record, current)
     if conflict is not None:
         return conflict
     moved = await store.transition(
         record.task_id,
-        (TaskState.RUNNING, TaskState.CANCELLING),
+        expected,
         record.state,
         by=record.worker,
         reason=record.end_reason or f"ran locally ({record.reason}); published later",
-        fields=_end_fields(record.end_fields, record),
+        fields=end_fields(record),
         owner=(record.worker, record.attempt),
     )
     if not moved.applied:
@@ -462,14 +547,12 @@ async def _ensure_in_redis(store: StatusStore, record: LocalRecord) -> str | Non
     return None
 
 
-def _end_fields(
-    fields: Mapping[str, str | int | float], record: LocalRecord
-) -> dict[str, str | int | float]:
+def end_fields(record: LocalRecord) -> dict[str, str | int | float]:
     """The end's fields, stamped with the run's own end time (this machine's clock)."""
-    extra: dict[str, str | int | float] = {}
+    fields: dict[str, str | int | float] = {**record.end_fields, "local_published": 1}
     if record.finished_at is not None:
-        extra[f"{record.state.value}_at"] = record.finished_at
-    return {**fields, **extra}
+        fields[f"{record.state.value}_at"] = record.finished_at
+    return fields
 
 
 def _when(ts: float) -> str:

@@ -130,7 +130,9 @@ return state
 # default max attempts, ttl. A requeued task is put in the retries set, due now: the retry pump
 # dispatches it.
 # Acts on a task whose lease expired (worker lost): cancelling -> cancelled; running -> queued
-# (to be dispatched again) or failed once attempts reached max_attempts. Returns
+# (to be dispatched again) or failed once attempts reached max_attempts. A laptop's local run
+# (worker 'local:...') is failed, never requeued: it may have finished offline, and a rerun on the
+# desktop would be a second run; its worker is kept so the laptop can still publish it. Returns
 # {outcome, attempts} with outcome one of cancelled, queued, failed, alive, gone.
 _REAP = """
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -150,8 +152,15 @@ local max = tonumber(redis.call('HGET', KEYS[1], 'max_attempts')) or tonumber(AR
 local lost = redis.call('HINCRBY', KEYS[1], 'lost', 1)
 local worker = redis.call('HGET', KEYS[1], 'worker') or ''
 local new, reason
+local is_local = string.sub(worker, 1, 6) == 'local:'
 if state == 'cancelling' then
   new, reason = 'cancelled', 'worker ' .. worker .. ' lost while cancelling'
+elseif is_local then
+  new = 'failed'
+  reason = 'local run on ' .. worker .. ' not heard from (lease expired); not rerun on the ' ..
+    'desktop, since it may have finished there: publish it with task sync-local on that ' ..
+    'machine, or submit it again'
+  redis.call('HSET', KEYS[1], 'error', reason)
 elseif attempts >= max then
   new, reason = 'failed', 'worker lost ' .. lost .. ' times'
   redis.call('HSET', KEYS[1], 'error', reason)
@@ -163,7 +172,8 @@ end
 redis.call('HSET', KEYS[1], 'state', new, new .. '_at', now, 'updated_at', now)
 redis.call('ZREM', KEYS[5] .. state, ARGV[1])
 redis.call('ZADD', KEYS[5] .. new, now, ARGV[1])
-redis.call('HDEL', KEYS[1], 'lease_until', 'child_pid', 'worker')
+redis.call('HDEL', KEYS[1], 'lease_until', 'child_pid')
+if not is_local then redis.call('HDEL', KEYS[1], 'worker') end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('RPUSH', KEYS[2], cjson.encode({from = state, to = new, ts = now, by = 'reaper',
   attempt = attempts, reason = reason}))
@@ -272,6 +282,8 @@ class TaskRecord(BaseModel):
     config_template: dict[str, Any] | None = None
     #: Why the task ran on the client's machine instead of the desktop (local fallback).
     fallback_reason: str = ""
+    #: The end of that local run was recorded by the client itself.
+    local_published: bool = False
 
     @property
     def finished_at(self) -> float | None:

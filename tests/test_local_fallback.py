@@ -22,7 +22,7 @@ import torch
 
 from services.gpu_worker.local import LocalRun
 from shared.client import DistributedClient
-from shared.local_runs import LocalJournal, local_worker_name
+from shared.local_runs import LocalJournal, LocalRecord, local_worker_name, publish_local_runs
 from shared.messages import TaskState, TaskSubmission
 from shared.settings import Settings
 from shared.store import StatusStore
@@ -299,6 +299,30 @@ async def test_cancel_stops_a_local_run(settings: Settings):
         assert outcome.outcome == "cancelled" and record.state is TaskState.CANCELLED, record
         assert time.monotonic() - began < 5
         assert record.worker == local_worker_name()
+        # From the laptop itself, whose broker is unreachable: only Redis is needed.
+        run = asyncio.create_task(
+            client.submit_and_wait("probe", {"steps": 60, "sleep_s": 30}, task_id="cancel-me-2")
+        )
+        while not await other.list_tasks(state=TaskState.RUNNING):
+            assert not run.done()
+            await asyncio.sleep(0.1)
+        env = cli_env(offline, TP_CANCEL_GRACE_S="1", TP_LEASE_S="3")
+        cancel = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "shared.cli",
+            "task",
+            "cancel",
+            "cancel-me-2",
+            cwd=ROOT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(cancel.communicate(), 30)
+        assert cancel.returncode == 0, (out, err)
+        assert b"cancel-me-2 cancelled" in out, out
+        assert (await run).state is TaskState.CANCELLED
 
 
 def test_bad_local_profile_and_runs_that_may_not_run_locally_are_refused(
@@ -339,7 +363,14 @@ def test_bad_local_profile_and_runs_that_may_not_run_locally_are_refused(
     assert not (settings.data_dir / "local").exists() or not os.listdir(settings.data_dir / "local")
 
 
-def test_ctrl_c_cancels_a_local_run_and_its_child(settings: Settings):
+@pytest.mark.parametrize(
+    "signals",
+    [[signal.SIGINT], [signal.SIGINT, signal.SIGINT], [signal.SIGTERM], [signal.SIGHUP]],
+    ids=["ctrl-c", "ctrl-c-twice", "sigterm", "sighup"],
+)
+def test_ctrl_c_or_sigterm_cancels_a_local_run_and_its_child(
+    settings: Settings, signals: list[signal.Signals]
+):
     env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
     env["TP_CANCEL_GRACE_S"] = "2"
     args = ["task", "submit", "probe", "--set", "steps=30", "--set", "sleep_s=30"]
@@ -357,7 +388,9 @@ def test_ctrl_c_cancels_a_local_run_and_its_child(settings: Settings):
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         time.sleep(0.1)
     time.sleep(1.5)  # into the task's steps
-    proc.send_signal(signal.SIGINT)
+    for sig in signals:
+        proc.send_signal(sig)
+        time.sleep(0.3)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 1, out + err
     shown = json.loads(out)
@@ -465,3 +498,97 @@ def test_the_python_example_trains_locally_once_when_the_broker_is_down(settings
     runs = LocalJournal(settings).all()  # the child's import of the script started nothing
     assert [r.state for r in runs] == [TaskState.COMPLETED], runs
     assert runs[0].result is not None and runs[0].result["epochs_run"] == 5
+
+
+async def test_an_expired_local_claim_is_failed_not_rerun_and_its_end_can_still_be_published(
+    settings: Settings, client: DistributedClient
+):
+    """A laptop that finished offline and never came back in time: the reaper fails the task
+    (a requeue could run it a second time) and the laptop's sync-local still records its end."""
+    store = client.store
+    sub = await queued_task(store, "offline-end")
+    run = LocalRun(settings, sub, reason="test: broker unreachable", store=store, broker=None)
+    claim = await store.claim(
+        sub.task_id, run.name, lease_s=0.2, expected=(TaskState.QUEUED,), fields={}
+    )
+    assert claim.applied
+    await asyncio.sleep(0.3)
+    outcome, _ = await store.reap(sub.task_id, default_max_attempts=3)
+    assert outcome == "failed"
+    failed = await client.status(sub.task_id)
+    assert failed.state is TaskState.FAILED and "not rerun on the desktop" in (failed.error or "")
+    # The journal of that laptop holds the completed run: sync-local records it over the failure.
+    record = LocalRecord(
+        submission=sub,
+        reason="test: broker unreachable",
+        worker=run.name,
+        state=TaskState.COMPLETED,
+        attempt=claim.attempts,
+        in_redis=True,
+        logs_in_redis=True,
+        started_at=time.time() - 5,
+        finished_at=time.time() - 1,
+        result={"metrics": {"steps": 1}},
+        end_fields={"result": json.dumps({"metrics": {"steps": 1}}), "error": ""},
+    )
+    LocalJournal(settings).save(record)
+    published = await publish_local_runs(settings, store, None)
+    assert [p.outcome for p in published] == ["published"], published
+    done = await client.status(sub.task_id)
+    assert done.state is TaskState.COMPLETED and done.result == {"metrics": {"steps": 1}}
+    assert ran_on(await client.history(sub.task_id)) == [run.name]
+    # Redis restarted empty meanwhile: the record is made again from the journal, not stuck.
+    lost = record.model_copy(update={"published": False})
+    lost.submission = sub.model_copy(update={"task_id": "lost-in-redis"})
+    LocalJournal(settings).save(lost)
+    again = await publish_local_runs(settings, store, None, task_id="lost-in-redis")
+    assert [p.outcome for p in again] == ["published"], again
+    assert (await client.status("lost-in-redis")).state is TaskState.COMPLETED
+
+
+def test_one_idempotency_key_runs_once_on_a_laptop_without_redis(settings: Settings):
+    env = cli_env(settings, TP_REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0")
+    args = ["task", "submit", "probe", "--set", "steps=1", "--idempotency-key", "nightly-1"]
+    first = tradectl(*args, "--json", env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = tradectl(*args, "--json", env=env)  # the same key again: the same task, not rerun
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert json.loads(first.stdout)["task_id"] == json.loads(second.stdout)["task_id"]
+    assert json.loads(first.stdout)["running_at"] == json.loads(second.stdout)["running_at"]
+    assert "running locally" not in second.stderr, second.stderr
+    # Two at once: one runs, the other is refused (exit 2), the journal holds one run.
+    cmd = [sys.executable, "-m", "shared.cli", "task", "submit", "probe"]
+    cmd += ["--set", "steps=3", "--set", "sleep_s=3", "--idempotency-key", "nightly-2"]
+    both = [
+        subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    results = sorted((p.wait(60), *p.communicate()) for p in both)
+    assert [code for code, _, _ in results] == [0, 2], results
+    loser = results[1][2]
+    assert "running on this machine" in loser or "another process" in loser, loser
+    runs = [r for r in LocalJournal(settings).all() if r.submission.idempotency_key == "nightly-2"]
+    assert [r.state for r in runs] == [TaskState.COMPLETED], runs
+
+
+def test_hyperopt_with_parallel_trials_is_not_run_locally_without_the_broker(settings: Settings):
+    env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
+    hyperopt = [
+        "task",
+        "submit",
+        "hyperopt",
+        "--set",
+        "target=train_model",
+        "--set",
+        "n_trials=2",
+        "--set",
+        "search_space={epochs: {type: int, low: 1, high: 2}}",
+        "--set",
+        "metric=val_loss",
+        "--set",
+        "parallel=2",
+    ]
+    refused = tradectl(*hyperopt, env=env)
+    assert refused.returncode == 3 and "parallel > 1" in refused.stderr, refused.stderr

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,7 @@ from shared.events import progress_event, state_event
 from shared.local_runs import (
     LocalJournal,
     LocalRecord,
+    end_fields,
     local_worker_name,
     log_line_json,
     process_start,
@@ -55,7 +57,7 @@ log = structlog.get_logger(__name__)
 EventCallback = Callable[[TaskEvent], Awaitable[None] | None]
 
 #: How long the end of a run is retried in Redis before it is left to ``task sync-local`` (s).
-RECORD_RETRY_S = 10.0
+RECORD_RETRY_S = 30.0
 #: Longest pause between two lease renewals (s): how late a cancel is noticed.
 RENEW_EVERY_MAX_S = 2.0
 
@@ -154,7 +156,11 @@ class LocalRun:
             artifact_dir=str(self.settings.tasks_dir / self.submission.task_id / "artifacts"),
             log_file=str(self.journal.log_path(self.submission.task_id)),
         )
-        self.journal.save(record)
+        try:
+            self.journal.start(record)
+        except BaseException as e:  # a run here already, or no journal: never run unrecorded
+            await self._hand_back(f"not run locally: {e}")
+            raise
         await self._emit(state_event(self.submission.task_id, TaskState.RUNNING, worker=self.name))
         outcome = await self._run_child(config)
         verdict = self._verdict(outcome)
@@ -222,6 +228,7 @@ class LocalRun:
         self._log_file = self.journal.log_path(task_id).open("a", encoding="utf-8")
         self._note(f"attempt {self.attempt} started on {self.name}: {self.reason}")
         renewing = asyncio.create_task(self._renew_lease())
+        stop_signals = self._stop_on_signals()
         try:
             run = asyncio.create_task(child.run(self.timeout_s))
             try:
@@ -236,6 +243,9 @@ class LocalRun:
                     error=f"could not start the task here: {type(e).__name__}: {e}"
                 )
         finally:
+            loop = asyncio.get_running_loop()
+            for sig in stop_signals:
+                loop.remove_signal_handler(sig)
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
             for timer in self._timers:
@@ -245,6 +255,41 @@ class LocalRun:
         if self._stream is not None:
             await self._stream.close()
         return outcome
+
+    def _stop_on_signals(self) -> list[signal.Signals]:
+        """Make Ctrl-C, SIGTERM and SIGHUP (terminal closed) cancel the run.
+
+        The child gets SIGTERM, the grace period, SIGKILL, and the run is recorded
+        ``cancelled``; a second signal is the same request again, so the end is always recorded
+        (by default a second Ctrl-C would abort that). Returns the signals handled (none outside
+        the main thread).
+        """
+        loop = asyncio.get_running_loop()
+        handled = []
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            try:
+                loop.add_signal_handler(sig, self.request_stop, StopReason.CANCEL)
+            except (ValueError, RuntimeError, NotImplementedError):  # not the main thread
+                continue
+            handled.append(sig)
+        return handled
+
+    async def _hand_back(self, why: str) -> None:
+        """Give the claim back unrun (``running -> queued``, attempt not counted)."""
+        if self.store is None:
+            return
+        try:
+            await self.store.transition(
+                self.submission.task_id,
+                [TaskState.RUNNING],
+                TaskState.QUEUED,
+                by=self.name,
+                reason=why,
+                fields={"+attempts": -1, "worker": "", "retry_in_s": 0, "fallback_reason": ""},
+                owner=(self.name, self.attempt),
+            )
+        except StoreError as e:  # the claim's lease expires; the reaper fails it (see module)
+            log.warning("local_claim_not_handed_back", error=str(e))
 
     def request_stop(self, reason: StopReason) -> None:
         """SIGTERM the child now (it may checkpoint), SIGKILL after the grace period."""
@@ -302,7 +347,7 @@ class LocalRun:
                     record.state,
                     by=self.name,
                     reason=record.end_reason,
-                    fields=record.end_fields,
+                    fields=end_fields(record),
                     owner=(self.name, self.attempt),
                 )
             except StoreError as e:

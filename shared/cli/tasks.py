@@ -41,7 +41,7 @@ from shared.errors import (
     TaskNotFoundError,
 )
 from shared.fallback import split_local_profile
-from shared.local_runs import LocalJournal, LocalRecord
+from shared.local_runs import LocalJournal, LocalRecord, is_local_worker
 from shared.logstream import LogLine
 from shared.messages import EventKind, TaskEvent, TaskState, describe_validation_error
 from shared.schedules import parse_start_time
@@ -155,7 +155,7 @@ def print_record(record: TaskRecord, *, as_json: bool) -> None:
         f"worker={escape(record.worker or '-')}",
         highlight=False,
     )
-    if record.fallback_reason:
+    if record.fallback_reason and is_local_worker(record.worker):
         out.print(f"ran locally: {record.fallback_reason}", highlight=False, markup=False)
     for name in (
         "submitted_at",
@@ -512,9 +512,15 @@ def cancel(
     Exit 0 when the task is cancelled or had already finished (nothing changed then), 124 when
     it is still stopping after --timeout.
     """
-    result: CancelResult = with_client(
-        lambda c: c.cancel(task_id, wait_s=None if no_wait else timeout)
-    )
+
+    async def body(client: DistributedClient) -> CancelResult:
+        if not client.store.connected:
+            raise StoreError(client.unreachable or "Redis: not connected")
+        return await client.cancel(task_id, wait_s=None if no_wait else timeout)
+
+    # Only Redis is needed: a runner without the control message learns of the cancel from its
+    # lease (a local run whose laptop has no broker, a worker whose message was lost).
+    result: CancelResult = with_client(body, fallback="local")
     record = result.record
     if as_json:
         print(
