@@ -14,7 +14,7 @@ import contextlib
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -35,7 +35,7 @@ from shared.errors import (
     StoreError,
     TaskNotFoundError,
 )
-from shared.events import state_event
+from shared.events import EventCallback, state_event
 from shared.fallback import FallbackPolicy, split_local_profile, submit_and_wait_or_run_locally
 from shared.gitinfo import CheckoutState, checkout_state
 from shared.gitsync import SyncRequest, SyncStatus
@@ -73,7 +73,6 @@ from shared.task_types import validate_config
 
 log = structlog.get_logger(__name__)
 
-EventCallback = Callable[[TaskEvent], Awaitable[None] | None]
 
 #: ``sync_now`` with no git-sync report at all waits this long for a first one (s).
 NO_REPORT_WAIT_S = 10.0

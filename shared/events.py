@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from shared.messages import EventKind, TaskEvent, TaskState
+
+#: A follower's callback for each event of a task (sync or async).
+EventCallback = Callable[[TaskEvent], Awaitable[None] | None]
 
 
 def finite_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from shared.errors import BrokerError, LocalRunExistsError, StoreError, TaskConfigError
+from shared.events import EventCallback
 from shared.health import WORKER_KIND, ServiceState, load_services
 from shared.local_runs import LocalJournal, describe_existing
 from shared.messages import TaskState, TaskSubmission, task_id_for_key
@@ -44,7 +45,7 @@ from shared.store import TaskRecord
 from shared.task_types import route_of, validate_config
 
 if TYPE_CHECKING:
-    from shared.client import DistributedClient, EventCallback
+    from shared.client import DistributedClient
 
 log = structlog.get_logger(__name__)
 

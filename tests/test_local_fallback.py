@@ -35,6 +35,10 @@ from tests.test_worker_control import start_worker
 __all__ = ["s3_settings"]  # a fixture, used by name
 
 LIGHT_WORKER = {"TP_WORKER_PRELOAD": '["services.gpu_worker.tasks.probe"]'}
+#: A small hyperopt submit (a search over train_model's epochs).
+HYPEROPT = ["task", "submit", "hyperopt", "--set", "target=train_model", "--set", "n_trials=2"]
+HYPEROPT += ["--set", "search_space={epochs: {type: int, low: 1, high: 2}}"]
+HYPEROPT += ["--set", "metric=val_loss"]
 #: train_model small enough for a few seconds on GOOG, with a smaller local profile.
 TRAIN = {"feature_window": 8, "hidden_size": 16, "epochs": 4, "device": "cpu"}
 
@@ -346,17 +350,7 @@ def test_bad_local_profile_and_runs_that_may_not_run_locally_are_refused(
     held = tradectl("task", "submit", "probe", "--at", "+1h", env=no_redis)
     assert held.returncode == 3 and "--at need Redis" in held.stderr, held.stderr
     study = tradectl(
-        "task",
-        "submit",
-        "hyperopt",
-        "--set",
-        "target=train_model",
-        "--set",
-        "n_trials=2",
-        "--set",
-        "search_space={epochs: {type: int, low: 1, high: 2}}",
-        "--set",
-        "metric=val_loss",
+        *HYPEROPT,
         env=no_redis,
     )
     assert study.returncode == 3 and "keeps its study in Redis" in study.stderr, study.stderr
@@ -575,20 +569,6 @@ def test_one_idempotency_key_runs_once_on_a_laptop_without_redis(settings: Setti
 
 def test_hyperopt_with_parallel_trials_is_not_run_locally_without_the_broker(settings: Settings):
     env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
-    hyperopt = [
-        "task",
-        "submit",
-        "hyperopt",
-        "--set",
-        "target=train_model",
-        "--set",
-        "n_trials=2",
-        "--set",
-        "search_space={epochs: {type: int, low: 1, high: 2}}",
-        "--set",
-        "metric=val_loss",
-        "--set",
-        "parallel=2",
-    ]
+    hyperopt = [*HYPEROPT, "--set", "parallel=2"]
     refused = tradectl(*hyperopt, env=env)
     assert refused.returncode == 3 and "parallel > 1" in refused.stderr, refused.stderr

@@ -27,7 +27,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -36,7 +35,7 @@ from services.gpu_worker.outcome import RetryPolicy, StopReason, Verdict, decide
 from services.gpu_worker.runner import ChildJob, ChildOutcome, ChildProcess, warm_up
 from shared.broker import Broker
 from shared.errors import StoreError
-from shared.events import progress_event, state_event
+from shared.events import EventCallback, progress_event, state_event
 from shared.local_runs import (
     LocalJournal,
     LocalRecord,
@@ -54,7 +53,6 @@ from shared.store import StatusStore
 
 log = structlog.get_logger(__name__)
 
-EventCallback = Callable[[TaskEvent], Awaitable[None] | None]
 
 #: How long the end of a run is retried in Redis before it is left to ``task sync-local`` (s).
 RECORD_RETRY_S = 30.0
