@@ -32,6 +32,7 @@ from shared.errors import (
     DecodeError,
     DependencyError,
     IdempotencyConflictError,
+    LocalRunExistsError,
     StoreError,
     TaskNotFoundError,
 )
@@ -40,7 +41,7 @@ from shared.fallback import FallbackPolicy, split_local_profile, submit_and_wait
 from shared.gitinfo import CheckoutState, checkout_state
 from shared.gitsync import SyncRequest, SyncStatus
 from shared.health import WORKER_KIND, ServiceState, ServiceStatus, load_services
-from shared.local_runs import LocalJournal, publish_local_runs
+from shared.local_runs import LocalJournal, describe_existing, publish_local_runs
 from shared.logstream import LogLine, read_after
 from shared.messages import (
     CancelRequest,
@@ -310,10 +311,17 @@ class DistributedClient:
         if publish and not self.broker.connected:
             raise BrokerError(self.unreachable or "broker: not connected")
         task_id, task_type, config = submission.task_id, submission.task_type, submission.config
-        if LocalJournal(self.settings).path(task_id).exists():
+        journal = LocalJournal(self.settings)
+        if journal.path(task_id).exists():
             # This machine ran it while Redis was away: that run is the task (one id, one run).
             broker = self.broker if self.broker.connected else None
             await publish_local_runs(self.settings, self.store, broker, task_id=task_id, exact=True)
+            existing, _ = journal.peek(task_id)
+            if existing is None or not (existing.published or existing.state is TaskState.QUEUED):
+                raise LocalRunExistsError(
+                    f"task {task_id}: {describe_existing(existing)}; not submitted",
+                    task_id=task_id,
+                )
         parents = submission.depends_on
         await self._check_parents(task_id, parents)
         created = await self.store.create(submission)

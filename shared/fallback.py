@@ -35,7 +35,13 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from shared.errors import BrokerError, LocalRunExistsError, StoreError, TaskConfigError
+from shared.errors import (
+    BrokerError,
+    IdempotencyConflictError,
+    LocalRunExistsError,
+    StoreError,
+    TaskConfigError,
+)
 from shared.events import EventCallback
 from shared.health import WORKER_KIND, ServiceState, load_services
 from shared.local_runs import LocalJournal, describe_existing
@@ -241,24 +247,9 @@ class _LocalStarter:
         from services.gpu_worker.local import LocalRun
 
         client = self.client
-        journal = LocalJournal(client.settings)
-        try:
-            existing = journal.load(self.submission.task_id)
-        except ValueError:  # empty: another process reserved it this instant
-            raise LocalRunExistsError(
-                f"task {self.submission.task_id}: {describe_existing(None)}",
-                task_id=self.submission.task_id,
-            ) from None
-        if existing is not None and existing.state is not TaskState.QUEUED:
-            if existing.state.is_terminal and not redis_up:
-                # It ran here while Redis was away (same id or idempotency key): one run.
-                log.info("local_run_exists", task_id=existing.task_id, state=existing.state)
-                return existing.to_task_record()
-            if not existing.state.is_terminal:
-                raise LocalRunExistsError(
-                    f"task {existing.task_id}: {describe_existing(existing)}",
-                    task_id=existing.task_id,
-                )
+        earlier = self._earlier_run(redis_up=redis_up)
+        if earlier is not None:
+            return earlier
         commit = None
         if client.settings.commit_check != "off":
             commit = (await client.checkout()).commit
@@ -271,16 +262,52 @@ class _LocalStarter:
             profile=self.profile,
             code_commit=commit,
             on_event=self.on_event,
+            on_start=None if self.on_local is None else lambda: self._started(reason),
         )
         if not await local.claim():
             return None
-        if self.on_local is not None:
-            self.on_local(reason)
         log.info("running_locally", task_id=self.submission.task_id, reason=reason)
         record = await local.run()
         if record.published:
             return await client.store.get(self.submission.task_id)
         return record.to_task_record()
+
+    def _started(self, reason: str) -> None:
+        if self.on_local is not None:
+            self.on_local(reason)
+
+    def _earlier_run(self, *, redis_up: bool) -> TaskRecord | None:
+        """This machine's earlier run of the task, when it may stand for this one.
+
+        One run per machine and task: a finished run of the same task (same id, or idempotency
+        key, and the same type and config) is the result when Redis cannot say otherwise.
+
+        Raises:
+            LocalRunExistsError: a run of it is going on here, was lost here, or was handed back
+                to the desktop (which may run it now) while Redis cannot arbitrate.
+            IdempotencyConflictError: the id ran here as a task of another type or config.
+        """
+        task_id = self.submission.task_id
+        existing, stale = LocalJournal(self.client.settings).peek(task_id)
+        if existing is None:
+            if stale or not LocalJournal(self.client.settings).path(task_id).exists():
+                return None
+            raise LocalRunExistsError(f"task {task_id}: {describe_existing(None)}", task_id=task_id)
+        sub = existing.submission
+        if (sub.task_type, sub.config) != (self.submission.task_type, self.submission.config):
+            raise IdempotencyConflictError(
+                f"task {task_id} already ran on this machine as a different {sub.task_type} "
+                "task; use a new id or idempotency key",
+                task_id=task_id,
+            )
+        if existing.state is TaskState.QUEUED and redis_up:
+            return None  # handed back: Redis's claim decides who runs it now
+        if existing.state.is_terminal and not redis_up:
+            log.info("local_run_exists", task_id=task_id, state=existing.state)
+            return existing.to_task_record()
+        if existing.state.is_terminal:
+            return None  # published (or publishable): Redis has the truth, the claim will say
+        raise LocalRunExistsError(f"task {task_id}: {describe_existing(existing)}", task_id=task_id)
 
 
 class _Waiting:

@@ -32,7 +32,7 @@ from shared.broker import Broker
 from shared.constants import FINISHED_TASK_TTL_S
 from shared.errors import LocalRunExistsError, StoreError, TaskNotFoundError
 from shared.events import state_event
-from shared.logstream import LogLine, append
+from shared.logstream import LogLine, append, read_after
 from shared.messages import TaskState, TaskSubmission
 from shared.settings import Settings
 from shared.storage import StorageError, open_storage
@@ -41,6 +41,8 @@ from shared.store import StatusStore, TaskRecord
 
 log = structlog.get_logger(__name__)
 
+#: An empty journal record older than this was left by a crashed writer (s).
+STALE_RESERVATION_S = 60.0
 #: Output lines of a local run written to its Redis stream per call, when it is published.
 LOG_BATCH = 500
 #: Worker names of local runs start with this: ``local:<host>``.
@@ -169,34 +171,57 @@ class LocalJournal:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def start(self, record: LocalRecord) -> None:
+    def start(self, record: LocalRecord, *, claimed: bool) -> None:
         """Record a run's start; only one run of a task per machine (``O_EXCL``).
 
-        A record left by a run handed back to the desktop (``queued``) may be replaced.
+        A record of a run handed back to the desktop (``queued``) may be replaced only when
+        this run holds the task's claim in Redis (``claimed``): without Redis nothing would stop
+        this machine running what a desktop worker runs now. An empty record left by a crash
+        (a minute old) is replaced too.
 
         Raises:
             LocalRunExistsError: this machine has a record of that task already (finished,
-                running, or being written by a process that got there first), or the journal
-                cannot be written (the message says where and why).
+                running, handed back, or being written by a process that got there first), or
+                the journal cannot be written (the message says where and why).
         """
+        path = self.path(record.task_id)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            os.close(os.open(self.path(record.task_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             if not self.root.is_dir():
                 raise self._unwritable(record, f"{self.root} is not a folder") from None
-            try:
-                existing = self.load(record.task_id)
-            except ValueError:  # empty: reserved this instant by another process
-                existing = None
-            if existing is None or existing.state is not TaskState.QUEUED:
+            existing, stale = self.peek(record.task_id)
+            replaceable = stale or (
+                existing is not None and existing.state is TaskState.QUEUED and claimed
+            )
+            if not replaceable:
                 raise LocalRunExistsError(
                     f"task {record.task_id}: {describe_existing(existing)}; not run again",
                     task_id=record.task_id,
                 ) from None
         except OSError as e:
             raise self._unwritable(record, str(e)) from e
-        self.save(record)
+        try:
+            self.save(record)
+        except OSError as e:
+            path.unlink(missing_ok=True)  # never leave an empty record blocking the id
+            raise self._unwritable(record, str(e)) from e
+
+    def peek(self, task_id: str) -> tuple[LocalRecord | None, bool]:
+        """A run's record as ``(record, stale)``, tolerating a record being written.
+
+        ``record`` is None while another process is writing it (an empty file), and ``stale``
+        is True when such an empty file is over a minute old (its writer crashed).
+        """
+        try:
+            return self.load(task_id), False
+        except ValueError:
+            try:
+                age = time.time() - self.path(task_id).stat().st_mtime
+            except OSError:
+                return None, False
+            return None, age > STALE_RESERVATION_S
 
     def _unwritable(self, record: LocalRecord, why: str) -> LocalRunExistsError:
         return LocalRunExistsError(
@@ -255,6 +280,8 @@ def describe_existing(existing: LocalRecord | None) -> str:
     if existing.state.is_terminal:
         published = "" if existing.published else " (not yet in Redis: tradectl task sync-local)"
         return f"it ran on this machine already, {existing.state.value}{published}"
+    if existing.state is TaskState.QUEUED:
+        return "its run here was handed back to the desktop, which may be running it now"
     if _alive(existing):
         return f"it is running on this machine (process {existing.pid})"
     return "its run on this machine was lost: run `tradectl task sync-local` first"
@@ -394,17 +421,37 @@ async def _publish_one(
         if record.published and broker is not None:
             await broker.announce(state_event(record.task_id, record.state, worker=record.worker))
     if record.published and not record.logs_in_redis:
-        lines = read_log_file(journal.log_path(record.task_id), record.attempt)
-        key = store.keys.task_logs(record.task_id)
-        for start in range(0, len(lines), LOG_BATCH):
-            batch = lines[start : start + LOG_BATCH]
-            await append(store.redis, key, batch, max_lines=settings.task_log_max_lines)
-        record.logs_in_redis = True
+        await _publish_log_lines(settings, store, journal, record)
     if not record.artifacts_stored and settings.artifact_backend != "none":
         await store_artifacts(settings, record, store)
     await save_artifact_status(record, store)
     journal.save(record)
     return Published(record.task_id, record.state, outcome, record.artifacts)
+
+
+async def _publish_log_lines(
+    settings: Settings, store: StatusStore, journal: LocalJournal, record: LocalRecord
+) -> None:
+    """Append the run's output lines the task's Redis stream lacks, from the journal's file.
+
+    That is all of them for a run without Redis, and those lost to an outage for one that
+    streamed (lines of this attempt are matched by time and text).
+    """
+    key = store.keys.task_logs(record.task_id)
+    stored: set[tuple[float, str]] = set()
+    after = "0-0"
+    while batch := await read_after(store.redis, key, after):
+        stored |= {(round(ln.ts, 3), ln.text) for ln in batch if ln.attempt == record.attempt}
+        after = batch[-1].id
+    lines = [
+        ln
+        for ln in read_log_file(journal.log_path(record.task_id), record.attempt)
+        if (round(ln.ts, 3), ln.text) not in stored
+    ]
+    for start in range(0, len(lines), LOG_BATCH):
+        batch = lines[start : start + LOG_BATCH]
+        await append(store.redis, key, batch, max_lines=settings.task_log_max_lines)
+    record.logs_in_redis = True
 
 
 def _alive(record: LocalRecord) -> bool:
@@ -482,12 +529,9 @@ async def _publish_end(store: StatusStore, record: LocalRecord) -> str:
     current = await store.get(record.task_id)
     expected: tuple[TaskState, ...] = (TaskState.RUNNING, TaskState.CANCELLING)
     if current.state.is_terminal:
-        mine = current.worker == record.worker and current.attempts == record.attempt
-        if mine and current.local_published:
-            record.published = True
-            return "already published"
-        if not (mine and current.state is TaskState.FAILED):
-            return f"conflict: the task {current.state.value} in Redis by {current.worker or '-'}"
+        settled = _already_ended(record, current)
+        if settled is not None:
+            return settled
         expected = (TaskState.FAILED,)  # failed by the reaper, not heard from: the run's end wins
     conflict = await _claim_unless_mine(store, record, current)
     if conflict is not None:
@@ -505,6 +549,24 @@ async def _publish_end(store: StatusStore, record: LocalRecord) -> str:
         return f"conflict: the task is {moved.previous} in Redis"
     record.published = True
     return "published"
+
+
+def _already_ended(record: LocalRecord, current: TaskRecord) -> str | None:
+    """For a task Redis holds as ended: what publishing this run comes to.
+
+    None when the run's end may still be recorded: the reaper failed it for not hearing from
+    this machine.
+    """
+    mine = current.worker == record.worker and current.attempts == record.attempt
+    if mine and current.local_published:
+        record.published = True
+        return "already published"
+    if mine and current.state is TaskState.CANCELLED:  # cancelled and reaped meanwhile
+        record.published = True
+        return "not recorded: the task was cancelled meanwhile (the result stays here)"
+    if mine and current.state is TaskState.FAILED:
+        return None
+    return f"conflict: the task {current.state.value} in Redis by {current.worker or '-'}"
 
 
 async def _claim_unless_mine(

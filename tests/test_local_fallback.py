@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -99,6 +100,11 @@ async def test_broker_down_submit_wait_trains_on_goog_locally(
     assert (settings.tasks_dir / task_id / "artifacts" / "model.pt").is_file()
     journal = LocalJournal(settings).load(task_id)
     assert journal is not None and journal.published and journal.state is TaskState.COMPLETED
+    # Reading a task needs Redis only: status and logs work with the broker still down.
+    status = tradectl("task", "status", task_id, env=env)
+    assert status.returncode == 0 and "completed" in status.stdout, status.stderr
+    logs = tradectl("task", "logs", task_id, env=env)
+    assert logs.returncode == 0 and "started on local:" in logs.stdout, logs.stdout + logs.stderr
 
 
 async def test_no_worker_online_runs_locally_and_a_late_worker_refuses_the_claim(
@@ -403,9 +409,10 @@ async def test_a_killed_local_run_is_handed_back_by_sync_local_and_the_desktop_r
     hands it back; the desktop's reaper requeues it and a worker runs it."""
     await platform.start_all(TP_REAPER_INTERVAL_S="0.5", **LIGHT_WORKER)
     env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
-    args = ["task", "submit", "probe", "--set", "steps=10", "--set", "sleep_s=10", "--json"]
+    args = ["task", "submit", "probe", "--set", "steps=10", "--set", "sleep_s=10"]
+    args += ["--task-id", "killed-1"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", *args],
+        [sys.executable, "-m", "shared.cli", *args, "--json"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -431,6 +438,10 @@ async def test_a_killed_local_run_is_handed_back_by_sync_local_and_the_desktop_r
     synced = tradectl("task", "sync-local", env=env)
     assert synced.returncode == 0, synced.stdout + synced.stderr
     assert "handed back to the desktop" in synced.stdout, synced.stdout
+    # Handed back: this laptop, now without Redis, must not run it again beside the desktop.
+    offline = cli_env(settings, TP_REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0")
+    again_here = tradectl(*args, env=offline)
+    assert again_here.returncode == 2 and "handed back" in again_here.stderr, again_here.stderr
     final = await client.wait(task_id, timeout_s=90)
     assert final.state is TaskState.COMPLETED and final.worker == settings.worker_name, final
     assert ran_on(await client.history(task_id)) == [local_worker_name(), settings.worker_name]
@@ -538,6 +549,23 @@ async def test_an_expired_local_claim_is_failed_not_rerun_and_its_end_can_still_
     again = await publish_local_runs(settings, store, None, task_id="lost-in-redis")
     assert [p.outcome for p in again] == ["published"], again
     assert (await client.status("lost-in-redis")).state is TaskState.COMPLETED
+    # Cancelled while the laptop was cut off, then reaped: the cancel stands, reported once.
+    cancelled = await queued_task(store, "offline-cancel")
+    claim = await store.claim(cancelled.task_id, run.name, lease_s=0.2, fields={})
+    assert (await client.cancel(cancelled.task_id, wait_s=None)).outcome == "cancelling"
+    await asyncio.sleep(0.3)
+    assert (await store.reap(cancelled.task_id, default_max_attempts=3))[0] == "cancelled"
+    LocalJournal(settings).save(
+        record.model_copy(
+            update={"submission": cancelled, "attempt": claim.attempts, "published": False}
+        )
+    )
+    kept = await publish_local_runs(settings, store, None, task_id="offline-cancel")
+    assert [p.outcome for p in kept] == [
+        "not recorded: the task was cancelled meanwhile (the result stays here)"
+    ], kept
+    assert (await client.status(cancelled.task_id)).state is TaskState.CANCELLED
+    assert await publish_local_runs(settings, store, None, task_id="offline-cancel") == []
 
 
 def test_one_idempotency_key_runs_once_on_a_laptop_without_redis(settings: Settings):
@@ -550,6 +578,10 @@ def test_one_idempotency_key_runs_once_on_a_laptop_without_redis(settings: Setti
     assert json.loads(first.stdout)["task_id"] == json.loads(second.stdout)["task_id"]
     assert json.loads(first.stdout)["running_at"] == json.loads(second.stdout)["running_at"]
     assert "running locally" not in second.stderr, second.stderr
+    other = tradectl(
+        "task", "submit", "probe", "--set", "steps=2", "--idempotency-key", "nightly-1", env=env
+    )
+    assert other.returncode == 2 and "different probe task" in other.stderr, other.stderr
     # Two at once: one runs, the other is refused (exit 2), the journal holds one run.
     cmd = [sys.executable, "-m", "shared.cli", "task", "submit", "probe"]
     cmd += ["--set", "steps=3", "--set", "sleep_s=3", "--idempotency-key", "nightly-2"]
@@ -572,3 +604,54 @@ def test_hyperopt_with_parallel_trials_is_not_run_locally_without_the_broker(set
     hyperopt = [*HYPEROPT, "--set", "parallel=2"]
     refused = tradectl(*hyperopt, env=env)
     assert refused.returncode == 3 and "parallel > 1" in refused.stderr, refused.stderr
+
+
+def test_a_journal_that_cannot_be_written_runs_nothing_and_blocks_nothing(settings: Settings):
+    env = cli_env(settings, TP_REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0")
+    args = ["task", "submit", "probe", "--set", "steps=1", "--task-id", "no-room"]
+
+    def no_room() -> None:  # files may be created but not written: a full disk, as it looks
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    full = subprocess.run(
+        [sys.executable, "-m", "shared.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=no_room,
+    )
+    assert full.returncode == 2 and "cannot be kept in" in full.stderr, full.stderr
+    assert "Traceback" not in full.stderr and "running locally" not in full.stderr, full.stderr
+    assert not LocalJournal(settings).path("no-room").exists()
+    again = tradectl(*args, env=env)  # room again: the id is not blocked
+    assert again.returncode == 0, again.stdout + again.stderr
+
+
+def test_a_second_submit_while_the_offline_run_goes_on_is_refused(settings: Settings):
+    offline = cli_env(settings, TP_REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0")
+    args = ["task", "submit", "probe", "--set", "steps=10", "--set", "sleep_s=10"]
+    args += ["--idempotency-key", "report-7"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", *args],
+        cwd=ROOT,
+        env=offline,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        journal = LocalJournal(settings)
+        deadline = time.monotonic() + 30
+        while not any(r.state is TaskState.RUNNING for r in journal.all()):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.1)
+        # Redis is back for this one: the desktop would run it beside the laptop's run.
+        online = cli_env(settings)
+        second = tradectl(*args, "--fallback", "never", env=online)
+        assert second.returncode == 2 and "running on this machine" in second.stderr, second.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=30)
+    assert first.returncode == 1 and "cancelled" in out, out + err

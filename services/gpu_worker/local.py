@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -34,6 +35,7 @@ import structlog
 from services.gpu_worker.outcome import RetryPolicy, StopReason, Verdict, decide
 from services.gpu_worker.runner import ChildJob, ChildOutcome, ChildProcess, warm_up
 from shared.broker import Broker
+from shared.constants import PROGRESS_MIN_INTERVAL_S
 from shared.errors import StoreError
 from shared.events import EventCallback, progress_event, state_event
 from shared.local_runs import (
@@ -85,6 +87,7 @@ class LocalRun:
         profile: dict[str, Any] | None = None,
         code_commit: str | None = None,
         on_event: EventCallback | None = None,
+        on_start: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.submission = submission
@@ -94,6 +97,7 @@ class LocalRun:
         self.profile = dict(profile or {})
         self.code_commit = code_commit
         self.on_event = on_event
+        self.on_start = on_start
         self.name = local_worker_name()
         self.journal = LocalJournal(settings)
         self.timeout_s = submission.timeout_s or settings.task_timeout_s
@@ -103,6 +107,10 @@ class LocalRun:
         self.stop_reason: StopReason | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._child: ChildProcess | None = None
+        self._signals: list[signal.Signals] = []
+        self._progress_write: asyncio.Task[None] | None = None
+        self._lines_lost = False
+        self._last_progress = 0.0
 
     async def claim(self) -> bool:
         """Claim the task in Redis (``submitted|queued -> running``); True if this run has it.
@@ -110,21 +118,30 @@ class LocalRun:
         Without Redis there is nothing to claim: the task exists only here. False means a
         worker (or another client) took it, or it was cancelled or finished: do not run it.
 
+        From here on Ctrl-C, SIGTERM and SIGHUP cancel the run (see ``_stop_on_signals``), so
+        none of them can leave a claimed task behind unrecorded.
+
         Raises:
             StoreError: Redis failed.
         """
+        self._signals = self._stop_on_signals()
         if self.store is None:
             return True
-        claim = await self.store.claim(
-            self.submission.task_id,
-            self.name,
-            lease_s=self.lease_s,
-            code_commit=self.code_commit,
-            expected=(TaskState.SUBMITTED, TaskState.QUEUED),
-            fields={"fallback_reason": self.reason},
-            reason=f"run locally: {self.reason}",
-        )
+        try:
+            claim = await self.store.claim(
+                self.submission.task_id,
+                self.name,
+                lease_s=self.lease_s,
+                code_commit=self.code_commit,
+                expected=(TaskState.SUBMITTED, TaskState.QUEUED),
+                fields={"fallback_reason": self.reason},
+                reason=f"run locally: {self.reason}",
+            )
+        except BaseException:
+            self._release_signals()
+            raise
         if not claim.applied:
+            self._release_signals()
             log.info("local_claim_refused", task_id=self.submission.task_id, state=claim.previous)
             return False
         self.attempt = claim.attempts
@@ -135,7 +152,17 @@ class LocalRun:
 
         Ends ``completed``, ``failed`` or ``cancelled``; the record says whether Redis has the
         end (``published``) and where the artifacts are.
+
+        Raises:
+            LocalRunExistsError: this machine has a run of the task already, or cannot keep its
+                record; the claim was handed back unrun.
         """
+        try:
+            return await self._run()
+        finally:
+            self._release_signals()
+
+    async def _run(self) -> LocalRecord:
         config = {**self.submission.config, **self.profile}
         record = LocalRecord(
             submission=self.submission,
@@ -155,10 +182,12 @@ class LocalRun:
             log_file=str(self.journal.log_path(self.submission.task_id)),
         )
         try:
-            self.journal.start(record)
+            self.journal.start(record, claimed=self.store is not None)
         except BaseException as e:  # a run here already, or no journal: never run unrecorded
             await self._hand_back(f"not run locally: {e}")
             raise
+        if self.on_start is not None:
+            self.on_start()
         await self._emit(state_event(self.submission.task_id, TaskState.RUNNING, worker=self.name))
         outcome = await self._run_child(config)
         verdict = self._verdict(outcome)
@@ -171,6 +200,7 @@ class LocalRun:
         if verdict.state is TaskState.COMPLETED:
             record.result = _result_with_local_facts(verdict, self)
             record.end_fields["result"] = json.dumps(record.result)
+        record.logs_in_redis = self.store is not None and not self._lines_lost
         self.journal.save(record)  # the outcome is safe on disk before anything else is tried
         if self.store is not None and self.stop_reason is not StopReason.LOST:
             record.published = await self._record_end(record)
@@ -226,24 +256,12 @@ class LocalRun:
         self._log_file = self.journal.log_path(task_id).open("a", encoding="utf-8")
         self._note(f"attempt {self.attempt} started on {self.name}: {self.reason}")
         renewing = asyncio.create_task(self._renew_lease())
-        stop_signals = self._stop_on_signals()
         try:
-            run = asyncio.create_task(child.run(self.timeout_s))
-            try:
-                outcome = await asyncio.shield(run)
-            except asyncio.CancelledError:  # Ctrl-C: stop the child as a cancel does, record it
-                self.request_stop(StopReason.CANCEL)
-                outcome = await run
-            except Exception as e:  # the child could not be started (disk full, no forkserver)
-                log.exception("local_child_not_started")
-                child.kill()
-                outcome = ChildOutcome(
-                    error=f"could not start the task here: {type(e).__name__}: {e}"
-                )
+            if self.stop_reason is not None:  # cancelled before the child started
+                outcome = ChildOutcome(stopped=True)
+            else:
+                outcome = await self._child_outcome(child)
         finally:
-            loop = asyncio.get_running_loop()
-            for sig in stop_signals:
-                loop.remove_signal_handler(sig)
             renewing.cancel()
             await asyncio.gather(renewing, return_exceptions=True)
             for timer in self._timers:
@@ -252,6 +270,8 @@ class LocalRun:
         self._log_file.close()
         if self._stream is not None:
             await self._stream.close()
+            # Lines lost to a Redis outage are sent again from the journal by sync-local.
+            self._lines_lost = self._stream.dropped > 0
         return outcome
 
     def _stop_on_signals(self) -> list[signal.Signals]:
@@ -272,6 +292,12 @@ class LocalRun:
             handled.append(sig)
         return handled
 
+    def _release_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+        self._signals = []
+
     async def _hand_back(self, why: str) -> None:
         """Give the claim back unrun (``running -> queued``, attempt not counted)."""
         if self.store is None:
@@ -289,11 +315,27 @@ class LocalRun:
         except StoreError as e:  # the claim's lease expires; the reaper fails it (see module)
             log.warning("local_claim_not_handed_back", error=str(e))
 
+    async def _child_outcome(self, child: ChildProcess) -> ChildOutcome:
+        run = asyncio.create_task(child.run(self.timeout_s))
+        try:
+            return await asyncio.shield(run)
+        except asyncio.CancelledError:  # cancelled from outside: stop the child, record it
+            self.request_stop(StopReason.CANCEL)
+            return await run
+        except Exception as e:  # the child could not be started (disk full, no forkserver)
+            log.exception("local_child_not_started")
+            child.kill()
+            return ChildOutcome(error=f"could not start the task here: {type(e).__name__}: {e}")
+
     def request_stop(self, reason: StopReason) -> None:
-        """SIGTERM the child now (it may checkpoint), SIGKILL after the grace period."""
-        if self.stop_reason is not None or self._child is None:
+        """SIGTERM the child now (it may checkpoint), SIGKILL after the grace period.
+
+        Before the child exists the request is kept and the child is never started.
+        """
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        if self._child is None or self._timers:
             return
-        self.stop_reason = reason
         child, grace = self._child, self.settings.cancel_grace_s
         loop = asyncio.get_running_loop()
         self._timers = [
@@ -365,20 +407,40 @@ class LocalRun:
             return False
 
     async def _on_progress(self, fraction: float, message: str, metrics: dict[str, float]) -> None:
-        task_id = self.submission.task_id
+        """Give progress to the caller at once, and to Redis and the broker in the background.
+
+        Those writes are throttled and never awaited here: a hanging server must not hold up
+        the child's later messages (its result).
+        """
+        event = progress_event(
+            self.submission.task_id,
+            worker=self.name,
+            progress=fraction,
+            message=message,
+            metrics=metrics,
+        )
+        if self.on_event is not None:
+            maybe = self.on_event(event)
+            if maybe is not None:
+                await maybe
+        now = time.monotonic()
+        busy = self._progress_write is not None and not self._progress_write.done()
+        if busy or (now - self._last_progress < PROGRESS_MIN_INTERVAL_S and fraction < 1.0):
+            return
+        self._last_progress = now
+        self._progress_write = asyncio.create_task(self._publish_progress(event))
+
+    async def _publish_progress(self, event: TaskEvent) -> None:
         if self.store is not None:
             with contextlib.suppress(StoreError):
                 await self.store.update_if(
-                    task_id,
+                    event.task_id,
                     [TaskState.RUNNING],
-                    {"progress": fraction, "progress_message": message},
+                    {"progress": event.progress or 0.0, "progress_message": event.message},
                     worker=self.name,
                 )
-        await self._emit(
-            progress_event(
-                task_id, worker=self.name, progress=fraction, message=message, metrics=metrics
-            )
-        )
+        if self.broker is not None:
+            await self.broker.announce(event)
 
     def _on_logs(self, lines: list[LogLine]) -> None:
         """The task's output: into the journal's log file, and its Redis stream if any."""

@@ -67,12 +67,24 @@ def with_client(
     *,
     fallback: FallbackMode = "never",
     start_timeout_s: float | None = None,
+    redis_only: bool = False,
 ) -> T:
     """Run ``body(client)`` in a fresh event loop with a connected client; map errors to exits.
 
     ``fallback`` other than ``never`` lets the client run a waited-for task locally (``submit``
-    only): ``ask`` asks on the terminal, and means never without one.
+    only): ``ask`` asks on the terminal, and means never without one. ``redis_only``: the
+    command reads or writes Redis only, so an unreachable RabbitMQ is no error (the client's
+    broker is then not connected).
     """
+    if redis_only:
+        inner = body
+
+        async def body(client: DistributedClient) -> T:
+            if not client.store.connected:
+                raise StoreError(client.unreachable or "Redis: not connected")
+            return await inner(client)
+
+        fallback = "local"  # tolerate an unreachable broker at connect
 
     async def main() -> T:
         # Warnings go to stderr: structlog's default is stdout, which --json keeps for JSON.

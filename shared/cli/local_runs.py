@@ -10,7 +10,6 @@ from rich.table import Table
 
 from shared.cli.common import JsonOpt, fail, load_settings, out, printable, with_client
 from shared.client import DistributedClient
-from shared.errors import StoreError
 from shared.local_runs import LocalJournal, Published, publish_local_runs
 
 
@@ -43,14 +42,10 @@ def sync_local(
         return
 
     async def body(client: DistributedClient) -> list[Published]:
-        if not client.store.connected:
-            raise StoreError(client.unreachable or "Redis: not connected")
         broker = client.broker if client.broker.connected else None  # only to announce ends
         return await publish_local_runs(client.settings, client.store, broker, task_id=task_id)
 
-    # A client that tolerates an unreachable server (as the fallback's does): Redis is needed,
-    # RabbitMQ only for news.
-    done = with_client(body, fallback="local")
+    done = with_client(body, redis_only=True)
     if as_json:
         print(json.dumps([p.__dict__ for p in done], indent=2, default=str))
     elif not done:

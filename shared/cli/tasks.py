@@ -462,7 +462,7 @@ def status(task_id: str, as_json: JsonOpt = False) -> None:
         return record, await c.history(record.task_id)
 
     try:
-        record, history = with_client(body)
+        record, history = with_client(body, redis_only=True)
     except typer.Exit as e:  # Redis unreachable: a run kept on this machine is still shown
         kept = find_local_run(task_id) if e.exit_code == 3 else None
         if kept is None:
@@ -512,15 +512,11 @@ def cancel(
     Exit 0 when the task is cancelled or had already finished (nothing changed then), 124 when
     it is still stopping after --timeout.
     """
-
-    async def body(client: DistributedClient) -> CancelResult:
-        if not client.store.connected:
-            raise StoreError(client.unreachable or "Redis: not connected")
-        return await client.cancel(task_id, wait_s=None if no_wait else timeout)
-
     # Only Redis is needed: a runner without the control message learns of the cancel from its
     # lease (a local run whose laptop has no broker, a worker whose message was lost).
-    result: CancelResult = with_client(body, fallback="local")
+    result: CancelResult = with_client(
+        lambda c: c.cancel(task_id, wait_s=None if no_wait else timeout), redis_only=True
+    )
     record = result.record
     if as_json:
         print(
@@ -584,7 +580,7 @@ def result(
         download_into(full_id, download, quiet=as_json, partial_ok=partial)
         if record_or_none is None:
             return
-    record: TaskRecord = with_client(lambda c: c.status(task_id))
+    record: TaskRecord = with_client(lambda c: c.status(task_id), redis_only=True)
     if as_json:
         print(
             json.dumps(
@@ -622,7 +618,7 @@ def list_tasks(
 ) -> None:
     """List recent tasks, newest first (with --state, the most recent in that state)."""
     # The store filters by state while it reads the index, so older matches are found too.
-    records: list[TaskRecord] = with_client(lambda c: c.list_tasks(limit, state))
+    records: list[TaskRecord] = with_client(lambda c: c.list_tasks(limit, state), redis_only=True)
     if as_json:
         print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
         return
@@ -688,6 +684,6 @@ def logs(
             print_log_line(line, as_json=as_json)
 
     try:
-        with_client(body)
+        with_client(body, redis_only=True)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
