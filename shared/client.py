@@ -23,8 +23,10 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
-from shared.artifacts import ArtifactRequest, ArtifactStatus
 from shared.broker import Broker
+from shared.client_desktop import DesktopOps
+from shared.client_logs import LogOps
+from shared.client_schedules import ScheduleOps
 from shared.constants import DEFAULT_PRIORITY
 from shared.errors import (
     BrokerError,
@@ -39,14 +41,10 @@ from shared.errors import (
 from shared.events import EventCallback, state_event
 from shared.fallback import FallbackPolicy, split_local_profile, submit_and_wait_or_run_locally
 from shared.gitinfo import CheckoutState, checkout_state
-from shared.gitsync import SyncRequest, SyncStatus
-from shared.health import WORKER_KIND, ServiceState, ServiceStatus, load_services
 from shared.local_runs import LocalJournal, describe_existing, publish_local_runs
-from shared.logstream import LogLine, read_after
 from shared.messages import (
     CancelRequest,
     ConfigRef,
-    DrainRequest,
     EventKind,
     TaskEvent,
     TaskState,
@@ -56,27 +54,13 @@ from shared.messages import (
 )
 from shared.pipelines import Pipeline
 from shared.pipelines import plan as plan_pipeline
-from shared.queues import (
-    DeadLetter,
-    DeadLetterList,
-    QueueReport,
-    Requeued,
-    drop_dead_letter,
-    peek_dead_letters,
-    queue_report,
-    requeue_dead_letter,
-)
 from shared.references import validate_with_refs
-from shared.schedules import CronClock, Schedule, ScheduleSpec, ScheduleStore
 from shared.settings import FallbackMode, Settings
 from shared.store import StatusStore, TaskRecord
 from shared.task_types import validate_config
 
 log = structlog.get_logger(__name__)
 
-
-#: ``sync_now`` with no git-sync report at all waits this long for a first one (s).
-NO_REPORT_WAIT_S = 10.0
 
 #: While following events, the record is also re-read this often (s): a safety net for an event
 #: lost to a broker reconnect, not the way results arrive.
@@ -85,11 +69,6 @@ SAFETY_RECHECK_S = 15.0
 #: While waiting for a cancelled task to stop, the record is re-read this often (s).
 CANCEL_RECHECK_S = 1.0
 
-#: Following a task's log, the longest ``XREAD BLOCK`` (s): how late the end of a silent task is
-#: noticed (the record is read between two blocks). Well under the Redis socket timeout.
-LOG_FOLLOW_BLOCK_S = 0.5
-#: Following a task's log while Redis is away, the pause between two tries (s).
-LOG_FOLLOW_RETRY_S = 1.0
 
 T = TypeVar("T")
 
@@ -102,7 +81,7 @@ class CancelResult:
     record: TaskRecord
 
 
-class DistributedClient:
+class DistributedClient(ScheduleOps, DesktopOps, LogOps):
     """Async client for the laptop and scripts.
 
     Args:
@@ -390,91 +369,6 @@ class DistributedClient:
             )
         return records
 
-    # Recurring schedules (``tradectl schedule ...``).
-
-    async def add_schedule(
-        self,
-        name: str,
-        cron: str,
-        task_type: str,
-        config: dict[str, Any] | None = None,
-        *,
-        timezone: str = "UTC",
-        priority: int = DEFAULT_PRIORITY,
-        time_limit_s: float | None = None,
-        max_attempts: int | None = None,
-        paused: bool = False,
-    ) -> Schedule:
-        """Create a recurring submission, kept in Redis and fired by the scheduler.
-
-        Args:
-            name: unique name (``[A-Za-z0-9][A-Za-z0-9_.-]*``).
-            cron: five fields, or six with seconds last (``* * * * * */10``).
-            task_type: a registered type.
-            config: the type's config, validated now.
-            timezone: IANA zone the expression is read in (default UTC).
-            priority: as ``submit``, for every task it submits.
-            time_limit_s: as ``submit`` (s).
-            max_attempts: as ``submit``.
-            paused: create it paused (``resume_schedule`` starts it).
-
-        Returns:
-            The schedule with its first due time.
-
-        Raises:
-            ScheduleError: a bad cron expression or zone, or the name is taken (the message
-                names the field).
-            UnknownTaskTypeError, TaskConfigError: a bad task.
-            pydantic.ValidationError: a bad name or priority.
-        """
-        clock = CronClock(cron, timezone)
-        config = validate_config(task_type, dict(config or {})).model_dump(mode="json")
-        spec = ScheduleSpec(
-            name=name,
-            cron=clock.expr,
-            timezone=timezone,
-            task_type=task_type,
-            config=config,
-            priority=priority,
-            time_limit_s=time_limit_s,
-            max_attempts=max_attempts,
-            created_by=socket.gethostname(),
-        )
-        schedules = ScheduleStore(self.store)
-        first = clock.next_after(await self.store.now())
-        await schedules.add(spec, next_due_at=first, paused=paused)
-        return await schedules.get(name)
-
-    async def schedules(self) -> list[Schedule]:
-        """Every schedule by name, with its state (paused, next due, last firing)."""
-        return await ScheduleStore(self.store).list_all()
-
-    async def schedule(self, name: str) -> Schedule:
-        """One schedule (``ScheduleNotFoundError`` if there is none of that name)."""
-        return await ScheduleStore(self.store).get(name)
-
-    async def schedule_runs(self, name: str, limit: int = 20) -> list[dict[str, Any]]:
-        """A schedule's recent firings, newest first: ``{occurrence, task_id, fired_at}``."""
-        return await ScheduleStore(self.store).runs(name, limit)
-
-    async def pause_schedule(self, name: str) -> Schedule:
-        """Stop firing a schedule until ``resume_schedule``."""
-        return await ScheduleStore(self.store).set_paused(name, True)
-
-    async def resume_schedule(self, name: str) -> Schedule:
-        """Fire a paused schedule again from its next occurrence.
-
-        Runs missed while it was paused are not made up.
-        """
-        schedules = ScheduleStore(self.store)
-        spec = (await schedules.get(name)).spec
-        due = CronClock(spec.cron, spec.timezone).next_after(await self.store.now())
-        return await schedules.set_paused(name, False, next_due_at=due)
-
-    async def remove_schedule(self, name: str) -> None:
-        """Delete a schedule (the tasks it submitted stay)."""
-        await ScheduleStore(self.store).remove(name)
-
     async def pinned_commit(self, *, warn: Callable[[list[str]], None] | None = None) -> str | None:
         """The commit a task submitted now is pinned to: ``HEAD`` of ``TP_CODE_DIR``.
 
@@ -513,181 +407,6 @@ class DistributedClient:
             with contextlib.suppress(StoreError):
                 followed = {f"{r.remote}/{r.branch}" for r in await self.sync_status() if r.branch}
         return await asyncio.to_thread(checkout_state, s.checkout_dir, frozenset(followed))
-
-    async def artifact_status(self, task_id: str | None = None) -> list[ArtifactStatus]:
-        """Artifact sync state of one task (id or unique prefix), or of every task, newest first.
-
-        Raises:
-            StoreError: Redis failed.
-        """
-        keys = self.store.keys
-        if task_id is None:
-            found = await self.store.load_reports(ArtifactStatus, pattern=keys.artifacts_pattern)
-        else:
-            # The sync state can outlive (or predate) the task's record.
-            with contextlib.suppress(TaskNotFoundError):
-                task_id = await self.store.resolve_id(task_id)
-            found = await self.store.load_reports(ArtifactStatus, keys=[keys.artifacts(task_id)])
-        return sorted(found, key=lambda st: st.updated_at, reverse=True)
-
-    async def request_artifact_sync(self, task_id: str) -> str:
-        """Queue a (re)sync of a finished task's artifacts; returns the full task id."""
-        task_id = await self.store.resolve_id(task_id)
-        record = await self.store.get(task_id)
-        await self.broker.publish_artifact_request(
-            ArtifactRequest(
-                task_id=task_id, reason="requested", final=record.state.is_terminal, ts=time.time()
-            )
-        )
-        return task_id
-
-    async def sync_status(self) -> list[SyncStatus]:
-        """git-sync's last report from every desktop, by host name.
-
-        Raises:
-            StoreError: Redis failed.
-        """
-        index = self.store.keys.git_sync_index
-        found = await self.store.load_reports(SyncStatus, index=index)
-        return sorted(found, key=lambda st: st.host)
-
-    async def sync_now(self, *, host: str | None = None, wait_s: float = 90.0) -> list[SyncStatus]:
-        """Ask git-sync to fetch now and wait for the report(s) of that pass.
-
-        Args:
-            host: one desktop, or None for all.
-            wait_s: how long to wait for fresh reports (s).
-
-        Returns:
-            Every report of the asked host(s); one that did not refresh within ``wait_s`` is
-            returned as it was (compare ``checked_at``). Reports already stale (that desktop's
-            git-sync is not running) are not waited for.
-        """
-        # Fresh = checked after the request; judged by each desktop's own clock (its previous
-        # report's time), so laptop/desktop clock skew cannot fool it.
-        known = [r for r in await self.sync_status() if host in (None, r.host)]
-        before = {r.host: r.checked_at for r in known}
-        live = {r.host for r in known if not r.is_stale(time.time())}
-        await self.broker.request_sync(
-            SyncRequest(host=host, requested_by=f"client:{socket.gethostname()}", ts=time.time())
-        )
-        # With no report at all there may be no git-sync: wait a little, not the whole time.
-        deadline = time.monotonic() + (wait_s if live else min(wait_s, NO_REPORT_WAIT_S))
-        while True:
-            reports = [r for r in await self.sync_status() if host in (None, r.host)]
-            # Stale hosts are not waited for; a host with no earlier report counts once it has one.
-            waiting = [
-                r for r in reports if r.host in live and r.checked_at <= before.get(r.host, 0.0)
-            ]
-            if (reports and not waiting) or time.monotonic() > deadline:
-                return reports
-            await asyncio.sleep(0.2)
-
-    # Workers and queues (``tradectl worker ...``, ``tradectl queue ...``).
-
-    async def workers(self) -> list[ServiceStatus]:
-        """Every known gpu-worker, by name, with the state its heartbeat implies.
-
-        ``online``, ``busy`` (every slot taken), ``draining`` or ``offline`` (heartbeat expired;
-        listed for a day). Each carries the last heartbeat: host, pid, version, commit, slots,
-        running tasks, GPUs.
-
-        Raises:
-            StoreError: Redis failed.
-        """
-        return await load_services(self.store, kind=WORKER_KIND)
-
-    async def drain_workers(self, name: str | None = None) -> list[ServiceStatus]:
-        """Ask worker ``name`` (None: every worker) to drain and exit, as SIGTERM does.
-
-        Each one stops consuming, lets its running tasks finish within ``TP_DRAIN_TIMEOUT_S``,
-        else hands them back to the queue, then exits 0. The request is published only when a
-        worker it is meant for is alive (heartbeat not expired).
-
-        Returns:
-            The live workers the request went to (empty: nothing was published).
-
-        Raises:
-            StoreError: Redis failed.
-            BrokerError: the request was not confirmed.
-        """
-        targets = [
-            w
-            for w in await self.workers()
-            if w.state is not ServiceState.OFFLINE and name in (None, w.heartbeat.name)
-        ]
-        if targets:
-            by = f"client:{socket.gethostname()}"
-            await self.broker.publish_drain(
-                DrainRequest(worker=name, requested_by=by, ts=time.time())
-            )
-        return targets
-
-    async def wait_workers_stopped(
-        self, workers: list[ServiceStatus], *, timeout_s: float, poll_s: float = 0.2
-    ) -> list[ServiceStatus]:
-        """Wait until each of ``workers`` has stopped: its heartbeat removed or expired.
-
-        A worker is told apart from a later process of the same name (a supervisor restarting
-        it) by its pid and start time.
-
-        Args:
-            workers: statuses as ``workers`` or ``drain_workers`` returned them.
-            timeout_s: how long to wait (s).
-            poll_s: pause between two reads of the heartbeats (s).
-
-        Returns:
-            Those still alive when the time ran out, as last read (empty: all stopped).
-
-        Raises:
-            StoreError: Redis failed.
-        """
-        wanted = {_process_key(w) for w in workers}
-        deadline = time.monotonic() + timeout_s
-        while True:
-            alive = [
-                w
-                for w in await self.workers()
-                if w.state is not ServiceState.OFFLINE and _process_key(w) in wanted
-            ]
-            if not alive or time.monotonic() >= deadline:
-                return alive
-            await asyncio.sleep(poll_s)
-
-    async def queue_status(self) -> QueueReport:
-        """Depth and consumers per queue (as RabbitMQ counts them), queued tasks per priority.
-
-        Raises:
-            BrokerError: RabbitMQ failed.
-            StoreError: Redis failed.
-        """
-        return await queue_report(self.broker, self.store)
-
-    async def dead_letters(self, limit: int = 100) -> DeadLetterList:
-        """The first ``limit`` dead letters with their reasons; every one stays in the queue.
-
-        Raises:
-            BrokerError: RabbitMQ failed.
-        """
-        return await peek_dead_letters(self.broker, limit)
-
-    async def requeue_dead_letter(self, letter_id: str) -> Requeued:
-        """Put one dead letter (by id, message id or task id) back into its source queue.
-
-        Raises:
-            DeadLetterNotFoundError: no dead letter has that id.
-            BrokerError: RabbitMQ failed (the dead letter stays where it was).
-        """
-        return await requeue_dead_letter(self.broker, letter_id)
-
-    async def drop_dead_letter(self, letter_id: str) -> DeadLetter:
-        """Delete one dead letter (by id, message id or task id) for good.
-
-        Raises:
-            DeadLetterNotFoundError: no dead letter has that id.
-            BrokerError: RabbitMQ failed (the dead letter stays where it was).
-        """
-        return await drop_dead_letter(self.broker, letter_id)
 
     async def cancel(self, task_id: str, *, wait_s: float | None = 30.0) -> CancelResult:
         """Cancel a task; ``task_id`` may be a unique prefix.
@@ -763,59 +482,6 @@ class DistributedClient:
     async def history(self, task_id: str) -> list[dict[str, Any]]:
         """The task's transitions, oldest first: ``{from, to, ts, by, attempt, reason}``."""
         return await self.store.history(await self.store.resolve_id(task_id))
-
-    async def follow_logs(self, task_id: str, *, follow: bool = False) -> AsyncIterator[LogLine]:
-        """The task's output lines, oldest first (``tradectl task logs``).
-
-        Lines are those its runs wrote to stdout and stderr and its log records, each with
-        ``ts`` (Unix s), ``stream`` (``stdout``, ``stderr``, ``log``), ``attempt`` and ``text``;
-        see ``shared.logstream``. The stream keeps about the last ``TP_TASK_LOG_MAX_LINES``.
-
-        Args:
-            task_id: the task (or a unique prefix).
-            follow: keep reading new lines (``XREAD BLOCK``) until the task is ``completed``,
-                ``failed`` or ``cancelled`` and every line is read; else stop at the last line
-                stored now. While following, a Redis outage is waited out (tried again every
-                ``LOG_FOLLOW_RETRY_S``), resuming after the last line read.
-
-        Raises:
-            TaskNotFoundError: no such task (checked first).
-            StoreError: Redis failed (when not following).
-        """
-        task_id = await self.store.resolve_id(task_id)
-        key, after = self.store.keys.task_logs(task_id), "0-0"
-        ended, failing = not follow, False
-        while True:
-            try:
-                ended, lines = await self._next_log_lines(task_id, key, after, ended=ended)
-            except TaskNotFoundError:
-                raise
-            except StoreError as e:
-                if not follow:
-                    raise
-                if not failing:  # once per outage
-                    log.warning("log_follow_waiting_for_redis", task_id=task_id, error=str(e))
-                failing = True
-                await asyncio.sleep(LOG_FOLLOW_RETRY_S)
-                continue
-            failing = False
-            for line in lines:
-                yield line
-            after = lines[-1].id if lines else after
-            if ended and not lines:
-                return
-
-    async def _next_log_lines(
-        self, task_id: str, key: str, after: str, *, ended: bool
-    ) -> tuple[bool, list[LogLine]]:
-        """``(ended, lines after `after`)``; blocks for new lines until the task has ended.
-
-        The worker writes a run's last lines before it records the run's end, so once the record
-        is terminal, reading on until no line is left drains the stream.
-        """
-        ended = ended or (await self.store.get(task_id)).state.is_terminal
-        block_s = None if ended else LOG_FOLLOW_BLOCK_S
-        return ended, await read_after(self.store.redis, key, after, block_s=block_s)
 
     async def wait(
         self,
@@ -967,12 +633,6 @@ class DistributedClient:
         except StoreError as e:
             log.warning("recheck_failed", task_id=task_id, error=str(e))
             return last, False
-
-
-def _process_key(worker: ServiceStatus) -> tuple[str, int, float]:
-    """One worker process: its name, pid and start time (a restart gets a new one)."""
-    beat = worker.heartbeat
-    return beat.name, beat.pid, beat.started_at
 
 
 def _decode_event(
