@@ -127,6 +127,7 @@ def test_service_log_with_broker_down_is_all_json(settings: Settings, tmp_path) 
     while proc.log_text().count('"start_failed"') < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     proc.proc.send_signal(signal.SIGTERM)
+    assert proc.proc.wait(20) == 0, proc.log_text()  # this SIGTERM alone ends it (see lifecycle)
     assert proc.stop() == 0
     lines = json_lines(proc.log_text())
     assert sum(line["event"] == "start_failed" for line in lines) >= 2
