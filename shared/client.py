@@ -150,6 +150,11 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
                 failures.append(str(e))
         self.unreachable = "; ".join(failures) or None
 
+    def require_store(self) -> None:
+        """Raise ``StoreError`` (saying why) unless Redis was reached at ``connect``."""
+        if not self.store.connected:
+            raise StoreError(self.unreachable or "Redis: not connected")
+
     async def close(self) -> None:
         """Close both connections."""
         await self.broker.stop()
@@ -285,8 +290,7 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
         Raises:
             DependencyError, IdempotencyConflictError, StoreError, BrokerError: as ``submit``.
         """
-        if not self.store.connected:
-            raise StoreError(self.unreachable or "Redis: not connected")
+        self.require_store()
         if publish and not self.broker.connected:
             raise BrokerError(self.unreachable or "broker: not connected")
         task_id, task_type, config = submission.task_id, submission.task_type, submission.config

@@ -326,6 +326,8 @@ class _Waiting:
         self.timeout_s = timeout_s
         self.route = route_of(submission.task_type, submission.config)
         self.declined = not client.fallback.enabled
+        #: Fixed by the submission: looked at once, not on every re-check.
+        self.refused = not_runnable_here(submission, redis_up=True)
 
     async def until_end(self, wait: Callable[[], Any]) -> TaskRecord:
         loop = asyncio.get_running_loop()
@@ -367,7 +369,7 @@ class _Waiting:
             return None
         if record.state.value not in NOT_STARTED:
             return None
-        if not_runnable_here(self.submission, redis_up=True) is not None:
+        if self.refused is not None:
             return None
         start_timeout = self.client.fallback.start_timeout_s
         if check_at is not None and now >= check_at and not await self._worker_online():

@@ -45,6 +45,14 @@ log = structlog.get_logger(__name__)
 STALE_RESERVATION_S = 60.0
 #: Output lines of a local run written to its Redis stream per call, when it is published.
 LOG_BATCH = 500
+#: Fields of a local claim handed back to the desktop (``running -> queued``, due now).
+HANDED_BACK: dict[str, str | int | float] = {
+    "worker": "",
+    "child_pid": "",
+    "progress": "",
+    "retry_in_s": 0,
+    "fallback_reason": "",
+}
 #: Worker names of local runs start with this: ``local:<host>``.
 LOCAL_WORKER_PREFIX = "local:"
 
@@ -499,13 +507,7 @@ async def _release_lost_run(store: StatusStore, record: LocalRecord) -> tuple[st
             TaskState.QUEUED,
             by=record.worker,
             reason=f"{lost}; handed back to the desktop by task sync-local",
-            fields={
-                "worker": "",
-                "child_pid": "",
-                "progress": "",
-                "retry_in_s": 0,
-                "fallback_reason": "",
-            },
+            fields=HANDED_BACK,
             owner=(record.worker, record.attempt),
         )
         if moved.applied or moved.previous is not None:

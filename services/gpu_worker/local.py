@@ -39,6 +39,7 @@ from shared.constants import PROGRESS_MIN_INTERVAL_S
 from shared.errors import StoreError
 from shared.events import EventCallback, progress_event, state_event
 from shared.local_runs import (
+    HANDED_BACK,
     LocalJournal,
     LocalRecord,
     end_fields,
@@ -309,7 +310,7 @@ class LocalRun:
                 TaskState.QUEUED,
                 by=self.name,
                 reason=why,
-                fields={"+attempts": -1, "worker": "", "retry_in_s": 0, "fallback_reason": ""},
+                fields={**HANDED_BACK, "+attempts": -1},
                 owner=(self.name, self.attempt),
             )
         except StoreError as e:  # the claim's lease expires; the reaper fails it (see module)

@@ -80,8 +80,7 @@ def with_client(
         inner = body
 
         async def body(client: DistributedClient) -> T:
-            if not client.store.connected:
-                raise StoreError(client.unreachable or "Redis: not connected")
+            client.require_store()
             return await inner(client)
 
         fallback = "local"  # tolerate an unreachable broker at connect
