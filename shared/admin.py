@@ -16,7 +16,7 @@ async def delete_namespace(settings: Settings) -> int:
     Destroys tasks and messages of that namespace for good; meant for test and benchmark
     namespaces. Returns the number of Redis keys deleted.
     """
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = aioredis.Redis.from_url(settings.redis_url, **settings.redis_tls_kwargs())
     deleted = 0
     try:
         keys = [

@@ -5,6 +5,8 @@ aiormq, redis, MLflow, Python warnings) leave through one root handler whose
 ``structlog.stdlib.ProcessorFormatter`` renders both alike: one JSON object per line with
 ``event``, ``level``, ``timestamp``, ``logger`` and ``service`` in json mode, the console renderer
 otherwise. Nothing is written to stderr around it, so every line of a service's log parses.
+Every line passes :func:`redacting` last before rendering: no password, secret key or token of
+the settings, and no password in any URL, reaches a log line (tracebacks included).
 """
 
 from __future__ import annotations
@@ -16,11 +18,38 @@ from typing import Any
 
 import structlog
 
-from shared.settings import Settings
+from shared.settings import Settings, redact_text
 
 #: Top-level names of this project's loggers: they log at the configured level. Every other
 #: (third-party) standard-library logger logs at WARNING and above.
 OWN_LOGGERS = ("shared", "services", "__main__")
+
+
+def redacting(settings: Settings) -> structlog.typing.Processor:
+    """A processor replacing every secret in an event's strings with ``***`` (nested too).
+
+    The secrets are :meth:`Settings.secret_values` (read once, here) and any
+    ``scheme://user:password@`` password (:meth:`Settings.redact_text`); keys are kept.
+    """
+    secrets = settings.secret_values()
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, str):
+            return redact_text(value, secrets)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(clean(v) for v in value)
+        return value
+
+    def processor(
+        _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key, value in event_dict.items():
+            event_dict[key] = clean(value)
+        return event_dict
+
+    return processor
 
 
 class _RootHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -66,6 +95,7 @@ def configure_logging(settings: Settings, *, service: str) -> None:
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
+                redacting(settings),
                 renderer,
             ],
         )

@@ -6,15 +6,22 @@ with the variable's name (pydantic's ``ValidationError``), before anything is qu
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 
 from shared.constants import DEFAULT_MAX_MESSAGE_BYTES
 
@@ -30,6 +37,34 @@ FallbackMode = Literal["local", "never", "ask"]
 
 #: The checkout this code runs from (``shared/`` sits at its top level).
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+#: Replaces a secret in logs, error messages and ``tradectl config show``.
+REDACTED = "***"
+#: ``scheme://user:password@`` in any text: the password part is redacted even when it is not one
+#: of this process's own secrets (a URL quoted in a library's error, another machine's URL).
+_URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)([^@/\s]+)(@)")
+
+
+#: Error texts of refused credentials: aiormq (RabbitMQ), redis-py (Redis 6+ ACL and AUTH).
+_AUTH_REFUSED = (
+    "ACCESS_REFUSED",
+    "invalid username-password",
+    "WRONGPASS",
+    "NOAUTH",
+    "Authentication required",
+)
+#: Error texts of a server dropping a connection that did not speak TLS to its TLS port.
+_RESET = ("Connection reset", "connection reset", "Connection closed by server", "(104,")
+
+
+def secrets_dir() -> Path | None:
+    """The folder secret files are read from: ``TP_SECRETS_DIR``, else systemd's credentials.
+
+    ``$CREDENTIALS_DIRECTORY`` is where systemd puts the files of a unit's ``LoadCredential=``;
+    compose mounts its ``secrets:`` in ``/run/secrets`` (``TP_SECRETS_DIR=/run/secrets``).
+    Only the environment is read (not ``.env``): the folder must be known before the settings.
+    """
+    raw = os.environ.get("TP_SECRETS_DIR") or os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(raw) if raw else None
 
 
 def describe_settings_error(error: ValidationError) -> str:
@@ -53,12 +88,35 @@ class Settings(BaseSettings):
         "amqp://guest:guest@127.0.0.1:5672/",
         description="RabbitMQ URL with credentials; amqps:// turns TLS on.",
     )
+    amqp_password: SecretStr | None = Field(
+        None,
+        description=(
+            "RabbitMQ password; replaces the one in TP_AMQP_URL, so the URL in an env file "
+            "carries none (best read from the secret file tp_amqp_password)."
+        ),
+    )
     amqp_ca_file: Path | None = Field(None, description="CA bundle to verify the broker (TLS).")
     amqp_cert_file: Path | None = Field(None, description="Client certificate (mutual TLS).")
     amqp_key_file: Path | None = Field(None, description="Client key (mutual TLS).")
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         description="Redis URL with credentials; rediss:// turns TLS on.",
+    )
+    redis_password: SecretStr | None = Field(
+        None,
+        description=(
+            "Redis password (of the ACL user named in TP_REDIS_URL, else of the default user); "
+            "replaces the one in the URL (best read from the secret file tp_redis_password)."
+        ),
+    )
+    secrets_dir: Path | None = Field(
+        None,
+        description=(
+            "Folder of secret files named after the lower-case variable (tp_amqp_password, "
+            "tp_redis_password, tp_s3_secret_access_key, tp_health_token), read as those "
+            "settings; default $CREDENTIALS_DIRECTORY (systemd LoadCredential=). Environment "
+            "only; a variable set in the environment wins over its file."
+        ),
     )
     redis_ca_file: Path | None = Field(None, description="CA bundle to verify Redis (TLS).")
     redis_cert_file: Path | None = Field(None, description="Client certificate for Redis (mTLS).")
@@ -240,6 +298,13 @@ class Settings(BaseSettings):
         "127.0.0.1", description="Address the health-monitor's HTTP server listens on."
     )
     health_port: int = Field(8400, ge=0, le=65535, description="Its port (0: any free port).")
+    health_token: SecretStr | None = Field(
+        None,
+        description=(
+            "Bearer token the health-monitor's HTTP requires on every path but /healthz "
+            "(Authorization header, or ?token= once in the browser); unset = open."
+        ),
+    )
     health_interval_s: float = Field(
         1.0, gt=0, le=60, description="Pause between two health checks of the monitor (s)."
     )
@@ -271,6 +336,27 @@ class Settings(BaseSettings):
         ),
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then ``.env``, then the secret files' folder."""
+        del file_secret_settings  # model_config names no folder; ours comes from the environment
+        folder = secrets_dir()
+        if folder is None or not folder.is_dir():  # a missing TP_SECRETS_DIR: _check_folder
+            return init_settings, env_settings, dotenv_settings
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            SecretsSettingsSource(settings_cls, secrets_dir=folder),
+        )
+
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: str) -> str:
@@ -285,12 +371,26 @@ class Settings(BaseSettings):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
 
-    @field_validator("code_dir", "artifact_dir")
+    @field_validator("code_dir", "artifact_dir", "secrets_dir")
     @classmethod
     def _check_folder(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_dir():
             raise ValueError(f"no such folder: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _apply_passwords(self) -> Settings:
+        if self.amqp_password is not None:
+            if not urlsplit(self.amqp_url).username:
+                raise ValueError(
+                    "TP_AMQP_PASSWORD: TP_AMQP_URL names no user (amqp://USER@host:5672/vhost)"
+                )
+            self.amqp_url = _with_password(self.amqp_url, self.amqp_password.get_secret_value())
+        if self.redis_password is not None:
+            if urlsplit(self.redis_url).scheme == "unix":
+                raise ValueError("TP_REDIS_PASSWORD: not for unix:// URLs (put it in the URL)")
+            self.redis_url = _with_password(self.redis_url, self.redis_password.get_secret_value())
+        return self
 
     @model_validator(mode="after")
     def _check_storage(self) -> Settings:
@@ -354,13 +454,110 @@ class Settings(BaseSettings):
             )
         return context
 
+    def redis_tls_kwargs(self) -> dict[str, Any]:
+        """redis-py keyword arguments for ``rediss://`` (empty for ``redis://``).
+
+        Verification is always on: the server's certificate must chain to ``redis_ca_file``
+        (else the system's CAs) and name the host of the URL; a client certificate is sent
+        when ``redis_cert_file`` is set (mutual TLS).
+        """
+        if urlsplit(self.redis_url).scheme != "rediss":
+            return {}
+        kwargs: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+        if self.redis_ca_file:
+            kwargs["ssl_ca_certs"] = str(self.redis_ca_file)
+        if self.redis_cert_file:
+            kwargs["ssl_certfile"] = str(self.redis_cert_file)
+            kwargs["ssl_keyfile"] = str(self.redis_key_file) if self.redis_key_file else None
+        return kwargs
+
+    def secret_values(self) -> list[str]:
+        """Every secret this process holds, as it may appear in text (raw and URL-quoted).
+
+        The passwords of the broker, Redis and MLflow URLs and the ``SecretStr`` settings; what
+        :meth:`redact_text` and the log processor (:mod:`shared.logging`) replace.
+        """
+        found: set[str] = set()
+        for url in (self.amqp_url, self.redis_url, self.mlflow_tracking_uri or ""):
+            parts = urlsplit(url)
+            # guest/guest: a password that is its own user name hides nothing, and replacing it
+            # everywhere would blank the user name too (URLs still redact it: redact_text).
+            if parts.password and parts.password != parts.username:
+                found.update({parts.password, unquote(parts.password)})
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr) and value.get_secret_value():
+                secret = value.get_secret_value()
+                found.update({secret, quote(secret, safe="")})
+        return sorted((s for s in found if len(s) >= 3), key=len, reverse=True)
+
+    def redact_text(self, text: str) -> str:
+        """``text`` with every secret of :meth:`secret_values` and every URL password as ``***``."""
+        return redact_text(text, self.secret_values())
+
+    def connection_error(self, link: Literal["amqp", "redis"], error: BaseException) -> str:
+        """Why connecting to the broker (``amqp``) or Redis failed, URL redacted, for errors.
+
+        Tells apart refused credentials, a certificate not trusted (naming the CA setting), a
+        plain connection to a TLS port (the server resets it) and an unreachable server, from
+        the client library's error text (aiormq, redis-py and ``ssl`` word them differently).
+        """
+        what = "broker" if link == "amqp" else "Redis"
+        url = self.amqp_url if link == "amqp" else self.redis_url
+        ca = self.amqp_ca_file if link == "amqp" else self.redis_ca_file
+        where = f"{what} at {self.redact(url)}"
+        text = self.redact_text(str(error) or repr(error))
+        var = f"TP_{link.upper()}"
+        if any(m in text for m in _AUTH_REFUSED):
+            return (
+                f"{where} refused the credentials: {text} (check {var}_URL's user, {var}_PASSWORD)"
+            )
+        if "CERTIFICATE_VERIFY_FAILED" in text:
+            trusted = f"{var}_CA_FILE={ca}" if ca else f"the system's CAs ({var}_CA_FILE unset)"
+            return f"{where}: TLS certificate not trusted by {trusted}: {text}"
+        tls = urlsplit(url).scheme in {"amqps", "rediss"}
+        if not tls and any(m in text for m in _RESET):
+            scheme = "amqps" if link == "amqp" else "rediss"
+            return f"{where} closed the connection: {text} (a TLS-only port? use {scheme}://)"
+        return f"{what} unreachable at {self.redact(url)}: {text}"
+
     def redact(self, url: str) -> str:
         """``url`` with its password replaced by ``***``, for logs and error messages."""
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
+        return _URL_PASSWORD.sub(rf"\1{REDACTED}\3", url)
+
+    def shown(self) -> Iterator[tuple[str, str, bool]]:
+        """``(variable, value, set)`` per setting for ``tradectl config show``, secrets hidden.
+
+        ``set`` says whether the value came from the environment, ``.env`` or a secret file
+        rather than the default; secrets show as ``***`` (or empty when unset), URLs redacted.
+        """
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                text = REDACTED if value.get_secret_value() else ""
+            elif value is None:
+                text = ""
+            elif isinstance(value, list):
+                text = ",".join(str(v) for v in value)
+            else:
+                text = self.redact_text(str(value))
+            yield f"TP_{name.upper()}", text, name in self.model_fields_set
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    """``text`` with each of ``secrets`` (longest first) and every URL password as ``***``."""
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return _URL_PASSWORD.sub(rf"\1{REDACTED}\3", text)
+
+
+def _with_password(url: str, password: str) -> str:
+    """``url`` with its password set to ``password`` (URL-quoted), user and host kept."""
+    parts = urlsplit(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    netloc = f"{user}:{quote(password, safe='')}@{host}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 def service_environment(

@@ -355,20 +355,15 @@ class StatusStore:
             "max_connections": s.redis_max_connections,
             "timeout": s.socket_timeout_s,
         }
-        if s.redis_url.startswith("rediss://"):
-            kwargs["connection_class"] = aioredis.SSLConnection
-            if s.redis_ca_file:
-                kwargs["ssl_ca_certs"] = str(s.redis_ca_file)
-            if s.redis_cert_file:
-                kwargs["ssl_certfile"] = str(s.redis_cert_file)
-                kwargs["ssl_keyfile"] = str(s.redis_key_file) if s.redis_key_file else None
+        # rediss:// makes from_url pick the SSL connection class; these add the CA and client files.
+        kwargs.update(s.redis_tls_kwargs())
         pool = aioredis.BlockingConnectionPool.from_url(s.redis_url, **kwargs)
         self._redis = aioredis.Redis(connection_pool=pool)
         try:
             await self._redis.ping()
         except (RedisError, OSError) as e:
             await self.stop()
-            raise StoreError(f"Redis unreachable at {s.redact(s.redis_url)}: {e}") from e
+            raise StoreError(s.connection_error("redis", e)) from e
         self._create = self._redis.register_script(_CREATE)
         self._transition = self._redis.register_script(_TRANSITION)
         self._update_if = self._redis.register_script(_UPDATE_IF)

@@ -4,7 +4,8 @@
 ``tradectl sync ...`` shows and drives git-sync,
 ``tradectl artifacts ...`` shows artifact sync to shared storage, ``tradectl worker ...`` shows,
 drains and starts gpu-workers, ``tradectl queue ...`` shows queue depths and dead letters,
-``tradectl schedule ...`` keeps recurring submissions, ``tradectl pipeline ...`` submits chains.
+``tradectl schedule ...`` keeps recurring submissions, ``tradectl pipeline ...`` submits chains,
+``tradectl config show`` prints the settings with secrets hidden.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import typer
 
 from shared.cli.artifacts import artifacts_app
+from shared.cli.config import config_app
 from shared.cli.local_runs import sync_local
 from shared.cli.pipelines import pipeline_app
 from shared.cli.queues import queue_app
@@ -31,5 +33,6 @@ app.add_typer(worker_app, name="worker")
 app.add_typer(queue_app, name="queue")
 app.add_typer(schedule_app, name="schedule")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(config_app, name="config")
 
 __all__ = ["app", "parse_config", "parse_set_value", "print_event"]

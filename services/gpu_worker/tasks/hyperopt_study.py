@@ -131,10 +131,7 @@ class RedisJournal(JournalRedisBackend):
             "socket_timeout": settings.socket_timeout_s,
             "socket_connect_timeout": settings.socket_timeout_s,
         }
-        if settings.redis_url.startswith("rediss://"):
-            kwargs["ssl_ca_certs"] = settings.redis_ca_file and str(settings.redis_ca_file)
-            kwargs["ssl_certfile"] = settings.redis_cert_file and str(settings.redis_cert_file)
-            kwargs["ssl_keyfile"] = settings.redis_key_file and str(settings.redis_key_file)
+        kwargs.update(settings.redis_tls_kwargs())
         self.client: redis.Redis = redis.Redis.from_url(settings.redis_url, **kwargs)
         self._redis = self.client  # the attribute Optuna's backend reads and writes through
 
