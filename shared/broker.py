@@ -81,7 +81,7 @@ class Broker:
             self._declared = await declare(self._channel, self.topology)
         except BROKER_FAILURES as e:
             await self.stop()
-            raise BrokerError(f"broker unreachable at {s.redact(s.amqp_url)}: {e}") from e
+            raise BrokerError(s.connection_error("amqp", e)) from e
 
     async def stop(self, *, timeout_s: float = 10.0) -> None:
         """Close the connection (idempotent; bounded even when the broker is gone)."""
@@ -138,7 +138,8 @@ class Broker:
         """
         keys = [routing_keys] if isinstance(routing_keys, str) else list(routing_keys)
         channel = await self.consumer_channel(prefetch)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        name = self.topology.private_queue("control")
+        queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
         control = await channel.get_exchange(self.topology.control_exchange)
         for key in dict.fromkeys(keys):  # once per distinct key, in order
             await queue.bind(control, routing_key=key)

@@ -583,7 +583,8 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
         """An exclusive auto-delete queue bound to ``task.*.<task_id>``, closed on exit."""
         channel = await self.broker.connection.channel()
         try:
-            queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            name = self.broker.topology.private_queue("client")
+            queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
             events = await channel.get_exchange(self.broker.topology.events_exchange)
             await queue.bind(events, routing_key=f"task.*.{task_id}")
             yield queue

@@ -15,6 +15,7 @@ queues ignore per-message priority in RabbitMQ 3.10) and dead-letter to ``<ns>.d
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import aio_pika
@@ -60,6 +61,14 @@ class Topology:
         if route == ROUTE_ARTIFACTS:
             return f"{self.namespace}.artifacts"
         return f"{self.namespace}.tasks.{route}"
+
+    def private_queue(self, role: str) -> str:
+        """A fresh name for an exclusive auto-delete queue (``<ns>.<role>.<32 hex>``).
+
+        Named under the namespace (not the library's ``amq_...``) so a broker user whose
+        permissions cover only the names ``<ns>.*`` can declare it: see docs/deploy.md.
+        """
+        return f"{self.namespace}.{role}.{uuid.uuid4().hex}"
 
     @property
     def all_queues(self) -> list[str]:

@@ -85,7 +85,8 @@ class Dependencies:
     async def start(self) -> None:
         """Follow parents' ends on the events exchange (an exclusive auto-delete queue)."""
         channel = await self.broker.consumer_channel(EVENTS_PREFETCH)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        name = self.broker.topology.private_queue("parents")
+        queue = await channel.declare_queue(name, exclusive=True, auto_delete=True)
         events = await channel.get_exchange(self.broker.topology.events_exchange)
         for key in PARENT_END_KEYS:
             await queue.bind(events, routing_key=key)
