@@ -15,12 +15,21 @@ Routes:
     ``GET /api/alerts?active=``            recent alert events, newest first; or those holding now
     ``GET /api/stream``                    server-sent events: ``snapshot`` and ``alert``
     ``GET /``                              the dashboard (``static/index.html``)
+
+With ``TP_HEALTH_TOKEN`` set, every path but ``/healthz`` (what container and unit health checks
+and load balancers probe; it tells only healthy or not and why) answers 401 unless the request
+carries ``Authorization: Bearer <token>`` (Prometheus' ``authorization`` setting, curl) or the
+``tp_health_token`` cookie. A browser opens the dashboard once as ``/?token=<token>``: the answer
+sets that cookie (HttpOnly, SameSite=Strict) and redirects to the same path without the token,
+so it leaves the address bar and the history; the dashboard's fetches and its event stream then
+carry the cookie.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,6 +40,9 @@ from fastapi import FastAPI, HTTPException, Query
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import RedirectResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.health_monitor.collector import summarise
 from shared.errors import StoreError, TaskNotFoundError
@@ -43,6 +55,49 @@ if TYPE_CHECKING:
 STATIC = Path(__file__).resolve().parent / "static"
 #: How long an SSE connection waits for news before it sends a comment to keep proxies open (s).
 SSE_KEEPALIVE_S = 15.0
+#: The cookie a browser keeps the token in after ``?token=``.
+TOKEN_COOKIE = "tp_health_token"  # noqa: S105 - a cookie name, not a secret
+#: Paths open without the token.
+OPEN_PATHS = frozenset({"/healthz"})
+
+
+class TokenGate:
+    """ASGI middleware: 401 on every path but :data:`OPEN_PATHS` without the right token.
+
+    The token is compared in constant time (``hmac.compare_digest``). See the module docstring
+    for where a request may carry it.
+    """
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    def _matches(self, candidate: str | None) -> bool:
+        return candidate is not None and hmac.compare_digest(candidate.encode(), self._token)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        bearer = credentials.strip() if scheme.lower() == "bearer" else None
+        if self._matches(bearer) or self._matches(request.cookies.get(TOKEN_COOKIE)):
+            await self.app(scope, receive, send)
+            return
+        if self._matches(request.query_params.get("token")):
+            redirect = RedirectResponse(request.url.remove_query_params("token"), 303)
+            redirect.set_cookie(
+                TOKEN_COOKIE, self._token.decode(), httponly=True, samesite="strict"
+            )
+            await redirect(scope, receive, send)
+            return
+        refused = JSONResponse(
+            {"detail": "token required: Authorization: Bearer <TP_HEALTH_TOKEN>"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await refused(scope, receive, send)
 
 
 def create_app(monitor: HealthMonitor) -> FastAPI:
@@ -141,6 +196,9 @@ def create_app(monitor: HealthMonitor) -> FastAPI:
 
     if STATIC.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    token = monitor.settings.health_token
+    if token is not None and token.get_secret_value():
+        app.add_middleware(TokenGate, token=token.get_secret_value())
     return app
 
 
