@@ -1,0 +1,473 @@
+"""Security settings against real servers: TLS, least-privilege users, secrets kept out of logs.
+
+A private redis-server (TLS-only port, ACL user, default user off) and a private RabbitMQ node
+(TLS-only listener, a dedicated user in its own vhost with permissions on the platform's names
+only) are started once for the module with a test CA made by openssl. The platform (scheduler,
+worker, artifact-sync to a moto S3, health-monitor with a token) then runs a task over them with
+every password read from secret files, and no secret may appear in any output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aio_pika
+import boto3
+import httpx
+import pytest
+import redis
+import structlog
+from aiormq.exceptions import AMQPError
+from pydantic import SecretStr, ValidationError
+
+from services.health_monitor.app import HealthMonitor
+from services.health_monitor.http import TOKEN_COOKIE, create_app
+from shared.broker import Broker
+from shared.errors import BrokerError, StoreError
+from shared.logging import configure_logging
+from shared.settings import Settings
+from shared.store import StatusStore
+from tests.conftest import ServiceProcess, tradectl
+from tests.private_rabbit import PrivateRabbit
+from tests.test_service_lifecycle import free_port
+from tests.tlsca import Issued, TestCA
+
+NAMESPACE = "tp"
+AMQP_USER, AMQP_PASSWORD, VHOST = "tradeplat", "amqp-Pw-7c1e9d", "tradeplat"
+REDIS_USER, REDIS_PASSWORD = "tradeplat", "redis-Pw-42b8f0"
+S3_SECRET = "s3-Secret-9a7d3e51"
+HEALTH_TOKEN = "health-Token-5e2c77"
+SECRETS = (AMQP_PASSWORD, REDIS_PASSWORD, S3_SECRET, HEALTH_TOKEN)
+#: The platform user's RabbitMQ permissions: its namespace's exchanges and queues, and the
+#: server-named reply queues a client declares (amq.gen-*); nothing else.
+PLATFORM_PERMS = (rf"^({NAMESPACE}\..*|amq\.gen-.*)$",) * 3
+
+
+@dataclass
+class TlsStack:
+    """The private servers and the files a platform process needs to reach them."""
+
+    ca: TestCA
+    other_ca: TestCA
+    server: Issued
+    rabbit: PrivateRabbit
+    redis_port: int
+    redis_proc: subprocess.Popen[bytes]
+    folder: Path
+
+    @property
+    def amqp_url(self) -> str:
+        return f"amqps://{AMQP_USER}@localhost:{self.rabbit.port}/{VHOST}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"rediss://{REDIS_USER}@localhost:{self.redis_port}/0"
+
+    def settings(self, **overrides: object) -> Settings:
+        values: dict[str, object] = {
+            "amqp_url": self.amqp_url,
+            "amqp_password": AMQP_PASSWORD,
+            "amqp_ca_file": self.ca.cert,
+            "redis_url": self.redis_url,
+            "redis_password": REDIS_PASSWORD,
+            "redis_ca_file": self.ca.cert,
+            "namespace": NAMESPACE,
+            "socket_timeout_s": 5.0,
+            "_env_file": None,
+        }
+        return Settings(**(values | overrides))  # type: ignore[arg-type]
+
+
+def start_tls_redis(folder: Path, server: Issued, ca: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    """redis-server with only a TLS port, the default user off and one ACL user (``~tp:*``)."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server not installed")
+    acl = folder / "users.acl"
+    acl.write_text(
+        "user default off\n"
+        f"user {REDIS_USER} on >{REDIS_PASSWORD} ~{NAMESPACE}:* &{NAMESPACE}:* "
+        "+@all -@admin -@dangerous +info +client\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
+            "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+            "--aclfile", str(acl), "--save", "", "--appendonly", "no", "--dir", str(folder),
+        ],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            client = redis.Redis(
+                host="localhost", port=port, ssl=True, ssl_ca_certs=str(ca),
+                username=REDIS_USER, password=REDIS_PASSWORD, socket_timeout=1,
+            )  # fmt: skip
+            client.ping()
+            client.close()
+            return port, proc
+        except redis.RedisError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise TimeoutError("private TLS redis did not start") from None
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
+    folder = tmp_path_factory.mktemp("tls")
+    ca = TestCA(folder / "ca", "good")
+    other = TestCA(folder / "ca", "other")
+    server = ca.issue("localhost")
+    redis_port, redis_proc = start_tls_redis(folder, server, ca.cert)
+    rabbit = PrivateRabbit(folder / "rabbit", tls=server, ca=ca.cert)
+    try:
+        rabbit.start()
+        rabbit.add_user(AMQP_USER, AMQP_PASSWORD, VHOST, PLATFORM_PERMS)
+        yield TlsStack(ca, other, server, rabbit, redis_port, redis_proc, folder)
+    finally:
+        rabbit.stop()
+        redis_proc.kill()
+        redis_proc.wait(10)
+
+
+# --------------------------------------------------------------------------------------------
+# Redis over TLS
+
+
+async def _store_error(s: Settings) -> str:
+    store = StatusStore(s)
+    with pytest.raises(StoreError) as caught:
+        await store.start()
+    return str(caught.value)
+
+
+async def test_rediss_with_the_ca_and_acl_user_works_and_stays_in_its_key_prefix(
+    stack: TlsStack,
+) -> None:
+    store = StatusStore(stack.settings())
+    await store.start()
+    try:
+        assert await store.redis.set(f"{NAMESPACE}:probe", "1")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await store.redis.set("other:probe", "1")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await store.redis.flushall()
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            await store.redis.config_get("requirepass")
+    finally:
+        await store.redis.delete(f"{NAMESPACE}:probe")
+        await store.stop()
+
+
+async def test_rediss_refuses_a_wrong_ca_a_wrong_password_and_a_plain_connection(
+    stack: TlsStack,
+) -> None:
+    wrong_ca = await _store_error(stack.settings(redis_ca_file=stack.other_ca.cert))
+    assert "TLS certificate not trusted by TP_REDIS_CA_FILE=" in wrong_ca, wrong_ca
+    assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca, wrong_ca
+
+    no_ca = await _store_error(stack.settings(redis_ca_file=None))
+    assert "not trusted by the system's CAs" in no_ca, no_ca
+
+    wrong_password = await _store_error(stack.settings(redis_password="not-the-password"))
+    assert "refused the credentials" in wrong_password, wrong_password
+    assert "not-the-password" not in wrong_password
+
+    plain = await _store_error(
+        stack.settings(redis_url=f"redis://{REDIS_USER}@localhost:{stack.redis_port}/0")
+    )
+    assert "closed the connection" in plain and "use rediss://" in plain, plain
+    for message in (wrong_ca, no_ca, wrong_password, plain):
+        assert REDIS_PASSWORD not in message, message
+
+
+# --------------------------------------------------------------------------------------------
+# RabbitMQ over TLS
+
+
+async def _broker_error(s: Settings) -> str:
+    broker = Broker(s, name="test")
+    with pytest.raises(BrokerError) as caught:
+        await broker.start(timeout_s=10)
+    return str(caught.value)
+
+
+async def test_amqps_with_the_ca_works_and_the_user_is_held_to_the_platform_names(
+    stack: TlsStack,
+) -> None:
+    s = stack.settings(namespace=f"{NAMESPACE}")
+    broker = Broker(s, name="test")
+    await broker.start()  # declares the whole topology: configure/write/read on tp.* suffice
+    await broker.stop()
+    connection = await aio_pika.connect(s.amqp_url, ssl_context=s.amqp_ssl_context())
+    async with connection:
+        channel = await connection.channel()
+        with pytest.raises(AMQPError, match="ACCESS_REFUSED"):
+            await channel.declare_queue("other.queue")
+    # the node's own users: only the platform's user exists in the vhost, without tags
+    users = stack.rabbit.ctl("list_users", "--formatter", "json")
+    tags = {u["user"]: u["tags"] for u in json.loads(users)}
+    assert tags[AMQP_USER] == [], tags
+
+
+async def test_amqps_refuses_a_wrong_ca_a_wrong_password_and_a_plain_connection(
+    stack: TlsStack,
+) -> None:
+    wrong_ca = await _broker_error(stack.settings(amqp_ca_file=stack.other_ca.cert))
+    assert "TLS certificate not trusted by TP_AMQP_CA_FILE=" in wrong_ca, wrong_ca
+
+    wrong_password = await _broker_error(stack.settings(amqp_password="not-the-password"))
+    assert "refused the credentials" in wrong_password, wrong_password
+    assert "ACCESS_REFUSED" in wrong_password, wrong_password
+
+    plain = await _broker_error(stack.settings(amqp_url=stack.amqp_url.replace("amqps", "amqp")))
+    assert "closed the connection" in plain and "use amqps://" in plain, plain
+    for message in (wrong_ca, wrong_password, plain):
+        assert AMQP_PASSWORD not in message and "not-the-password" not in message, message
+
+
+# --------------------------------------------------------------------------------------------
+# A whole task run over TLS with secrets from files: no secret in any output
+
+
+def write_secrets(folder: Path) -> Path:
+    """The secret files a deployment mounts (compose secrets, systemd LoadCredential=)."""
+    folder.mkdir(mode=0o700)
+    for name, value in {
+        "tp_amqp_password": AMQP_PASSWORD,
+        "tp_redis_password": REDIS_PASSWORD,
+        "tp_s3_secret_access_key": S3_SECRET,
+        "tp_health_token": HEALTH_TOKEN,
+    }.items():
+        (folder / name).write_text(value + "\n")
+    return folder
+
+
+def deploy_env(stack: TlsStack, tmp: Path, **extra: str) -> dict[str, str]:
+    """A service's environment as compose or a unit gives it: URLs without passwords."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+    return env | {
+        "TP_AMQP_URL": stack.amqp_url,
+        "TP_AMQP_CA_FILE": str(stack.ca.cert),
+        "TP_REDIS_URL": stack.redis_url,
+        "TP_REDIS_CA_FILE": str(stack.ca.cert),
+        "TP_SECRETS_DIR": str(tmp / "secrets"),
+        "TP_NAMESPACE": NAMESPACE,
+        "TP_DATA_DIR": str(tmp / "data"),
+        "TP_MLFLOW_TRACKING_URI": f"sqlite:///{tmp / 'mlflow.db'}",
+        "TP_WORKER_NAME": "tls-worker",
+        "TP_LOG_FORMAT": "json",
+        "TP_LOG_LEVEL": "debug",
+        "TP_FALLBACK": "never",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def test_a_task_runs_over_tls_with_secret_files_and_no_secret_reaches_any_output(
+    stack: TlsStack, tmp_path: Path, s3_endpoint: str
+) -> None:
+    write_secrets(tmp_path / "secrets")
+    bucket = f"t-{uuid.uuid4().hex[:10]}"
+    s3_env = {
+        "TP_ARTIFACT_BACKEND": "s3",
+        "TP_S3_ENDPOINT_URL": s3_endpoint,
+        "TP_S3_BUCKET": bucket,
+        "TP_S3_ACCESS_KEY_ID": "test",
+    }
+    env = deploy_env(stack, tmp_path, **s3_env)
+    health_port = free_port()
+    procs = [
+        ServiceProcess(module, env | extra, tmp_path / f"{module}.log")
+        for module, extra in (
+            ("scheduler", {}),
+            ("gpu_worker", {}),
+            ("artifact_sync", {}),
+            ("health_monitor", {"TP_HEALTH_PORT": str(health_port)}),
+        )
+    ]
+    outputs: list[str] = []
+    try:
+        boto3.client(  # the bucket, as compose's one-shot job makes it on MinIO
+            "s3", endpoint_url=s3_endpoint, aws_access_key_id="test",
+            aws_secret_access_key=S3_SECRET, region_name="us-east-1",
+        ).create_bucket(Bucket=bucket)  # fmt: skip
+        submit = tradectl(
+            "task", "submit", "probe", "--set", "sleep_s=0.3", "--set", "print_lines=3",
+            "--wait", "--timeout", "60", "--json", env=env, timeout=90,
+        )  # fmt: skip
+        outputs += [submit.stdout, submit.stderr]
+        assert submit.returncode == 0, submit.stdout + submit.stderr
+        task_id = json.loads(submit.stdout)["task_id"]
+        for args in (
+            ("task", "logs", task_id),
+            ("task", "status", task_id),
+            ("config", "show"),
+            ("config", "show", "--json"),
+        ):
+            done = tradectl(*args, env=env)
+            assert done.returncode == 0, (args, done.stdout, done.stderr)
+            outputs += [done.stdout, done.stderr]
+        shown = {row["variable"]: row for row in json.loads(outputs[-2])}
+        assert shown["TP_AMQP_PASSWORD"] == {
+            "variable": "TP_AMQP_PASSWORD",
+            "value": "***",
+            "set": True,
+        }
+        assert shown["TP_AMQP_URL"]["value"] == stack.amqp_url.replace(
+            "tradeplat@", "tradeplat:***@"
+        )
+        assert shown["TP_S3_SECRET_ACCESS_KEY"]["value"] == "***"
+        assert "ts=" in outputs[-8], outputs[-8]  # the task's own output lines came back
+
+        base = f"http://127.0.0.1:{health_port}"
+        deadline = time.monotonic() + 20
+        while True:  # the monitor's HTTP: its token from the secret file is required
+            try:
+                refused = httpx.get(f"{base}/api/workers", timeout=5)
+                break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert refused.status_code == 401
+        auth = {"Authorization": f"Bearer {HEALTH_TOKEN}"}
+        workers = httpx.get(f"{base}/api/workers", headers=auth, timeout=5)
+        assert workers.status_code == 200
+        assert [w["heartbeat"]["name"] for w in workers.json()] == ["tls-worker"], workers.text
+
+        deadline = time.monotonic() + 30
+        while True:  # artifact-sync uploaded the task folder with the secret key from its file
+            status = tradectl("artifacts", "status", task_id, "--json", env=env)
+            if '"synced"' in status.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        outputs += [status.stdout, status.stderr]
+        assert '"synced"' in status.stdout, status.stdout + status.stderr
+    finally:
+        codes = [p.stop() for p in procs]
+    logs = [p.log_text() for p in procs]
+    assert codes == [0, 0, 0, 0], [
+        (p.module, c, p.log_text()[-2000:]) for p, c in zip(procs, codes, strict=True)
+    ]
+    for log in logs:
+        assert '"event": "service_started"' in log, log[-2000:]
+    for text in [*logs, *outputs]:
+        for secret in SECRETS:
+            assert secret not in text, f"{secret!r} leaked:\n{text[-3000:]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Pieces without the servers
+
+
+def test_log_lines_redact_secrets_in_events_library_records_and_tracebacks(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    s = Settings(
+        amqp_url="amqp://tradeplat@127.0.0.1:5672/tradeplat",
+        amqp_password=AMQP_PASSWORD,
+        redis_password=REDIS_PASSWORD,
+        s3_secret_access_key=SecretStr(S3_SECRET),
+        s3_access_key_id="test",
+        health_token=HEALTH_TOKEN,
+        log_format="json",
+        _env_file=None,
+    )
+    configure_logging(s, service="test")
+    log = structlog.get_logger("shared.test")
+    log.info("connecting", url=s.amqp_url, nested={"urls": [s.redis_url]}, token=HEALTH_TOKEN)
+    logging.getLogger("aiormq.connection").warning("reconnecting to %s", s.amqp_url)
+    try:
+        raise RuntimeError(f"S3 said no to {S3_SECRET} via http://u:other-pass@h/")
+    except RuntimeError:
+        log.exception("upload_failed")
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines()]
+    text = json.dumps(lines)
+    assert len(lines) == 3, lines
+    for secret in (*SECRETS, "other-pass"):
+        assert secret not in text, text
+    assert lines[0]["url"] == "amqp://tradeplat:***@127.0.0.1:5672/tradeplat", lines[0]
+    assert lines[0]["token"] == "***" and "Traceback" in lines[2]["exception"], lines
+
+
+def test_config_show_hides_secrets_from_the_environment_and_from_files(tmp_path: Path) -> None:
+    secrets = write_secrets(tmp_path / "secrets")
+    (secrets / "tp_health_token").unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")} | {
+        "TP_SECRETS_DIR": str(secrets),
+        "TP_AMQP_URL": "amqps://tradeplat@desktop.lan:5671/tradeplat",
+        "TP_REDIS_URL": f"rediss://tradeplat:{REDIS_PASSWORD}@desktop.lan:6380/0",
+        "TP_HEALTH_TOKEN": HEALTH_TOKEN,  # from the environment, beside the files
+        "TP_S3_ACCESS_KEY_ID": "minio",
+    }
+    shown = tradectl("config", "show", "--set", env=env)
+    assert shown.returncode == 0, shown.stderr
+    for secret in SECRETS:
+        assert secret not in shown.stdout + shown.stderr
+    for variable in ("TP_AMQP_PASSWORD", "TP_S3_SECRET_ACCESS_KEY", "TP_HEALTH_TOKEN"):
+        assert variable in shown.stdout, shown.stdout
+    assert "amqps://tradeplat:***@desktop.lan:5671/tradeplat" in shown.stdout, shown.stdout
+
+    missing = tradectl("config", "show", env=env | {"TP_SECRETS_DIR": str(tmp_path / "nope")})
+    assert missing.returncode == 2 and "TP_SECRETS_DIR: no such folder" in missing.stderr
+
+
+def test_passwords_and_secret_files_apply_to_urls_and_env_wins_over_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secrets = write_secrets(tmp_path / "secrets")
+    monkeypatch.setenv("TP_SECRETS_DIR", str(secrets))
+    monkeypatch.setenv("TP_REDIS_PASSWORD", "from-env")
+    monkeypatch.setenv("TP_S3_ACCESS_KEY_ID", "test")
+    s = Settings(amqp_url="amqp://tradeplat@h:5672/v", redis_url="redis://h:6379/0", _env_file=None)
+    assert s.amqp_url == f"amqp://tradeplat:{AMQP_PASSWORD}@h:5672/v"
+    assert s.redis_url == "redis://:from-env@h:6379/0"
+    assert s.s3_secret_access_key is not None
+    assert s.s3_secret_access_key.get_secret_value() == S3_SECRET
+    assert s.health_token is not None and s.health_token.get_secret_value() == HEALTH_TOKEN
+    monkeypatch.delenv("TP_SECRETS_DIR")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(secrets))  # systemd's LoadCredential=
+    assert (
+        Settings(amqp_url="amqp://u@h/", _env_file=None).amqp_url == f"amqp://u:{AMQP_PASSWORD}@h/"
+    )
+    with pytest.raises(ValidationError, match="names no user"):
+        Settings(amqp_url="amqp://h:5672/", _env_file=None)
+
+
+async def test_health_http_requires_the_token_except_on_healthz(tmp_path: Path) -> None:
+    s = Settings(health_token=HEALTH_TOKEN, data_dir=tmp_path, _env_file=None)
+    transport = httpx.ASGITransport(app=create_app(HealthMonitor(s)))
+    async with httpx.AsyncClient(transport=transport, base_url="http://monitor") as http:
+        assert (await http.get("/healthz")).status_code == 503  # open: "starting", no snapshot
+        for path in ("/", "/metrics", "/api/workers", "/api/stream", "/static/dashboard.js"):
+            refused = await http.get(path)
+            assert refused.status_code == 401, path
+            assert refused.headers["www-authenticate"] == "Bearer"
+        wrong = await http.get("/metrics", headers={"Authorization": "Bearer wrong"})
+        assert wrong.status_code == 401
+        ok = await http.get("/metrics", headers={"Authorization": f"Bearer {HEALTH_TOKEN}"})
+        assert ok.status_code == 200 and "tradeplat_" in ok.text
+        login = await http.get(f"/?token={HEALTH_TOKEN}&x=1")
+        assert login.status_code == 303 and HEALTH_TOKEN not in login.headers["location"]
+        assert login.headers["location"].endswith("/?x=1")
+        cookie = login.headers["set-cookie"]
+        assert f"{TOKEN_COOKIE}=" in cookie and "httponly" in cookie.lower()
+        assert "samesite=strict" in cookie.lower()
+        assert (await http.get("/")).status_code == 200  # the client kept the cookie
+    open_app = create_app(HealthMonitor(Settings(data_dir=tmp_path, _env_file=None)))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=open_app), base_url="http://monitor"
+    ) as http:
+        assert (await http.get("/metrics")).status_code == 200
