@@ -49,3 +49,7 @@ artifact-sync:
 # Health, metrics, alerts and the dashboard on http://127.0.0.1:8400/.
 health-monitor:
     .venv/bin/python -m services.health_monitor
+
+# Install the systemd units on this desktop (as root; --dry-run prints, --root DIR installs there).
+install-systemd *ARGS:
+    bash scripts/install-systemd.sh {{ARGS}}

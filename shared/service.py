@@ -3,6 +3,11 @@
 Exit codes: 0 after a signal-driven stop; 2 for bad settings (the message names the ``TP_*``
 variable); 75 (``EX_TEMPFAIL``) when a worker ends itself to be restarted on new code by systemd or
 compose (``TP_WORKER_CODE_UPDATE=exit``). With ``reexec`` the process replaces itself instead.
+
+Under systemd (``Type=notify``, see ``infra/systemd/``) the service tells its supervisor how it is
+doing over ``$NOTIFY_SOCKET``: ``STATUS=`` while it waits for RabbitMQ/Redis, ``READY=1`` once
+started, ``STOPPING=1`` when it begins to stop, ``RELOADING=1`` before a worker re-executes itself
+on new code (the new process sends ``READY=1`` again). Without ``$NOTIFY_SOCKET`` nothing is sent.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
 from typing import Protocol
@@ -32,6 +38,36 @@ START_RETRY_MAX_S = 30.0
 EXIT_RESTART = 75
 
 
+def sd_notify(*fields: str) -> bool:
+    """Send ``fields`` (``"READY=1"``, ``"STATUS=..."``) to systemd's ``$NOTIFY_SOCKET``, if set.
+
+    The sd_notify(3) datagram protocol, without libsystemd: the fields joined by newlines, in one
+    datagram to the ``AF_UNIX`` socket ``$NOTIFY_SOCKET`` names (a path, or ``@name`` for the
+    abstract namespace). Never raises and never blocks: a service must not stop or stall because
+    its supervisor's socket is gone or full.
+
+    Args:
+        *fields: ``KEY=VALUE`` strings without newlines.
+
+    Returns:
+        True when the datagram was sent; False without ``$NOTIFY_SOCKET`` (not run by systemd, or
+        an unsupported address such as ``vsock:``) or when sending failed (logged).
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    elif not address.startswith("/"):
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            sock.sendto("\n".join(fields).encode(), address)
+    except OSError as e:
+        log.warning("sd_notify_failed", error=str(e), fields=list(fields))
+        return False
+    return True
+
+
 class Service(Protocol):
     """A long-running service: ``start`` wires it up, ``stop`` shuts it down gracefully."""
 
@@ -51,6 +87,8 @@ async def start_with_retry(service: Service, stop: asyncio.Event) -> bool:
             await service.start()
         except (BrokerError, StoreError) as e:
             log.error("start_failed", error=str(e), retry_in_s=delay)
+            # Not the error itself: `systemctl status` shows STATUS to every user.
+            sd_notify(f"STATUS=waiting for RabbitMQ/Redis (retry in {delay:.0f} s, see the log)")
             await service.stop()
         else:
             return True
@@ -70,6 +108,7 @@ async def run_until_signalled(service: Service) -> None:
     if not await start_with_retry(service, stop):
         return
     log.info("service_started")
+    sd_notify("READY=1", "STATUS=running")
     # A service may end itself (a worker restarting on new code) by setting ``finished``.
     finished: asyncio.Event | None = getattr(service, "finished", None)
     waits = [asyncio.create_task(stop.wait())]
@@ -81,8 +120,27 @@ async def run_until_signalled(service: Service) -> None:
         for waiter in waits:
             waiter.cancel()
         log.info("service_stopping")
+        notify_stopping(service)
         await service.stop()
         log.info("service_stopped")
+
+
+def notify_stopping(service: Service) -> None:
+    """Tell systemd the service is stopping, or reloading when it will re-execute itself.
+
+    A worker that re-executes itself on new code keeps its pid: ``RELOADING=1`` keeps the unit
+    active until the new process sends ``READY=1``, where ``STOPPING=1`` would make systemd wait
+    for an exit that never comes and kill it at ``TimeoutStopSec``.
+    """
+    finished: asyncio.Event | None = getattr(service, "finished", None)
+    if (
+        finished is not None
+        and finished.is_set()
+        and getattr(service, "exit_action", None) == "reexec"
+    ):
+        sd_notify("RELOADING=1", "STATUS=restarting on new code")
+    else:
+        sd_notify("STOPPING=1", "STATUS=stopping")
 
 
 def main(name: str, factory: Callable[[Settings], Service]) -> None:
