@@ -250,13 +250,13 @@ def test_worker_start_systemd_fails_clearly_without_or_with_a_failing_systemctl(
     )
     message = " ".join(failing.stderr.split())
     assert failing.returncode == 1
-    assert "systemctl start tradeplat-gpu-worker.service failed (exit 5)" in message
-    assert "Unit tradeplat-gpu-worker.service not found." in message
+    assert "systemctl start trading-worker@0.service failed (exit 5)" in message
+    assert "Unit trading-worker@0.service not found." in message
     assert (folder / "args").read_text().split() == [
         "--no-ask-password",
         "start",
         "--",
-        "tradeplat-gpu-worker.service",
+        "trading-worker@0.service",
     ]
 
 

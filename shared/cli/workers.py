@@ -26,7 +26,7 @@ from shared.health import GpuReport, ServiceState, ServiceStatus, WorkerFacts
 worker_app = typer.Typer(help="gpu-workers: status, drain and stop, start.", no_args_is_help=True)
 
 #: The worker's systemd unit when none is named.
-DEFAULT_UNIT = "tradeplat-gpu-worker.service"
+DEFAULT_UNIT = "trading-worker@0.service"
 #: How long ``systemctl start`` may take (s): it returns once the unit has started.
 SYSTEMCTL_TIMEOUT_S = 120.0
 #: Default wait of ``worker stop`` (s): the desktop's drain timeout (60 s by default) plus the
