@@ -22,4 +22,13 @@ if ! command -v chromium >/dev/null; then
     echo "chromium not installed (apt-get install chromium as root): the dashboard test skips, or fails under CI" >&2
   fi
 fi
+# The deployment test validates docker-compose.yml offline with Debian's docker-compose (v1.29.2;
+# no Docker engine needed).
+if ! command -v docker-compose >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+  else
+    echo "docker-compose not installed (apt-get install docker-compose as root): the compose test skips, or fails under CI" >&2
+  fi
+fi
 echo "installed into .venv ($(python -c 'import torch; print("torch", torch.__version__)'))"

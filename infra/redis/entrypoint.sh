@@ -1,0 +1,49 @@
+#!/bin/sh
+# Container entrypoint for Redis: write the ACL file from the docker secret, then exec
+# redis-server with it. The default user is off, so every client authenticates as the platform
+# user, which may touch only the namespace's keys (<ns>:*, Optuna's journal included: it lives
+# under <ns>:hyperopt:) and channels, with every command but the admin and dangerous ones
+# (CONFIG, FLUSHALL, KEYS, SHUTDOWN, DEBUG, MONITOR...). Scripts (EVAL, EVALSHA, SCRIPT LOAD)
+# stay allowed: the status store's state changes are Lua scripts.
+#
+# The ACL file keeps only the password's SHA-256 (#<hex>), never the password.
+# Extra arguments are passed to redis-server after the config file, so they win (a test adds
+# --port, --dir and --bind).
+#
+# Environment (defaults for the container; a test overrides the paths):
+#   REDIS_SECRETS_DIR  folder with tp_redis_password (/run/secrets)
+#   REDIS_ACL_DIR      where the ACL file goes (/run/redis-acl, a tmpfs in compose)
+#   REDIS_CONF         the config file (/usr/local/etc/redis/redis.conf)
+#   REDIS_PLATFORM_USER  the platform's user (tradeplat)
+#   TP_NAMESPACE       the platform's namespace, prefix of every key (tp)
+set -eu
+
+secrets_dir=${REDIS_SECRETS_DIR:-/run/secrets}
+acl_dir=${REDIS_ACL_DIR:-/run/redis-acl}
+conf=${REDIS_CONF:-/usr/local/etc/redis/redis.conf}
+user=${REDIS_PLATFORM_USER:-tradeplat}
+namespace=${TP_NAMESPACE:-tp}
+
+case $namespace in
+    '' | *[!a-z0-9_-]*)
+        echo "redis-entrypoint: TP_NAMESPACE must match [a-z][a-z0-9_-]*" >&2
+        exit 1
+        ;;
+esac
+if [ ! -s "$secrets_dir/tp_redis_password" ]; then
+    echo "redis-entrypoint: secret file $secrets_dir/tp_redis_password is missing or empty" >&2
+    exit 1
+fi
+# printf, not echo: the hash must cover the password without a newline (as AUTH sends it).
+hash=$(printf '%s' "$(cat "$secrets_dir/tp_redis_password")" | sha256sum | cut -d' ' -f1)
+
+umask 077
+mkdir -p "$acl_dir"
+acl="$acl_dir/users.acl"
+{
+    echo "user default off resetpass resetkeys resetchannels -@all"
+    echo "user $user on #$hash resetkeys ~$namespace:* resetchannels &$namespace:* +@all -@admin -@dangerous"
+} >"$acl"
+echo "redis-entrypoint: wrote $acl (user $user, keys $namespace:*)"
+
+exec redis-server "$conf" --aclfile "$acl" "$@"
