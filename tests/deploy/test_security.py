@@ -1,10 +1,12 @@
 """Security settings against real servers: TLS, least-privilege users, secrets kept out of logs.
 
-A private redis-server (TLS-only port, ACL user, default user off) and a private RabbitMQ node
-(TLS-only listener, a dedicated user in its own vhost with permissions on the platform's names
-only) are started once for the module with a test CA made by openssl. The platform (scheduler,
-worker, artifact-sync to a moto S3, health-monitor with a token) then runs a task over them with
-every password read from secret files, and no secret may appear in any output.
+A private redis-server (TLS-only port; started by compose's own entrypoint, so with its config
+and ACL: default user off, the platform user confined to ``tp:*`` without admin or dangerous
+commands) and a private RabbitMQ node (TLS-only listener; the platform user in its own vhost with
+exactly the permission regexes compose's seed script writes) are started once for the module
+with a test CA made by openssl. The platform (scheduler, worker, artifact-sync to a moto S3,
+health-monitor with a token) then runs a task over them with every password read from secret
+files, and no secret may appear in any output.
 """
 
 from __future__ import annotations
@@ -47,9 +49,37 @@ REDIS_USER, REDIS_PASSWORD = "tradeplat", "redis-Pw-42b8f0"
 S3_SECRET = "s3-Secret-9a7d3e51"
 HEALTH_TOKEN = "health-Token-5e2c77"
 SECRETS = (AMQP_PASSWORD, REDIS_PASSWORD, S3_SECRET, HEALTH_TOKEN)
-#: The platform user's RabbitMQ permissions: its namespace's exchanges and queues, and the
-#: server-named reply queues a client declares (amq.gen-*); nothing else.
-PLATFORM_PERMS = (rf"^({NAMESPACE}\..*|amq\.gen-.*)$",) * 3
+INFRA = Path(__file__).resolve().parents[2] / "infra"
+
+
+def deployed_rabbitmq_user(folder: Path) -> dict[str, str]:
+    """The platform user as compose seeds it: infra/rabbitmq/seed-users.sh's conf, parsed.
+
+    Returns ``vhost``, ``configure``, ``write``, ``read`` (the permission regexes).
+    """
+    secrets = folder / "seed-secrets"
+    secrets.mkdir()
+    (secrets / "tp_amqp_password").write_text(AMQP_PASSWORD)
+    (secrets / "rabbitmq_admin_password").write_text("admin-" + uuid.uuid4().hex)
+    env = os.environ | {
+        "SEED_SECRETS_DIR": str(secrets),
+        "SEED_CONF_DIR": str(folder / "conf.d"),
+        "SEED_DRY_RUN": "1",
+        "TP_NAMESPACE": NAMESPACE,
+        "RABBITMQ_VHOST": VHOST,
+        "RABBITMQ_PLATFORM_USER": AMQP_USER,
+    }
+    subprocess.run(
+        ["sh", str(INFRA / "rabbitmq/seed-users.sh")], env=env, check=True, capture_output=True
+    )
+    conf = dict(
+        line.split(" = ", 1)
+        for line in (folder / "conf.d/90-tradeplat-users.conf").read_text().splitlines()
+        if " = " in line
+    )
+    prefix = f"default_users.{AMQP_USER}."
+    assert conf[prefix + "vhost_pattern"] == f"^{VHOST}$"
+    return {"vhost": VHOST} | {k: conf[prefix + k] for k in ("configure", "write", "read")}
 
 
 @dataclass
@@ -88,23 +118,30 @@ class TlsStack:
 
 
 def start_tls_redis(folder: Path, server: Issued, ca: Path) -> tuple[int, subprocess.Popen[bytes]]:
-    """redis-server with only a TLS port, the default user off and one ACL user (``~tp:*``)."""
+    """redis-server started by compose's entrypoint (infra/redis/entrypoint.sh: its config and
+    ACL, default user off, the platform user confined to ``tp:*``), with only a TLS port."""
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server not installed")
-    acl = folder / "users.acl"
-    acl.write_text(
-        "user default off\n"
-        f"user {REDIS_USER} on >{REDIS_PASSWORD} ~{NAMESPACE}:* &{NAMESPACE}:* "
-        "+@all -@admin -@dangerous +info +client\n"
-    )
+    secrets = folder / "redis-secrets"
+    secrets.mkdir()
+    (secrets / "tp_redis_password").write_text(REDIS_PASSWORD)
+    env = os.environ | {
+        "REDIS_SECRETS_DIR": str(secrets),
+        "REDIS_ACL_DIR": str(folder / "acl"),
+        "REDIS_CONF": str(INFRA / "redis/redis.conf"),
+        "REDIS_PLATFORM_USER": REDIS_USER,
+        "TP_NAMESPACE": NAMESPACE,
+    }
     port = free_port()
     proc = subprocess.Popen(
         [
-            "redis-server", "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            "sh", str(INFRA / "redis/entrypoint.sh"),
+            "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
             "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
             "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
-            "--aclfile", str(acl), "--save", "", "--appendonly", "no", "--dir", str(folder),
+            "--save", "", "--appendonly", "no", "--dir", str(folder),
         ],
+        env=env,
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
     deadline = time.monotonic() + 10
@@ -133,7 +170,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
     rabbit = PrivateRabbit(folder / "rabbit", tls=server, ca=ca.cert)
     try:
         rabbit.start()
-        rabbit.add_user(AMQP_USER, AMQP_PASSWORD, VHOST, PLATFORM_PERMS)
+        user = deployed_rabbitmq_user(folder)
+        perms = (user["configure"], user["write"], user["read"])
+        rabbit.add_user(AMQP_USER, AMQP_PASSWORD, user["vhost"], perms)
         yield TlsStack(ca, other, server, rabbit, redis_port, redis_proc, folder)
     finally:
         rabbit.stop()
