@@ -16,6 +16,10 @@
 #   REDIS_CONF         the config file (/usr/local/etc/redis/redis.conf)
 #   REDIS_PLATFORM_USER  the platform's user (tradeplat)
 #   TP_NAMESPACE       the platform's namespace, prefix of every key (tp)
+#   REDIS_TLS_DIR      set (docker-compose.tls.yml): a TLS port as well, with tls_ca.pem, tls_cert.pem
+#                      and tls_key.pem from this folder (scripts/make-certs.sh); clients verify the
+#                      server, the server does not ask clients for certificates (passwords do)
+#   REDIS_TLS_PORT     that port (6380)
 set -eu
 
 secrets_dir=${REDIS_SECRETS_DIR:-/run/secrets}
@@ -45,5 +49,20 @@ acl="$acl_dir/users.acl"
     echo "user $user on #$hash resetkeys ~$namespace:* resetchannels &$namespace:* +@all -@admin -@dangerous"
 } >"$acl"
 echo "redis-entrypoint: wrote $acl (user $user, keys $namespace:*)"
+
+if [ -n "${REDIS_TLS_DIR:-}" ]; then
+    for f in tls_ca.pem tls_cert.pem tls_key.pem; do
+        if [ ! -r "$REDIS_TLS_DIR/$f" ]; then
+            echo "redis-entrypoint: $REDIS_TLS_DIR/$f is missing or unreadable" >&2
+            exit 1
+        fi
+    done
+    set -- --tls-port "${REDIS_TLS_PORT:-6380}" \
+        --tls-ca-cert-file "$REDIS_TLS_DIR/tls_ca.pem" \
+        --tls-cert-file "$REDIS_TLS_DIR/tls_cert.pem" \
+        --tls-key-file "$REDIS_TLS_DIR/tls_key.pem" \
+        --tls-auth-clients no --tls-protocols "TLSv1.2 TLSv1.3" "$@"
+    echo "redis-entrypoint: TLS on port ${REDIS_TLS_PORT:-6380}"
+fi
 
 exec redis-server "$conf" --aclfile "$acl" "$@"

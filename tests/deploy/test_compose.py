@@ -35,6 +35,8 @@ from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
+#: The overlay adding TLS listeners for a laptop on the LAN or a VPN.
+COMPOSE_TLS = ROOT / "docker-compose.tls.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 
 #: The five platform services and the module each runs.
@@ -88,11 +90,14 @@ def env_file(folder: Path, secrets: Path, **overrides: str) -> Path:
     return path
 
 
-def render(command: list[str], env: Path, compose: Path = COMPOSE) -> dict[str, Any]:
+def render(
+    command: list[str], env: Path, compose: Path = COMPOSE, *overlays: Path
+) -> dict[str, Any]:
     """The validated, interpolated compose model, or a test failure with the validator's words."""
     # Nothing from this shell may leak in: compose prefers the environment over the env file.
     clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")}
-    args = ["--project-directory", str(ROOT), "--env-file", str(env), "-f", str(compose), "config"]
+    files = [arg for path in (compose, *overlays) for arg in ("-f", str(path))]
+    args = ["--project-directory", str(ROOT), "--env-file", str(env), *files, "config"]
     result = subprocess.run(
         [*command, *args],
         capture_output=True,
@@ -285,6 +290,64 @@ def test_ports_bind_loopback_unless_told(
     assert services(config)["health-monitor"]["environment"]["TP_HEALTH_HOST"] == "0.0.0.0"
 
 
+def published(service: dict[str, Any]) -> dict[int, str]:
+    """Container port -> host address, whichever syntax the validator prints."""
+    found = {}
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            found[int(port["target"])] = str(port.get("host_ip", ""))
+        else:
+            ip, _, target = str(port).rsplit(":", 2)
+            found[int(target.split("/")[0])] = ip
+    return found
+
+
+def test_tls_overlay_adds_tls_ports_on_their_own_address(
+    validator: list[str], secrets: Path
+) -> None:
+    """docker-compose.tls.yml: amqps on 5671 and rediss on 6380 with make-certs.sh's files.
+
+    The TLS ports go on TP_TLS_BIND_ADDRESS (the LAN or VPN address) while the plain ones stay on
+    loopback; the entrypoints get the folder of the certificate secrets.
+    """
+    made = subprocess.run(
+        ["sh", str(ROOT / "scripts/make-certs.sh"), "desktop.lan", "10.9.9.9"],
+        env={**os.environ, "SECRETS_DIR": str(secrets)},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert made.returncode == 0, made.stderr
+    cert = subprocess.run(
+        [
+            "openssl",
+            "x509",
+            "-noout",
+            "-ext",
+            "subjectAltName",
+            "-in",
+            str(secrets / "tls_cert.pem"),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "DNS:desktop.lan" in cert and "IP Address:10.9.9.9" in cert, cert
+    env = env_file(secrets.parent, secrets, TP_TLS_BIND_ADDRESS="10.9.9.9")
+    model = render(validator, env, COMPOSE, COMPOSE_TLS)
+    rabbit, redis_ = services(model)["rabbitmq"], services(model)["redis"]
+    assert published(rabbit) == {5672: "127.0.0.1", 15672: "127.0.0.1", 5671: "10.9.9.9"}
+    assert published(redis_) == {6379: "127.0.0.1", 6380: "10.9.9.9"}
+    assert rabbit["environment"]["RABBITMQ_TLS_DIR"] == "/run/secrets"
+    assert redis_["environment"]["REDIS_TLS_DIR"] == "/run/secrets"
+    for service in (rabbit, redis_):
+        names = {s["source"] if isinstance(s, dict) else s for s in service["secrets"]}
+        assert {"tls_ca.pem", "tls_cert.pem", "tls_key.pem"} <= names
+    default = render(validator, env_file(secrets.parent, secrets), COMPOSE, COMPOSE_TLS)
+    assert published(services(default)["rabbitmq"])[5671] == "127.0.0.1"
+
+
 def test_state_lives_in_named_volumes(config: dict[str, Any]) -> None:
     """Broker, Redis AOF, MinIO, PostgreSQL, the worker's data and the checkout survive."""
     for name, target in STATEFUL.items():
@@ -299,19 +362,18 @@ def test_state_lives_in_named_volumes(config: dict[str, Any]) -> None:
 
 
 def test_worker_stop_outlasts_its_drain(config: dict[str, Any]) -> None:
-    """Docker waits longer than the worker's drain plus the task's SIGTERM grace before SIGKILL."""
+    """Docker waits longer than the worker's longest stop (drain, then its tasks' end) to kill."""
     worker = services(config)["gpu-worker"]
-    defaults = Settings.model_fields
-    drain = float(
-        worker["environment"].get("TP_DRAIN_TIMEOUT_S", defaults["drain_timeout_s"].default)
-    )
-    grace = float(defaults["cancel_grace_s"].default)
-    assert seconds(worker["stop_grace_period"]) > drain + grace
+    env = worker["environment"]
+    drain = float(env.get("TP_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default))
+    bound = Settings(drain_timeout_s=drain, _env_file=None).worker_stop_bound_s
+    assert seconds(worker["stop_grace_period"]) > bound
 
 
 def test_env_example_documents_every_variable() -> None:
     """Each variable the compose file interpolates is listed in .env.example."""
-    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", COMPOSE.read_text()))
+    text = COMPOSE.read_text() + COMPOSE_TLS.read_text()
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", text))
     documented = set(re.findall(r"^([A-Z_][A-Z0-9_]*)=", ENV_EXAMPLE.read_text(), re.MULTILINE))
     assert used - documented == set()
 
