@@ -27,6 +27,9 @@ PROGRESS_MIN_INTERVAL_S = 0.2
 
 #: How long the worker waits for a child to exit after its result arrived (s).
 CHILD_EXIT_GRACE_S = 10.0
+#: After a drain times out and its tasks are told to stop: how much longer than their SIGTERM
+#: grace and ``CHILD_EXIT_GRACE_S`` the worker waits for them to end and be handed back (s).
+HAND_BACK_BOUND_S = 30.0
 
 #: Length of the traceback summary kept in a failed task's record (characters, tail kept).
 TRACEBACK_SUMMARY_CHARS = 4000

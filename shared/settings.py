@@ -23,7 +23,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from shared.constants import DEFAULT_MAX_MESSAGE_BYTES
+from shared.constants import CHILD_EXIT_GRACE_S, DEFAULT_MAX_MESSAGE_BYTES, HAND_BACK_BOUND_S
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -430,6 +430,17 @@ class Settings(BaseSettings):
         if self.mlflow_tracking_uri:
             return self.mlflow_tracking_uri
         return f"sqlite:///{(self.data_dir / 'mlflow.db').resolve()}"
+
+    @property
+    def worker_stop_bound_s(self) -> float:
+        """Longest a worker takes to stop on SIGTERM (s): its drain, then its tasks' end.
+
+        ``drain_timeout_s`` for running tasks to finish, then ``cancel_grace_s`` (SIGTERM to
+        SIGKILL) + ``CHILD_EXIT_GRACE_S`` + ``HAND_BACK_BOUND_S`` for them to stop and go back
+        to the queue. A supervisor must wait longer before it kills (systemd ``TimeoutStopSec``,
+        compose ``stop_grace_period``), else a task still finishing is lost mid-way.
+        """
+        return self.drain_timeout_s + self.cancel_grace_s + CHILD_EXIT_GRACE_S + HAND_BACK_BOUND_S
 
     @property
     def checkout_dir(self) -> Path:

@@ -14,7 +14,7 @@ from services.gpu_worker.heartbeat import Heartbeat
 from services.gpu_worker.lane import Lane
 from services.gpu_worker.outcome import StopReason
 from shared.broker import Broker
-from shared.constants import CHILD_EXIT_GRACE_S, ROUTE_CPU, ROUTE_GPU
+from shared.constants import ROUTE_CPU, ROUTE_GPU
 from shared.errors import DecodeError
 from shared.gitinfo import head_commit
 from shared.health import WORKER_KIND, Beacon, GpuReport, RunningTask, WorkerFacts, read_gpus
@@ -197,7 +197,8 @@ class Worker:
             for execution in self.running().values():
                 execution.request_stop(StopReason.DRAIN)
             try:
-                await asyncio.wait_for(idle, s.cancel_grace_s + CHILD_EXIT_GRACE_S + 30)
+                # The rest of the longest stop a supervisor waits for (worker_stop_bound_s).
+                await asyncio.wait_for(idle, s.worker_stop_bound_s - s.drain_timeout_s)
             except TimeoutError:
                 log.error("tasks_did_not_stop")
         await self.heartbeat.stop()

@@ -28,7 +28,6 @@ from pathlib import Path
 import pytest
 
 from shared.client import DistributedClient
-from shared.constants import CHILD_EXIT_GRACE_S
 from shared.messages import TaskState
 from shared.service import sd_notify
 from shared.settings import Settings, service_environment
@@ -55,9 +54,6 @@ HARMLESS = ("Special user nobody configured",)
 #: driver JIT-compile) and the kernel's /proc/driver/nvidia, so it is allowed more.
 EXPOSURE_MAX = 2.0
 EXPOSURE_MAX_WORKER = 3.0
-#: Worker.stop (services/gpu_worker/app.py) waits drain_timeout_s for running tasks, then
-#: cancel_grace_s + CHILD_EXIT_GRACE_S + this for them to stop and be handed back.
-HAND_BACK_BOUND_S = 30.0
 WORKER_ENV = {
     # Probes only (a second to start, not torch's import); keep the code when the checkout
     # moves under the running test (a commit meanwhile), as the env file may say.
@@ -227,10 +223,7 @@ def test_worker_stop_timeout_outlasts_its_drain() -> None:
     finishing or handing back would be lost with it (left for the lease reaper).
     """
     unit = parse_unit(UNITS / "trading-worker@.service")
-    defaults = Settings.model_fields
-    drain_s = defaults["drain_timeout_s"].default
-    grace_s = defaults["cancel_grace_s"].default
-    longest = drain_s + grace_s + CHILD_EXIT_GRACE_S + HAND_BACK_BOUND_S
+    longest = Settings(_env_file=None).worker_stop_bound_s
     assert seconds(unit.get("Service", "TimeoutStopSec")) > longest
     for name in KINDS:  # every service stops within systemd's patience
         assert seconds(parse_unit(UNITS / name).get("Service", "TimeoutStopSec")) >= 10
