@@ -16,43 +16,40 @@ from pathlib import Path
 import pytest
 
 from tests.test_service_lifecycle import free_port
-from tests.tlsca import Issued
 
 SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 CTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 
 
 class PrivateRabbit:
-    """One private node in ``folder``; ``tls`` gives it a TLS-only AMQP listener.
+    """One private node in ``folder``; ``tls_conf`` makes its only AMQP listener a TLS one.
 
-    Attributes:
-        port: the AMQP port (TLS when ``tls`` is given: no plain listener at all then).
+    Args:
+        folder: its data, logs, config and Erlang cookie.
+        port: the AMQP port (default: a free one).
+        tls_conf: ``rabbitmq.conf`` lines of a TLS listener on ``port`` (``listeners.ssl.default``
+            and ``ssl_options.*``, as infra/rabbitmq/seed-users.sh writes them); with them there
+            is no plain listener at all.
     """
 
-    def __init__(self, folder: Path, *, tls: Issued | None = None, ca: Path | None = None) -> None:
+    def __init__(
+        self, folder: Path, *, port: int | None = None, tls_conf: list[str] | None = None
+    ) -> None:
         if not SERVER.exists() or shutil.which("erl") is None:
             pytest.fail("RabbitMQ server not installed (Debian package rabbitmq-server)")
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
+        self.port = port or free_port()
         self.node = f"tp{uuid.uuid4().hex[:8]}@localhost"
         (folder / "home").mkdir(exist_ok=True)
         (folder / "enabled_plugins").write_text("[].\n")
         (folder / "rabbitmq-env.conf").write_text("")
         (folder / "advanced.config").write_text("[].\n")
         lines = ["loopback_users = none", "log.console = false", "log.file.level = info"]
-        if tls is None:
+        if tls_conf is None:
             lines.append(f"listeners.tcp.1 = 127.0.0.1:{self.port}")
         else:
-            lines += [
-                "listeners.tcp = none",
-                f"listeners.ssl.default = 127.0.0.1:{self.port}",
-                f"ssl_options.cacertfile = {ca}",
-                f"ssl_options.certfile = {tls.cert}",
-                f"ssl_options.keyfile = {tls.key}",
-                "ssl_options.verify = verify_none",
-                "ssl_options.fail_if_no_peer_cert = false",
-            ]
+            lines += ["listeners.tcp = none", *tls_conf]
         (folder / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
         self.env = {
             **os.environ,

@@ -41,7 +41,6 @@ from shared.store import StatusStore
 from tests.conftest import ServiceProcess, tradectl
 from tests.private_rabbit import PrivateRabbit
 from tests.test_service_lifecycle import free_port
-from tests.tlsca import Issued, TestCA
 
 NAMESPACE = "tp"
 AMQP_USER, AMQP_PASSWORD, VHOST = "tradeplat", "amqp-Pw-7c1e9d", "tradeplat"
@@ -49,50 +48,64 @@ REDIS_USER, REDIS_PASSWORD = "tradeplat", "redis-Pw-42b8f0"
 S3_SECRET = "s3-Secret-9a7d3e51"
 HEALTH_TOKEN = "health-Token-5e2c77"
 SECRETS = (AMQP_PASSWORD, REDIS_PASSWORD, S3_SECRET, HEALTH_TOKEN)
-INFRA = Path(__file__).resolve().parents[2] / "infra"
+ROOT = Path(__file__).resolve().parents[2]
+INFRA = ROOT / "infra"
 
 
-def deployed_rabbitmq_user(folder: Path) -> dict[str, str]:
-    """The platform user as compose seeds it: infra/rabbitmq/seed-users.sh's conf, parsed.
+def make_certs(secrets: Path) -> Path:
+    """scripts/make-certs.sh into ``secrets``: a fresh CA and a certificate for localhost."""
+    env = os.environ | {"SECRETS_DIR": str(secrets)}
+    subprocess.run(
+        ["sh", str(ROOT / "scripts/make-certs.sh"), "localhost"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return secrets / "tls_ca.pem"
 
-    Returns ``vhost``, ``configure``, ``write``, ``read`` (the permission regexes).
+
+def seed_rabbitmq(secrets: Path, conf_dir: Path, tls_port: int) -> dict[str, str]:
+    """infra/rabbitmq/seed-users.sh as compose runs it with the TLS overlay (dry run).
+
+    Returns the platform user's ``vhost``, ``configure``, ``write`` and ``read`` (permission
+    regexes) and ``tls`` (the TLS listener's conf lines, newline-joined).
     """
-    secrets = folder / "seed-secrets"
-    secrets.mkdir()
-    (secrets / "tp_amqp_password").write_text(AMQP_PASSWORD)
-    (secrets / "rabbitmq_admin_password").write_text("admin-" + uuid.uuid4().hex)
     env = os.environ | {
         "SEED_SECRETS_DIR": str(secrets),
-        "SEED_CONF_DIR": str(folder / "conf.d"),
+        "SEED_CONF_DIR": str(conf_dir),
         "SEED_DRY_RUN": "1",
         "TP_NAMESPACE": NAMESPACE,
         "RABBITMQ_VHOST": VHOST,
         "RABBITMQ_PLATFORM_USER": AMQP_USER,
+        "RABBITMQ_TLS_DIR": str(secrets),
+        "RABBITMQ_TLS_PORT": str(tls_port),
     }
     subprocess.run(
         ["sh", str(INFRA / "rabbitmq/seed-users.sh")], env=env, check=True, capture_output=True
     )
     conf = dict(
         line.split(" = ", 1)
-        for line in (folder / "conf.d/90-tradeplat-users.conf").read_text().splitlines()
+        for line in (conf_dir / "90-tradeplat-users.conf").read_text().splitlines()
         if " = " in line
     )
     prefix = f"default_users.{AMQP_USER}."
     assert conf[prefix + "vhost_pattern"] == f"^{VHOST}$"
-    return {"vhost": VHOST} | {k: conf[prefix + k] for k in ("configure", "write", "read")}
+    tls = (conf_dir / "80-tradeplat-tls.conf").read_text()
+    assert f"listeners.ssl.default = {tls_port}" in tls, tls
+    perms = {k: conf[prefix + k] for k in ("configure", "write", "read")}
+    return {"vhost": VHOST, "tls": tls} | perms
 
 
 @dataclass
 class TlsStack:
     """The private servers and the files a platform process needs to reach them."""
 
-    ca: TestCA
-    other_ca: TestCA
-    server: Issued
+    ca: Path
+    other_ca: Path
     rabbit: PrivateRabbit
     redis_port: int
     redis_proc: subprocess.Popen[bytes]
-    folder: Path
 
     @property
     def amqp_url(self) -> str:
@@ -106,10 +119,10 @@ class TlsStack:
         values: dict[str, object] = {
             "amqp_url": self.amqp_url,
             "amqp_password": AMQP_PASSWORD,
-            "amqp_ca_file": self.ca.cert,
+            "amqp_ca_file": self.ca,
             "redis_url": self.redis_url,
             "redis_password": REDIS_PASSWORD,
-            "redis_ca_file": self.ca.cert,
+            "redis_ca_file": self.ca,
             "namespace": NAMESPACE,
             "socket_timeout_s": 5.0,
             "_env_file": None,
@@ -117,28 +130,28 @@ class TlsStack:
         return Settings(**(values | overrides))  # type: ignore[arg-type]
 
 
-def start_tls_redis(folder: Path, server: Issued, ca: Path) -> tuple[int, subprocess.Popen[bytes]]:
-    """redis-server started by compose's entrypoint (infra/redis/entrypoint.sh: its config and
-    ACL, default user off, the platform user confined to ``tp:*``), with only a TLS port."""
+def start_tls_redis(folder: Path, secrets: Path) -> tuple[int, subprocess.Popen[bytes]]:
+    """redis-server started by compose's entrypoint with the TLS overlay's settings.
+
+    Its config and ACL (default user off, the platform user confined to ``tp:*`` without admin
+    or dangerous commands), its TLS port from the certificates in ``secrets``; the plain port
+    off (``--port 0``) so a plain client meets the TLS port.
+    """
     if shutil.which("redis-server") is None:
         pytest.fail("redis-server not installed")
-    secrets = folder / "redis-secrets"
-    secrets.mkdir()
-    (secrets / "tp_redis_password").write_text(REDIS_PASSWORD)
+    port = free_port()
     env = os.environ | {
         "REDIS_SECRETS_DIR": str(secrets),
         "REDIS_ACL_DIR": str(folder / "acl"),
         "REDIS_CONF": str(INFRA / "redis/redis.conf"),
         "REDIS_PLATFORM_USER": REDIS_USER,
+        "REDIS_TLS_DIR": str(secrets),
+        "REDIS_TLS_PORT": str(port),
         "TP_NAMESPACE": NAMESPACE,
     }
-    port = free_port()
     proc = subprocess.Popen(
         [
-            "sh", str(INFRA / "redis/entrypoint.sh"),
-            "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
-            "--tls-cert-file", str(server.cert), "--tls-key-file", str(server.key),
-            "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no",
+            "sh", str(INFRA / "redis/entrypoint.sh"), "--port", "0", "--bind", "127.0.0.1",
             "--save", "", "--appendonly", "no", "--dir", str(folder),
         ],
         env=env,
@@ -148,7 +161,7 @@ def start_tls_redis(folder: Path, server: Issued, ca: Path) -> tuple[int, subpro
     while True:
         try:
             client = redis.Redis(
-                host="localhost", port=port, ssl=True, ssl_ca_certs=str(ca),
+                host="localhost", port=port, ssl=True, ssl_ca_certs=str(secrets / "tls_ca.pem"),
                 username=REDIS_USER, password=REDIS_PASSWORD, socket_timeout=1,
             )  # fmt: skip
             client.ping()
@@ -163,17 +176,22 @@ def start_tls_redis(folder: Path, server: Issued, ca: Path) -> tuple[int, subpro
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsStack]:
     folder = tmp_path_factory.mktemp("tls")
-    ca = TestCA(folder / "ca", "good")
-    other = TestCA(folder / "ca", "other")
-    server = ca.issue("localhost")
-    redis_port, redis_proc = start_tls_redis(folder, server, ca.cert)
-    rabbit = PrivateRabbit(folder / "rabbit", tls=server, ca=ca.cert)
+    secrets = folder / "secrets"  # as on the desktop: make-secrets.sh's names, make-certs.sh's
+    secrets.mkdir(mode=0o700)
+    (secrets / "tp_amqp_password").write_text(AMQP_PASSWORD)
+    (secrets / "tp_redis_password").write_text(REDIS_PASSWORD)
+    (secrets / "rabbitmq_admin_password").write_text("admin-" + uuid.uuid4().hex)
+    ca = make_certs(secrets)
+    other_ca = make_certs(folder / "other")  # another CA: trusts nothing of the first
+    redis_port, redis_proc = start_tls_redis(folder, secrets)
+    tls_port = free_port()
+    user = seed_rabbitmq(secrets, folder / "conf.d", tls_port)
+    rabbit = PrivateRabbit(folder / "rabbit", port=tls_port, tls_conf=user["tls"].splitlines())
     try:
         rabbit.start()
-        user = deployed_rabbitmq_user(folder)
         perms = (user["configure"], user["write"], user["read"])
         rabbit.add_user(AMQP_USER, AMQP_PASSWORD, user["vhost"], perms)
-        yield TlsStack(ca, other, server, rabbit, redis_port, redis_proc, folder)
+        yield TlsStack(ca, other_ca, rabbit, redis_port, redis_proc)
     finally:
         rabbit.stop()
         redis_proc.kill()
@@ -212,7 +230,7 @@ async def test_rediss_with_the_ca_and_acl_user_works_and_stays_in_its_key_prefix
 async def test_rediss_refuses_a_wrong_ca_a_wrong_password_and_a_plain_connection(
     stack: TlsStack,
 ) -> None:
-    wrong_ca = await _store_error(stack.settings(redis_ca_file=stack.other_ca.cert))
+    wrong_ca = await _store_error(stack.settings(redis_ca_file=stack.other_ca))
     assert "TLS certificate not trusted by TP_REDIS_CA_FILE=" in wrong_ca, wrong_ca
     assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca, wrong_ca
 
@@ -263,7 +281,7 @@ async def test_amqps_with_the_ca_works_and_the_user_is_held_to_the_platform_name
 async def test_amqps_refuses_a_wrong_ca_a_wrong_password_and_a_plain_connection(
     stack: TlsStack,
 ) -> None:
-    wrong_ca = await _broker_error(stack.settings(amqp_ca_file=stack.other_ca.cert))
+    wrong_ca = await _broker_error(stack.settings(amqp_ca_file=stack.other_ca))
     assert "TLS certificate not trusted by TP_AMQP_CA_FILE=" in wrong_ca, wrong_ca
 
     wrong_password = await _broker_error(stack.settings(amqp_password="not-the-password"))
@@ -298,9 +316,9 @@ def deploy_env(stack: TlsStack, tmp: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
     return env | {
         "TP_AMQP_URL": stack.amqp_url,
-        "TP_AMQP_CA_FILE": str(stack.ca.cert),
+        "TP_AMQP_CA_FILE": str(stack.ca),
         "TP_REDIS_URL": stack.redis_url,
-        "TP_REDIS_CA_FILE": str(stack.ca.cert),
+        "TP_REDIS_CA_FILE": str(stack.ca),
         "TP_SECRETS_DIR": str(tmp / "secrets"),
         "TP_NAMESPACE": NAMESPACE,
         "TP_DATA_DIR": str(tmp / "data"),
