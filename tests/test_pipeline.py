@@ -141,13 +141,19 @@ async def test_bad_messages_are_dead_lettered_and_scheduler_keeps_serving(
     tasks = client.broker.declared.tasks
     await tasks.publish(aio_pika.Message(b"\xff\xfe not json at all"), "submit")
     await tasks.publish(aio_pika.Message(json.dumps({"task_type": "probe"}).encode()), "submit")
+    limit = client.settings.max_message_bytes  # the message size limit (TP_MAX_MESSAGE_BYTES)
+    oversized = b'{"task_id": "big", "pad": "' + b"x" * limit + b'"}'
+    await tasks.publish(aio_pika.Message(oversized), "submit")
     record = await client.wait((await client.submit("probe", {})).task_id, timeout_s=WAIT_S)
     assert record.state is TaskState.COMPLETED
 
-    dead = await dead_letters(client, 2)
-    reasons = sorted(m.headers[REASON_HEADER] for m in dead)
+    dead = await dead_letters(client, 3)
+    by_reason = {m.headers[REASON_HEADER]: m for m in dead}
+    reasons = sorted(by_reason)
     assert reasons[0].startswith("invalid TaskSubmission: task_id: Field required"), reasons
-    assert reasons[1].startswith("undecodable body"), reasons
+    assert reasons[1] == f"message of {len(oversized)} bytes exceeds limit of {limit}", reasons
+    assert by_reason[reasons[1]].body == oversized  # kept whole in the dead-letter queue
+    assert reasons[2].startswith("undecodable body"), reasons
     assert platform.procs["scheduler"].proc.poll() is None
 
 
