@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from shared.errors import StoreError
 from shared.health import WORKER_KIND, Heartbeat
-from shared.settings import Settings, describe_settings_error
+from shared.settings import SETTINGS_ERRORS, Settings, describe_settings_error
 from shared.store import StatusStore
 
 KINDS = ("scheduler", WORKER_KIND, "git-sync", "artifact-sync", "health-monitor")
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = Settings(socket_timeout_s=3.0)
-    except ValidationError as e:
+    except SETTINGS_ERRORS as e:
         print(f"healthcheck: bad settings: {describe_settings_error(e)}", file=sys.stderr)
         return 2
     name = args.name or (settings.worker_name if args.kind == WORKER_KIND else socket.gethostname())

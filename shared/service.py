@@ -22,11 +22,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 import structlog
-from pydantic import ValidationError
 
 from shared.errors import BrokerError, StoreError, TradePlatError
 from shared.logging import configure_logging
-from shared.settings import Settings, describe_settings_error
+from shared.settings import SETTINGS_ERRORS, Settings, describe_settings_error
 
 log = structlog.get_logger(__name__)
 
@@ -147,7 +146,7 @@ def main(name: str, factory: Callable[[Settings], Service]) -> None:
     """Entry point body for ``python -m services.<name>``: settings, logging, run."""
     try:
         settings = Settings()
-    except ValidationError as e:
+    except SETTINGS_ERRORS as e:
         print(f"{name}: bad settings: {describe_settings_error(e)}", file=sys.stderr)
         sys.exit(2)
     configure_logging(settings, service=name)

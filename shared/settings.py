@@ -13,7 +13,7 @@ import ssl
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -21,6 +21,7 @@ from pydantic_settings import (
     PydanticBaseSettingsSource,
     SecretsSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from shared.constants import CHILD_EXIT_GRACE_S, DEFAULT_MAX_MESSAGE_BYTES, HAND_BACK_BOUND_S
@@ -42,6 +43,7 @@ REDACTED = "***"
 #: ``scheme://user:password@`` in any text: the password part is redacted even when it is not one
 #: of this process's own secrets (a URL quoted in a library's error, another machine's URL).
 _URL_PASSWORD = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://[^:/?#@\s]*:)([^@/\s]+)(@)")
+_URL_PASSWORD_BYTES = re.compile(_URL_PASSWORD.pattern.encode())
 
 
 #: Error texts of refused credentials: aiormq (RabbitMQ), redis-py (Redis 6+ ACL and AUTH).
@@ -52,6 +54,10 @@ _AUTH_REFUSED = (
     "NOAUTH",
     "Authentication required",
 )
+#: Error texts of a TLS client talking to a plain port: garbage instead of a TLS record (the broker
+#: answers AMQP's header), or silence until the timeout (Redis waits for a command).
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "record layer failure")
+_SILENT = ("Timeout connecting", "timed out")
 #: Error texts of a server dropping a connection that did not speak TLS to its TLS port.
 _RESET = ("Connection reset", "connection reset", "Connection closed by server", "(104,")
 
@@ -67,8 +73,18 @@ def secrets_dir() -> Path | None:
     return Path(raw) if raw else None
 
 
-def describe_settings_error(error: ValidationError) -> str:
-    """One line naming each bad variable: ``TP_WORKER_GPU_SLOTS: Input should be ...; ...``."""
+#: What ``Settings()`` raises for bad settings: a value that fails validation, or one that
+#: cannot even be read (``TP_WORKER_PRELOAD=notjson``: pydantic-settings' ``SettingsError``).
+SETTINGS_ERRORS = (ValidationError, SettingsError)
+
+
+def describe_settings_error(error: ValidationError | SettingsError) -> str:
+    """One line naming each bad variable: ``TP_WORKER_GPU_SLOTS: Input should be ...; ...``.
+
+    Never the value itself (it may be a secret): pydantic's messages say what is wrong only.
+    """
+    if isinstance(error, SettingsError):
+        return str(error).replace('from source "EnvSettingsSource"', "from the environment")
     parts = []
     for err in error.errors():
         loc = [str(p) for p in err["loc"]]
@@ -362,13 +378,21 @@ class Settings(BaseSettings):
     def _check_amqp_url(cls, value: str) -> str:
         if urlsplit(value).scheme not in {"amqp", "amqps"}:
             raise ValueError("must start with amqp:// or amqps://")
+        _check_parses(value)
         return value
 
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
+        parts = urlsplit(value)
+        if parts.scheme not in {"redis", "rediss", "unix"}:
             raise ValueError("must start with redis://, rediss:// or unix://")
+        _check_parses(value)
+        options = {k.lower() for k, _ in parse_qsl(parts.query)}
+        if any(k.startswith("ssl") for k in options):
+            # redis-py would let ?ssl_cert_reqs=none or ?ssl_check_hostname=false turn off the
+            # verification TP_REDIS_CA_FILE sets up: TLS options come from the TLS settings only.
+            raise ValueError("TLS options are not taken from the URL (ssl_*): use TP_REDIS_CA_FILE")
         return value
 
     @field_validator("code_dir", "artifact_dir", "secrets_dir")
@@ -422,6 +446,31 @@ class Settings(BaseSettings):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"TP_{name.upper()}: no such file: {path}")
+        for link in ("amqp", "redis"):
+            ca, cert, key = (getattr(self, f"{link}_{kind}_file") for kind in ("ca", "cert", "key"))
+            if ca is None and cert is None and key is None:
+                continue
+            try:  # load them now: a bad file is a bad setting (exit 2), not an endless retry
+                context = ssl.create_default_context(cafile=str(ca) if ca else None)
+                if cert is not None:
+                    context.load_cert_chain(str(cert), str(key) if key else None)
+            except (ssl.SSLError, OSError) as e:
+                names = (
+                    f"TP_{link.upper()}_CA_FILE" if cert is None else f"TP_{link.upper()}_*_FILE"
+                )
+                raise ValueError(f"{names}: cannot be used for TLS: {e}") from None
+            if key is not None and cert is None:
+                raise ValueError(f"TP_{link.upper()}_KEY_FILE: needs TP_{link.upper()}_CERT_FILE")
+        return self
+
+    @model_validator(mode="after")
+    def _check_secrets(self) -> Settings:
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr) and not value.get_secret_value():
+                raise ValueError(
+                    f"TP_{name.upper()}: empty (an empty secret file?); unset it instead"
+                )
         return self
 
     @property
@@ -530,11 +579,31 @@ class Settings(BaseSettings):
         if not tls and any(m in text for m in _RESET):
             scheme = "amqps" if link == "amqp" else "rediss"
             return f"{where} closed the connection: {text} (a TLS-only port? use {scheme}://)"
+        if tls and any(m in text for m in _NOT_TLS):
+            return (
+                f"{where}: not a TLS answer: {text} (a plain port? use {link}://, or the TLS port)"
+            )
+        if tls and any(m in text for m in _SILENT):
+            return (
+                f"{where}: no answer: {text} (a firewall dropping it, or a plain port waiting for "
+                f"a command: use {link}:// there, or the TLS port)"
+            )
         return f"{what} unreachable at {self.redact(url)}: {text}"
 
     def redact(self, url: str) -> str:
-        """``url`` with its password replaced by ``***``, for logs and error messages."""
-        return _URL_PASSWORD.sub(rf"\1{REDACTED}\3", url)
+        """``url`` with its password replaced by ``***``, for logs and error messages.
+
+        Split at the last ``@`` of the authority (as the URL parser does), so a password with an
+        unencoded ``@``, ``:`` or space is hidden whole.
+        """
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            return redact_text(url, self.secret_values())
+        authority, slash, tail = rest.partition("/")
+        userinfo, at, host = authority.rpartition("@")
+        if at and ":" in userinfo:
+            authority = f"{userinfo.split(':', 1)[0]}:{REDACTED}@{host}"
+        return redact_text(f"{scheme}://{authority}{slash}{tail}", self.secret_values())
 
     def shown(self) -> Iterator[tuple[str, str, bool]]:
         """``(variable, value, set)`` per setting for ``tradectl config show``, secrets hidden.
@@ -560,6 +629,29 @@ def redact_text(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, REDACTED)
     return _URL_PASSWORD.sub(rf"\1{REDACTED}\3", text)
+
+
+def _check_parses(url: str) -> None:
+    """Refuse a URL the client libraries would misread, without repeating it (it has secrets).
+
+    Raises:
+        ValueError: the port is not a number (often a password with an unencoded ``/``, ``#``
+            or ``?``, which ends the authority early).
+    """
+    try:
+        urlsplit(url).port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ValueError(
+            "cannot be parsed (its port is not a number); URL-encode / # ? @ and spaces in the "
+            "user name and password, or set the password with TP_*_PASSWORD"
+        ) from None
+
+
+def redact_bytes(data: bytes, secrets: list[bytes]) -> bytes:
+    """:func:`redact_text` for raw output (a task's stdout): ``secrets`` UTF-8 encoded."""
+    for secret in secrets:
+        data = data.replace(secret, REDACTED.encode())
+    return _URL_PASSWORD_BYTES.sub(rb"\1***\3", data)
 
 
 def _with_password(url: str, password: str) -> str:

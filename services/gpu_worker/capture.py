@@ -18,6 +18,7 @@ into the task, and nothing waits on Redis: the worker writes to Redis
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -25,12 +26,13 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, MutableMapping, Sequence
 from typing import Any
 
 import structlog
 
 from shared.logstream import MAX_LINE_BYTES, LogLine, clean_text
+from shared.settings import redact_bytes, redact_text
 
 #: Pause between two messages of lines to the worker (s): batches a chatty task's output while
 #: keeping a line's way to a follower far under a second.
@@ -91,8 +93,9 @@ class LineSplitter:
 class Outbox:
     """Lines waiting for the sender; thread-safe and bounded per message."""
 
-    def __init__(self, attempt: int) -> None:
+    def __init__(self, attempt: int, secrets: Sequence[str] = ()) -> None:
         self._attempt = attempt
+        self._secrets = list(secrets)
         # Re-entrant: a signal handler of the task that logs may run while the main thread is
         # inside ``put``; a plain lock would deadlock the task there.
         self._lock = threading.RLock()
@@ -103,7 +106,8 @@ class Outbox:
         self.queued = threading.Event()
 
     def put(self, line: LogLine) -> None:
-        """Queue a line, or count it dropped when this message is full."""
+        """Queue a line (secrets redacted), or count it dropped when this message is full."""
+        line = dataclasses.replace(line, text=redact_text(line.text, self._secrets))
         size = len(line.text)
         with self._lock:
             if len(self._lines) >= MAX_BATCH_LINES or self._bytes + size > MAX_BATCH_CHARS:
@@ -178,10 +182,11 @@ class OutputCapture:
         send: ships one message to the worker (thread-safe; the child's pipe to its parent).
     """
 
-    def __init__(self, attempt: int, send: Send) -> None:
+    def __init__(self, attempt: int, send: Send, secrets: Sequence[str] = ()) -> None:
         self._attempt = attempt
         self._send = send
-        self.outbox = Outbox(attempt)
+        self._secrets = [secret.encode() for secret in secrets]
+        self.outbox = Outbox(attempt, secrets)
         self._handler = RecordHandler(self.outbox, attempt)
         self._saved: dict[int, int] = {}
         self._readers: list[threading.Thread] = []
@@ -245,6 +250,7 @@ class OutputCapture:
     def _read(self, read_end: int, stream: str) -> None:
         """Reader thread: pipe -> worker's fd (as before) and lines -> outbox, until EOF."""
         splitter, copy_to = LineSplitter(), self._saved[1 if stream == "stdout" else 2]
+        held = b""  # copied up to the last line end only, so no secret is split and missed
         while True:
             try:
                 data = os.read(read_end, READ_CHUNK)
@@ -252,8 +258,15 @@ class OutputCapture:
                 break
             if not data:
                 break
-            copy_to = _copy(copy_to, data)
+            held += data
+            end = max(held.rfind(b"\n"), held.rfind(b"\r")) + 1 or (
+                len(held) if len(held) > READ_CHUNK else 0
+            )
+            if end:
+                copy_to = _copy(copy_to, redact_bytes(held[:end], self._secrets))
+                held = held[end:]
             self._queue(splitter.feed(data), stream)
+        _copy(copy_to, redact_bytes(held, self._secrets))
         self._queue(splitter.flush(), stream)
         os.close(read_end)
 

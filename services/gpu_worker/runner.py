@@ -43,7 +43,7 @@ from services.gpu_worker.context import RETRYABLE_ERRORS, TaskContext
 from services.gpu_worker.tasks import TASK_ENTRYPOINTS
 from shared.constants import CHILD_EXIT_GRACE_S, TRACEBACK_SUMMARY_CHARS
 from shared.logstream import LogLine
-from shared.settings import LogFormat, LogLevel, Settings
+from shared.settings import LogFormat, LogLevel, Settings, redact_text
 
 log = structlog.get_logger(__name__)
 
@@ -188,8 +188,11 @@ def child_main(job: ChildJob, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if job.stdout_to_stderr:
         os.dup2(2, 1)
+    # MLflow prints run URLs with the tracking server's credentials in them: not into task logs.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    secrets = job.settings.secret_values() if job.settings is not None else []
     _configure_child_logging(job)
-    capture = _start_capture(job.attempt, report)
+    capture = _start_capture(job.attempt, report, secrets)
     try:
         from shared.task_types import validate_config
 
@@ -199,21 +202,24 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         result = run(config, ctx)
         report(("stopped" if ctx.should_stop() else "result", result))
     except BaseException as e:  # everything the task raises is reported, then the child exits
-        tb = traceback.format_exc()[-TRACEBACK_SUMMARY_CHARS:]
-        report(("error", f"{type(e).__name__}: {e}", tb, isinstance(e, RETRYABLE_ERRORS)))
+        tb = redact_text(traceback.format_exc()[-TRACEBACK_SUMMARY_CHARS:], secrets)
+        error = redact_text(f"{type(e).__name__}: {e}", secrets)
+        report(("error", error, tb, isinstance(e, RETRYABLE_ERRORS)))
     finally:
         if capture is not None:
             capture.stop()
         conn.close()
 
 
-def _start_capture(attempt: int, report: Callable[[tuple[Any, ...]], None]) -> OutputCapture | None:
+def _start_capture(
+    attempt: int, report: Callable[[tuple[Any, ...]], None], secrets: Sequence[str] = ()
+) -> OutputCapture | None:
     """Capture the task's output for its live log, or None when it cannot be captured.
 
     A task whose output cannot be captured (no file descriptors left) still runs, with a warning
     in the worker's log.
     """
-    capture = OutputCapture(attempt, report)
+    capture = OutputCapture(attempt, report, secrets)
     try:
         capture.start()
     except OSError as e:
@@ -282,7 +288,10 @@ def _configure_child_logging(job: ChildJob) -> None:
     from shared.logging import configure_logging
     from shared.settings import Settings
 
-    settings = Settings.model_construct(log_level=job.log_level, log_format=job.log_format)
+    # The worker's settings when given: the redacting processor then knows its secrets.
+    settings = job.settings or Settings.model_construct(
+        log_level=job.log_level, log_format=job.log_format
+    )
     configure_logging(settings, service="task")
     structlog.contextvars.bind_contextvars(task_id=job.task_id, attempt=job.attempt)
 

@@ -86,7 +86,10 @@ class TokenGate:
             await self.app(scope, receive, send)
             return
         if self._matches(request.query_params.get("token")):
-            redirect = RedirectResponse(request.url.remove_query_params("token"), 303)
+            # Relative: the Host header is the client's to choose (no redirect to elsewhere).
+            rest = request.url.remove_query_params("token")
+            target = rest.path + (f"?{rest.query}" if rest.query else "")
+            redirect = RedirectResponse(target, 303)
             redirect.set_cookie(
                 TOKEN_COOKIE, self._token.decode(), httponly=True, samesite="strict"
             )

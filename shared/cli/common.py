@@ -22,14 +22,13 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import structlog
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
 from shared.client import DistributedClient
 from shared.errors import BrokerError, StoreError, TaskNotFoundError
-from shared.settings import FallbackMode, Settings, describe_settings_error
+from shared.settings import SETTINGS_ERRORS, FallbackMode, Settings, describe_settings_error
 
 # aio-pika leaves a robust connection's close() un-awaited when its first connect fails (the
 # broker is down); Python then warns at exit. Nothing is left open: not the user's concern.
@@ -58,7 +57,7 @@ def load_settings() -> Settings:
     """Settings from the environment, or exit 2 naming the bad variable."""
     try:
         return Settings()
-    except ValidationError as e:
+    except SETTINGS_ERRORS as e:
         fail(f"bad settings: {describe_settings_error(e)}", 2)
 
 
