@@ -3,8 +3,10 @@
 # redis-server with it. The default user is off, so every client authenticates as the platform
 # user, which may touch only the namespace's keys (<ns>:*, Optuna's journal included: it lives
 # under <ns>:hyperopt:) and channels, with every command but the admin and dangerous ones
-# (CONFIG, FLUSHALL, KEYS, SHUTDOWN, DEBUG, MONITOR...). Scripts (EVAL, EVALSHA, SCRIPT LOAD)
-# stay allowed: the status store's state changes are Lua scripts.
+# (CONFIG, FLUSHALL, KEYS, SHUTDOWN, DEBUG, MONITOR...), nor FUNCTION and SCRIPT FLUSH (they
+# change server-wide state). Scripts (EVAL, EVALSHA, SCRIPT LOAD) stay allowed: the status
+# store's state changes are Lua scripts. SCAN and DBSIZE still see other key names: give the
+# platform a Redis (or at least a database) of its own.
 #
 # The ACL file keeps only the password's SHA-256 (#<hex>), never the password.
 # Extra arguments are passed to redis-server after the config file, so they win (a test adds
@@ -46,7 +48,7 @@ mkdir -p "$acl_dir"
 acl="$acl_dir/users.acl"
 {
     echo "user default off resetpass resetkeys resetchannels -@all"
-    echo "user $user on #$hash resetkeys ~$namespace:* resetchannels &$namespace:* +@all -@admin -@dangerous"
+    echo "user $user on #$hash resetkeys ~$namespace:* resetchannels &$namespace:* +@all -@admin -@dangerous -function -script|flush"
 } >"$acl"
 echo "redis-entrypoint: wrote $acl (user $user, keys $namespace:*)"
 

@@ -233,6 +233,20 @@ def test_no_secret_in_environment(config: dict[str, Any]) -> None:
             assert source in declared, f"{name}: secret {source} is not declared"
 
 
+def test_worker_and_artifact_sync_share_the_storage_settings(config: dict[str, Any]) -> None:
+    """The worker asks for a sync when a task ends and loads models from storage: it must know
+    the same backend as artifact-sync (else it never asks, and artifact-sync idles)."""
+    keys = ("TP_ARTIFACT_BACKEND", "TP_S3_ENDPOINT_URL", "TP_S3_BUCKET", "TP_S3_ACCESS_KEY_ID")
+    worker, sync = services(config)["gpu-worker"], services(config)["artifact-sync"]
+    assert {k: worker["environment"].get(k) for k in keys} == {
+        k: sync["environment"].get(k) for k in keys
+    }
+    assert sync["environment"]["TP_ARTIFACT_BACKEND"] == "s3"
+    for service in (worker, sync):
+        names = {s["source"] if isinstance(s, dict) else s for s in service["secrets"]}
+        assert "tp_s3_secret_access_key" in names
+
+
 def test_images_are_pinned(config: dict[str, Any]) -> None:
     """Every image has an explicit version tag (never ``latest`` or none)."""
     for name, service in services(config).items():
@@ -512,7 +526,15 @@ def test_redis_acl_confines_the_platform_user(
         assert user.evalsha(user.script_load(script), 1, "tp:deploy-counter") == 2
         with pytest.raises(redis.exceptions.NoPermissionError):
             user.set("other:key", "1")
-        for command in (("FLUSHALL",), ("CONFIG", "GET", "dir"), ("KEYS", "*")):
+        refused = (
+            ("FLUSHALL",),
+            ("CONFIG", "GET", "dir"),
+            ("KEYS", "*"),
+            ("SCRIPT", "FLUSH"),
+            ("FUNCTION", "FLUSH"),
+            ("FUNCTION", "LOAD", "#!lua name=x\nredis.register_function('f', function() end)"),
+        )
+        for command in refused:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 user.execute_command(*command)
     finally:

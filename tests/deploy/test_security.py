@@ -16,11 +16,13 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aio_pika
 import boto3
@@ -37,8 +39,9 @@ from shared.broker import Broker
 from shared.errors import BrokerError, StoreError
 from shared.logging import configure_logging
 from shared.settings import Settings
+from shared.settings import describe_settings_error as describe
 from shared.store import StatusStore
-from tests.conftest import ServiceProcess, tradectl
+from tests.conftest import AMQP_URL, ServiceProcess, require, tradectl
 from tests.private_rabbit import PrivateRabbit
 from tests.test_service_lifecycle import free_port
 
@@ -367,6 +370,18 @@ def test_a_task_runs_over_tls_with_secret_files_and_no_secret_reaches_any_output
         outputs += [submit.stdout, submit.stderr]
         assert submit.returncode == 0, submit.stdout + submit.stderr
         task_id = json.loads(submit.stdout)["task_id"]
+        # A task whose error text holds a secret: recorded, printed and logged redacted.
+        leaky = tradectl(
+            "task", "submit", "probe", "--set", f"fail_with=no luck with {AMQP_PASSWORD}",
+            "--wait", "--timeout", "60", "--json", env=env, timeout=90,
+        )  # fmt: skip
+        assert leaky.returncode == 1, leaky.stdout + leaky.stderr
+        leaky_id = json.loads(leaky.stdout)["task_id"]
+        failed = tradectl("task", "status", leaky_id, "--json", env=env)
+        record = json.loads(failed.stdout)  # its config holds the text as given, not its error
+        assert record["error"] == "RuntimeError: no luck with ***", record
+        leaked_logs = tradectl("task", "logs", leaky_id, env=env)
+        outputs += [leaked_logs.stdout, leaked_logs.stderr]
         for args in (
             ("task", "logs", task_id),
             ("task", "status", task_id),
@@ -528,3 +543,90 @@ async def test_health_http_requires_the_token_except_on_healthz(tmp_path: Path) 
         transport=httpx.ASGITransport(app=open_app), base_url="http://monitor"
     ) as http:
         assert (await http.get("/metrics")).status_code == 200
+
+
+# --------------------------------------------------------------------------------------------
+# Found by a breaker's pass: each of these leaked or misled before
+
+
+def test_urls_with_unencoded_characters_are_redacted_whole_or_refused() -> None:
+    s = Settings(redis_url="redis://tradeplat:p@ss0rdX@127.0.0.1:6399/0", _env_file=None)
+    assert s.redact(s.redis_url) == "redis://tradeplat:***@127.0.0.1:6399/0"
+    spaced = Settings(amqp_url="amqp://tradeplat:pa ss0rdX@127.0.0.1:5673/", _env_file=None)
+    assert spaced.redact(spaced.amqp_url) == "amqp://tradeplat:***@127.0.0.1:5673/"
+    with pytest.raises(ValidationError) as refused:
+        Settings(amqp_url="amqp://tradeplat:pa/ss0rdX@127.0.0.1:5673/", _env_file=None)
+    assert "cannot be parsed" in str(refused.value) and "ss0rdX" not in describe(refused.value)
+
+
+def test_redis_tls_verification_cannot_be_switched_off_from_the_url() -> None:
+    for query in ("ssl_cert_reqs=none", "ssl_check_hostname=false", "SSL_CA_CERTS=/x"):
+        with pytest.raises(ValidationError, match="TLS options are not taken from the URL"):
+            Settings(redis_url=f"rediss://localhost:6380/0?{query}", _env_file=None)
+
+
+def test_bad_tls_files_empty_secrets_and_unreadable_settings_are_refused_at_start(
+    tmp_path: Path,
+) -> None:
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    with pytest.raises(ValidationError, match="TP_REDIS_CA_FILE: cannot be used for TLS"):
+        Settings(redis_ca_file=not_pem, _env_file=None)
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "tp_amqp_password").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TP_")}
+    empty = tradectl("config", "show", env=env | {"TP_SECRETS_DIR": str(secrets)})
+    assert empty.returncode == 2 and "TP_AMQP_PASSWORD: empty" in empty.stderr, empty.stderr
+    unreadable = tradectl("config", "show", env=env | {"TP_WORKER_PRELOAD": "notjson"})
+    assert unreadable.returncode == 2, unreadable.stderr
+    assert "worker_preload" in unreadable.stderr and "Traceback" not in unreadable.stderr
+
+
+async def test_a_tls_client_on_a_plain_port_is_told_so() -> None:
+    require("RabbitMQ", AMQP_URL, 5672)
+    plain = urlsplit(AMQP_URL)
+    s = Settings(amqp_url=AMQP_URL.replace("amqp://", "amqps://", 1), _env_file=None)
+    message = await _broker_error(s)
+    assert "not a TLS answer" in message and "use amqp://" in message, message
+    assert (
+        plain.password is None or plain.password == plain.username or plain.password not in message
+    )
+
+
+def test_task_output_and_errors_are_redacted_in_the_child(tmp_path: Path) -> None:
+    """The task child's captured lines, the copy on the worker's stderr and the error it reports.
+
+    MLflow prints run URLs with the tracking server's credentials; a task may print or raise
+    with a secret in the text. Run in a process of its own: the capture takes over fds 1 and 2.
+    """
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import sys, time\n"
+        "from services.gpu_worker.capture import OutputCapture\n"
+        "sent = []\n"
+        f"capture = OutputCapture(1, sent.append, [{AMQP_PASSWORD!r}])\n"
+        "capture.start()\n"
+        f"print('View run at http://mlu:MlflowPw_777@h:5000/#/runs/1 and {AMQP_PASSWORD}')\n"
+        f"sys.stdout.write('{AMQP_PASSWORD[:5]}')\n"
+        "sys.stdout.flush()\n"
+        f"sys.stdout.write('{AMQP_PASSWORD[5:]} split across writes\\n')\n"
+        "sys.stdout.flush()\n"
+        "time.sleep(0.3)\n"
+        "capture.stop()\n"
+        "lines = [l.text for kind, batch in sent for l in batch]\n"
+        "print('CAPTURED', lines, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "CAPTURED" in done.stderr and "***" in done.stderr, done.stderr
+    for text in (done.stdout, done.stderr):
+        assert AMQP_PASSWORD not in text and "MlflowPw_777" not in text, text
+    assert "View run at http://mlu:***@h:5000/" in done.stdout, done.stdout
