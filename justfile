@@ -39,8 +39,17 @@ bench-soak *ARGS:
 bench-artifacts *ARGS:
     .venv/bin/python -m bench.artifacts {{ARGS}}
 
+# Dispatch: our scheduler and worker beside a Celery 5 worker on the same RabbitMQ and Redis.
+bench-dispatch *ARGS:
+    .venv/bin/python -c 'import celery' 2>/dev/null || .venv/bin/pip install -q -e '.[bench]'
+    .venv/bin/python -m bench.dispatch {{ARGS}}
+
+# train_model run directly and through the whole system: wall times and the ratio.
+bench-training *ARGS:
+    .venv/bin/python -m bench.training {{ARGS}}
+
 # Every benchmark that finishes in minutes (the soak runs separately: just bench-soak).
-bench: bench-artifacts
+bench: bench-artifacts bench-dispatch bench-training
 
 # Run artifact-sync in the foreground (needs TP_ARTIFACT_BACKEND and its storage settings).
 artifact-sync:

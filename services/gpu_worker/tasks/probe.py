@@ -26,11 +26,15 @@ def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
     that is run again after its worker was lost resumes after the last finished step.
 
     Returns:
-        ``{"metrics": {"slept_s", "steps", "resumed_from_step"}, "pid": child pid}``.
+        ``{"metrics": {"slept_s", "steps", "resumed_from_step"}, "pid": child pid,
+        "started_at": Unix s, "returned_at": Unix s}``: ``started_at`` is taken first thing in
+        ``run`` and ``returned_at`` just before it returns (wall clock), so a benchmark can tell
+        when the task's own code began and ended (``bench.dispatch``).
 
     Raises:
         RetryableTaskError, RuntimeError: ``config.fail_with`` is set (see ``ProbeConfig``).
     """
+    started_at = time.time()
     if config.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if config.print_lines:
@@ -57,7 +61,12 @@ def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
         "steps": float(done),
         "resumed_from_step": float(resumed),
     }
-    return {"metrics": metrics, "pid": os.getpid()}
+    return {
+        "metrics": metrics,
+        "pid": os.getpid(),
+        "started_at": started_at,
+        "returned_at": time.time(),
+    }
 
 
 def _print_lines(config: ProbeConfig, ctx: TaskContext) -> None:
