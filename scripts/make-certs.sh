@@ -19,6 +19,10 @@ if [ $# -eq 0 ]; then
     exit 2
 fi
 command -v openssl >/dev/null || { echo "make-certs: openssl not installed" >&2; exit 1; }
+# SECRETS_DIR from the environment, else from .env (where compose reads it), else ./secrets.
+if [ -z "${SECRETS_DIR:-}" ] && [ -f .env ]; then
+    SECRETS_DIR=$(sed -n 's/^SECRETS_DIR=//p' .env | tail -n 1)
+fi
 dir=${SECRETS_DIR:-./secrets}
 days=${DAYS:-825}
 umask 077

@@ -4,6 +4,10 @@
 # that a service has already stored. Hex values: safe in URLs, rabbitmq.conf and ACL files.
 set -eu
 cd "$(dirname "$0")/.."
+# SECRETS_DIR from the environment, else from .env (where compose reads it), else ./secrets.
+if [ -z "${SECRETS_DIR:-}" ] && [ -f .env ]; then
+    SECRETS_DIR=$(sed -n 's/^SECRETS_DIR=//p' .env | tail -n 1)
+fi
 dir=${SECRETS_DIR:-./secrets}
 umask 077
 mkdir -p "$dir"
@@ -31,7 +35,8 @@ done
 chmod 644 "$dir"/*
 for name in git_deploy_key git_known_hosts; do
     if [ ! -s "$dir/$name" ]; then
-        echo "missing $dir/$name: add it (git_deploy_key: the repository's read-only deploy key;" >&2
+        echo "missing $dir/$name: add it (git_deploy_key: the repository's read-only deploy key," >&2
+        echo "        install -m 0644 KEY $dir/git_deploy_key so the containers can read it;" >&2
         echo "        git_known_hosts: ssh-keyscan <git host> > $dir/git_known_hosts)" >&2
     fi
 done

@@ -574,29 +574,39 @@ class Settings(BaseSettings):
         what = "broker" if link == "amqp" else "Redis"
         url = self.amqp_url if link == "amqp" else self.redis_url
         ca = self.amqp_ca_file if link == "amqp" else self.redis_ca_file
-        where = f"{what} at {self.redact(url)}"
         text = self.redact_text(str(error) or repr(error))
-        var = f"TP_{link.upper()}"
-        if any(m in text for m in _AUTH_REFUSED):
-            return (
-                f"{where} refused the credentials: {text} (check {var}_URL's user, {var}_PASSWORD)"
-            )
-        if "CERTIFICATE_VERIFY_FAILED" in text:
-            trusted = f"{var}_CA_FILE={ca}" if ca else f"the system's CAs ({var}_CA_FILE unset)"
-            return f"{where}: TLS certificate not trusted by {trusted}: {text}"
-        tls = urlsplit(url).scheme in {"amqps", "rediss"}
-        if not tls and any(m in text for m in _RESET):
-            scheme = "amqps" if link == "amqp" else "rediss"
-            return f"{where} closed the connection: {text} (a TLS-only port? use {scheme}://)"
-        if tls and any(m in text for m in _NOT_TLS):
-            return (
-                f"{where}: not a TLS answer: {text} (a plain port? use {link}://, or the TLS port)"
-            )
-        if tls and any(m in text for m in _SILENT):
-            return (
-                f"{where}: no answer: {text} (a firewall dropping it, or a plain port waiting for "
-                f"a command: use {link}:// there, or the TLS port)"
-            )
+        var, tls = f"TP_{link.upper()}", urlsplit(url).scheme in {"amqps", "rediss"}
+        trusted = f"{var}_CA_FILE={ca}" if ca else f"the system's CAs ({var}_CA_FILE unset)"
+        other = f"{link}s" if not tls else link
+        # (applies?, what it means); the first that applies names the cause.
+        causes = (
+            (
+                any(m in text for m in _AUTH_REFUSED),
+                f"refused the credentials (check {var}_URL's user, {var}_PASSWORD)",
+            ),
+            (
+                "CERTIFICATE_VERIFY_FAILED" in text and "mismatch" in text,
+                f"its TLS certificate does not name {urlsplit(url).hostname} (connect by a name "
+                "or IP the certificate lists)",
+            ),
+            ("CERTIFICATE_VERIFY_FAILED" in text, f"TLS certificate not trusted by {trusted}"),
+            (
+                not tls and any(m in text for m in _RESET),
+                f"closed the connection (a TLS-only port? use {other}://)",
+            ),
+            (
+                tls and any(m in text for m in _NOT_TLS),
+                f"not a TLS answer (a plain port? use {other}://, or the TLS port)",
+            ),
+            (
+                tls and any(m in text for m in _SILENT),
+                f"no answer (a firewall dropping it, or a plain port waiting for a command: use "
+                f"{other}:// there, or the TLS port)",
+            ),
+        )
+        for applies, meaning in causes:
+            if applies:
+                return f"{what} at {self.redact(url)}: {meaning}: {text}"
         return f"{what} unreachable at {self.redact(url)}: {text}"
 
     def redact(self, url: str) -> str:
