@@ -171,6 +171,22 @@ class Settings(BaseSettings):
             "start threads at import. The worker's task runner is always preloaded."
         ),
     )
+    worker_child_max_tasks: int = Field(
+        100,
+        ge=1,
+        le=1_000_000,
+        description=(
+            "Tasks one child process runs, one after another, before it is replaced; a failed, "
+            "stopped or timed-out task always retires its child (1: a fresh child per task)."
+        ),
+    )
+    worker_gpu_isolate: bool = Field(
+        False,
+        description=(
+            "A fresh child process for every task of the gpu queue (no CUDA state or memory "
+            "carried from one training to the next), whatever TP_WORKER_CHILD_MAX_TASKS says."
+        ),
+    )
     task_timeout_s: float = Field(
         6 * 3600.0, gt=0, description="Default maximum run time of a task (s)."
     )

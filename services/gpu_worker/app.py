@@ -210,4 +210,5 @@ class Worker:
         self._control = None
         await self.broker.stop()
         await self.store.stop()
+        await runner.close_idle()
         runner.shut_down()

@@ -13,7 +13,7 @@ from services.gpu_worker.outcome import RetryPolicy, StopReason, Verdict, decide
 from services.gpu_worker.runner import ChildJob, ChildOutcome, ChildProcess
 from shared.artifacts import ArtifactRequest, ArtifactState, ArtifactStatus
 from shared.broker import Broker
-from shared.constants import FINISHED_TASK_TTL_S, PROGRESS_MIN_INTERVAL_S
+from shared.constants import FINISHED_TASK_TTL_S, PROGRESS_MIN_INTERVAL_S, ROUTE_GPU
 from shared.errors import BrokerError, StoreError
 from shared.events import progress_event, state_event
 from shared.logstream import LogLine, LogStreamWriter
@@ -86,6 +86,11 @@ class TaskExecution:
                 log_level=env.settings.log_level,
                 log_format=env.settings.log_format,
                 settings=env.settings,
+                max_tasks=(
+                    1
+                    if env.settings.worker_gpu_isolate and route == ROUTE_GPU
+                    else env.settings.worker_child_max_tasks
+                ),
             ),
             self.on_progress,
             self.on_checkpoint,

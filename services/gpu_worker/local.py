@@ -297,6 +297,10 @@ class LocalRun:
         loop = asyncio.get_running_loop()
         for sig in self._signals:
             loop.remove_signal_handler(sig)
+            if self.stop_reason is StopReason.CANCEL and sig in (signal.SIGINT, signal.SIGHUP):
+                # A run cancelled by Ctrl-C ends in well under a second now: a second Ctrl-C
+                # right after must not kill tradectl before it prints the recorded end.
+                signal.signal(sig, signal.SIG_IGN)
         self._signals = []
 
     async def _hand_back(self, why: str) -> None:

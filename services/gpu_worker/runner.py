@@ -1,10 +1,16 @@
-"""Runs one task in a child process forked from a warm forkserver.
+"""Runs tasks in child processes forked from a warm forkserver, reused while they stay healthy.
 
 The worker's own process never imports task code, torch or CUDA: the forkserver preloads the heavy
-modules once (without touching CUDA, since a process that initialised CUDA cannot fork) and each
-task gets a fresh child from it. A crash, CUDA out-of-memory or leak dies with the child.
+modules once (without touching CUDA, since a process that initialised CUDA cannot fork) and the
+tasks run in its children. A child that ran a task to success goes back to a pool and takes the
+next task with the same logging set-up (``ChildJob.max_tasks`` tasks at most, then it is
+replaced); a failure, a stop (cancel, drain), a time-out or a crash retires it, so a crash, CUDA
+out-of-memory or leak dies with the child and the next task gets a fresh one. ``max_tasks=1``
+gives every task a fresh child (GPU jobs that want isolation: ``TP_WORKER_GPU_ISOLATE``).
+Between tasks a reused child gets back its environment variables and working directory.
 
-Child -> parent messages over a one-way pipe (picklable tuples, our own processes only):
+Parent -> child over a duplex pipe: a ``ChildJob`` to run, or None to exit. Child -> parent
+(picklable tuples, our own processes only), the last three ending a task:
     ("progress", fraction, message, metrics)
     ("checkpoint",)                    the task saved a checkpoint (worth syncing)
     ("logs", [LogLine, ...])           lines of its stdout, stderr and log records (``capture``)
@@ -131,6 +137,13 @@ class ChildJob:
     settings: Settings | None = None
     #: Echo the task's stdout on stderr (a local run: the client's stdout carries its result).
     stdout_to_stderr: bool = False
+    #: Tasks a child may run before it is replaced (1: a fresh child for this task, none after).
+    max_tasks: int = 1
+
+    @property
+    def pool_key(self) -> tuple[Any, ...]:
+        """What a reused child must share with this job: its process-wide set-up."""
+        return (self.log_level, self.log_format, self.stdout_to_stderr, id(self.settings))
 
 
 @dataclass
@@ -168,9 +181,40 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
-def child_main(job: ChildJob, conn: Connection) -> None:
-    """Body of the child process: run the task's entry point and send back what happened."""
+def serve_jobs(conn: Connection, first: ChildJob) -> None:
+    """Body of a task child: set the process up once, then run jobs until told to exit.
+
+    ``first`` sets up the process (logging, secrets, stdout); later jobs come over ``conn``
+    and share that set-up (``ChildJob.pool_key``). None or EOF ends the child.
+    """
+    os.setsid()
+    _release_forkserver()
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if first.stdout_to_stderr:
+        os.dup2(2, 1)
+    # MLflow prints run URLs with the tracking server's credentials in them: not into task logs.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    _configure_child_logging(first)
     report = _locked_sender(conn)
+    environ, cwd = dict(os.environ), os.getcwd()
+    job: ChildJob | None = first
+    while job is not None:
+        run_job(job, report)
+        # What a task changed in the process for itself is undone before the next one.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(environ)
+        os.chdir(cwd)
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            job = None
+    conn.close()
+
+
+def run_job(job: ChildJob, report: Callable[[tuple[Any, ...]], None]) -> None:
+    """Run one task's entry point; its output is captured and its end reported last."""
     ctx = TaskContext(
         task_id=job.task_id,
         attempt=job.attempt,
@@ -184,17 +228,10 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         _checkpoint_sink=lambda: report(("checkpoint",)),
     )
     signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())  # first: a stop is never lost
-    os.setsid()
-    _release_forkserver()
-    _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if job.stdout_to_stderr:
-        os.dup2(2, 1)
-    # MLflow prints run URLs with the tracking server's credentials in them: not into task logs.
-    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    structlog.contextvars.bind_contextvars(task_id=job.task_id, attempt=job.attempt)
     secrets = job.settings.secret_values() if job.settings is not None else []
-    _configure_child_logging(job)
     capture = _start_capture(job.attempt, report, secrets)
+    end: tuple[Any, ...]
     try:
         from shared.task_types import validate_config
 
@@ -202,15 +239,15 @@ def child_main(job: ChildJob, conn: Connection) -> None:
         module_name, func_name = TASK_ENTRYPOINTS[job.task_type].split(":")
         run = getattr(importlib.import_module(module_name), func_name)
         result = run(config, ctx)
-        report(("stopped" if ctx.should_stop() else "result", result))
-    except BaseException as e:  # everything the task raises is reported, then the child exits
+        end = ("stopped" if ctx.should_stop() else "result", result)
+    except BaseException as e:  # everything the task raises is reported; the child retires
         tb = redact_text(traceback.format_exc()[-TRACEBACK_SUMMARY_CHARS:], secrets)
         error = redact_text(f"{type(e).__name__}: {e}", secrets)
-        report(("error", error, tb, isinstance(e, RETRYABLE_ERRORS)))
+        end = ("error", error, tb, isinstance(e, RETRYABLE_ERRORS))
     finally:
         if capture is not None:
-            capture.stop()
-        conn.close()
+            capture.stop()  # its last lines go before the end: the end is the job's last message
+    report(end)
 
 
 def _start_capture(
@@ -284,9 +321,7 @@ def _die_with_parent() -> None:
 
 
 def _configure_child_logging(job: ChildJob) -> None:
-    """Log like the worker (same format and level), tagged with the task id."""
-    import structlog
-
+    """Log like the worker (same format and level); each job binds its task id."""
     from shared.logging import configure_logging
     from shared.settings import Settings
 
@@ -295,11 +330,106 @@ def _configure_child_logging(job: ChildJob) -> None:
         log_level=job.log_level, log_format=job.log_format
     )
     configure_logging(settings, service="task")
-    structlog.contextvars.bind_contextvars(task_id=job.task_id, attempt=job.attempt)
+
+
+#: Message kinds that end a task (the child is then idle, or retiring).
+_TASK_ENDS = frozenset({"result", "stopped", "error"})
+
+
+class WarmChild:
+    """One task child process: started from the forkserver, reused for task after task.
+
+    A reader thread relays everything the child sends to the task it is running now
+    (``attach``); EOF (the child is gone) is relayed as None.
+    """
+
+    def __init__(self, first: ChildJob) -> None:
+        mp = forkserver()
+        self.conn, child_end = mp.Pipe(duplex=True)
+        self.process = mp.Process(target=serve_jobs, args=(child_end, first), daemon=True)
+        self._child_end = child_end
+        self.key = first.pool_key
+        self.tasks_run = 0
+        self._sink: Callable[[tuple[Any, ...] | None], None] | None = None
+        self._lock = threading.Lock()
+        self._gone = False
+
+    def start(self) -> None:
+        """Fork it (blocks until the forkserver did) and start relaying its messages."""
+        self.process.start()
+        self._child_end.close()  # the child holds the only other end: EOF means it is gone
+        threading.Thread(target=self._pump, name=f"relay-{self.process.pid}", daemon=True).start()
+
+    @property
+    def alive(self) -> bool:
+        """Not known to be gone (its pipe is open and it has not exited)."""
+        return not self._gone and self.process.exitcode is None
+
+    def attach(self, sink: Callable[[tuple[Any, ...] | None], None]) -> None:
+        """Send what the child says from now on to ``sink`` (thread-safe; None = it is gone)."""
+        with self._lock:
+            self._sink = sink
+            if self._gone:
+                sink(None)
+
+    def detach(self) -> None:
+        """Stop relaying (the task ended); anything said meanwhile is dropped."""
+        with self._lock:
+            self._sink = None
+
+    def _pump(self) -> None:  # blocking reads stay off the event loop
+        while True:
+            try:
+                item: tuple[Any, ...] | None = self.conn.recv()
+            except (EOFError, OSError):
+                item = None
+            with self._lock:
+                if item is None:
+                    self._gone = True
+                if self._sink is not None:
+                    self._sink(item)
+            if item is None:
+                return
+
+    def run(self, job: ChildJob) -> None:
+        """Hand it the next job (it is idle: its last task ended)."""
+        self.conn.send(job)
+
+    def retire(self, timeout_s: float) -> int | None:
+        """Ask it to exit (SIGKILL after ``timeout_s``), reap it; its exit code (blocking)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        self.process.join(timeout_s)
+        if self.process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.process.pid or 0, signal.SIGKILL)
+            self.process.join()
+        self.conn.close()
+        return self.process.exitcode
+
+
+#: Idle children by ``ChildJob.pool_key``, most recently used last (this process's event loop).
+_idle: dict[tuple[Any, ...], list[WarmChild]] = {}
+
+
+def _take_idle(job: ChildJob) -> WarmChild | None:
+    while pool := _idle.get(job.pool_key):
+        child = pool.pop()
+        if child.alive:
+            return child
+        child.process.join(0)  # died while idle (killed from outside): reap, try the next
+    return None
+
+
+async def close_idle() -> None:
+    """Retire every idle child (the worker is stopping or restarting on new code)."""
+    children = [child for pool in _idle.values() for child in pool]
+    _idle.clear()
+    await asyncio.gather(*(asyncio.to_thread(c.retire, CHILD_EXIT_GRACE_S) for c in children))
 
 
 class ChildProcess:
-    """A task's child process as the worker's event loop sees it.
+    """One task's run in a child process, as the worker's event loop sees it.
 
     Args:
         job: what to run.
@@ -323,6 +453,8 @@ class ChildProcess:
         self._on_logs = on_logs
         self._process: multiprocessing.process.BaseProcess | None = None
         self._pending_signal: signal.Signals | None = None
+        #: Set once the task ended: signals meant for it must not reach the child's next task.
+        self._ended = False
 
     @property
     def pid(self) -> int | None:
@@ -332,35 +464,54 @@ class ChildProcess:
     async def run(
         self, timeout_s: float, on_started: Callable[[int], Awaitable[None]] | None = None
     ) -> ChildOutcome:
-        """Start the child, relay its messages, and return how it ended.
+        """Run the job in an idle child of the pool, or a new one; return how it ended.
 
         The child is killed (SIGKILL) when ``timeout_s`` passes; ``outcome.timed_out`` is then set.
+        A child whose task succeeded goes back to the pool (``job.max_tasks`` tasks at most);
+        any other end retires it.
         """
         self.job.artifact_dir.mkdir(parents=True, exist_ok=True)
         self.job.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-        mp = forkserver()
-        receiver, sender = mp.Pipe(duplex=False)
-        process = mp.Process(target=child_main, args=(self.job, sender), daemon=True)
-        await asyncio.to_thread(process.start)  # blocks until the forkserver forked
-        self._process = process
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
+        child = _take_idle(self.job) if self.job.max_tasks > 1 else None
+        if child is not None:
+            try:
+                child.run(self.job)
+            except OSError:  # it died just now: a fresh one takes the job
+                await asyncio.to_thread(child.retire, 0)
+                child = None
+        if child is None:
+            child = WarmChild(self.job)
+            await asyncio.to_thread(child.start)  # blocks until the forkserver forked
+        child.tasks_run += 1
+
+        def relay(item: tuple[Any, ...] | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        child.attach(relay)
+        self._process = child.process
         if self._pending_signal is not None:
             self._signal(self._pending_signal)
-        sender.close()  # the child holds the only write end: EOF means it is gone
         outcome = ChildOutcome()
         try:
-            if on_started is not None and process.pid is not None:
-                await on_started(process.pid)
-            await asyncio.wait_for(self._relay(receiver, outcome), timeout_s)
+            if on_started is not None and child.process.pid is not None:
+                await on_started(child.process.pid)
+            await asyncio.wait_for(self._relay(queue, outcome), timeout_s)
         except TimeoutError:
             outcome.timed_out = True
             self.kill()
         finally:
-            receiver.close()
-        await asyncio.to_thread(process.join, CHILD_EXIT_GRACE_S)
-        if process.exitcode is None:
-            self.kill()
-            await asyncio.to_thread(process.join)
-        outcome.exitcode = process.exitcode
+            child.detach()
+            self._ended = True
+        succeeded = outcome.result is not None and outcome.failure is None
+        if succeeded and child.alive and child.tasks_run < self.job.max_tasks:
+            _idle.setdefault(child.key, []).append(child)
+            outcome.exitcode = 0
+            return outcome
+        # Retire it: a task that ended (even failed) lets it exit by itself; one that did not
+        # (it died, or was killed on time-out) is reaped, with SIGKILL after the grace.
+        outcome.exitcode = await asyncio.to_thread(child.retire, CHILD_EXIT_GRACE_S)
         return outcome
 
     def terminate(self) -> None:
@@ -372,6 +523,8 @@ class ChildProcess:
         self._signal(signal.SIGKILL)
 
     def _signal(self, sig: signal.Signals) -> None:
+        if self._ended:
+            return  # the task ended: the child may be running another task by now
         if self._process is None or self._process.pid is None:
             self._pending_signal = sig  # sent as soon as the child exists
             return
@@ -380,18 +533,10 @@ class ChildProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._process.pid, sig)
 
-    async def _relay(self, receiver: Connection, outcome: ChildOutcome) -> None:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
-
-        def pump() -> None:  # blocking reads stay off the event loop
-            try:
-                while True:
-                    loop.call_soon_threadsafe(queue.put_nowait, receiver.recv())
-            except (EOFError, OSError):
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        threading.Thread(target=pump, name=f"relay-{self.job.task_id}", daemon=True).start()
+    async def _relay(
+        self, queue: asyncio.Queue[tuple[Any, ...] | None], outcome: ChildOutcome
+    ) -> None:
+        """Apply the child's messages until its task ends (or the child is gone)."""
         while (item := await queue.get()) is not None:
             kind = item[0]
             if kind == "progress":
@@ -405,3 +550,5 @@ class ChildProcess:
                 outcome.stopped = kind == "stopped"
             elif kind == "error":
                 outcome.error, outcome.traceback, outcome.retryable = item[1], item[2], item[3]
+            if kind in _TASK_ENDS:
+                return

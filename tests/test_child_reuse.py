@@ -1,0 +1,56 @@
+"""Task child processes are reused after a success and retired after anything else.
+
+A worker keeps the child of a task that succeeded for its next task (up to
+``TP_WORKER_CHILD_MAX_TASKS``), so a short task does not pay for a new process; a failed,
+cancelled or timed-out task retires its child, and ``TP_WORKER_GPU_ISOLATE`` gives every gpu
+task a fresh one. Each probe reports the pid of the process it ran in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.client import DistributedClient
+from shared.messages import TaskState
+from tests.conftest import Platform
+from tests.test_pipeline import wait_state
+
+WAIT_S = 60
+
+
+async def run_probe(client: DistributedClient, **config: Any) -> tuple[TaskState, int | None]:
+    """Submit a probe, wait for its end; its state and the pid it ran in (None if unknown)."""
+    record = await client.wait((await client.submit("probe", config)).task_id, timeout_s=WAIT_S)
+    pid = (record.result or {}).get("pid")
+    return record.state, pid
+
+
+async def test_children_are_reused_after_success_and_retired_after_failure_cancel_and_limit(
+    platform: Platform, client: DistributedClient
+) -> None:
+    await platform.start_all(
+        TP_WORKER_CHILD_MAX_TASKS="3", TP_WORKER_GPU_ISOLATE="true", TP_WORKER_GPU_SLOTS="1"
+    )
+    runs = [await run_probe(client) for _ in range(4)]
+    assert [state for state, _ in runs] == [TaskState.COMPLETED] * 4
+    pids = [pid for _, pid in runs]
+    assert pids[0] == pids[1] == pids[2] != pids[3], pids  # three tasks, then a fresh child
+
+    failed = await client.wait(
+        (await client.submit("probe", {"fail_with": "boom"})).task_id, timeout_s=WAIT_S
+    )
+    assert failed.state is TaskState.FAILED and failed.child_pid == pids[3], failed
+    after_failure = await run_probe(client)
+    assert after_failure[0] is TaskState.COMPLETED and after_failure[1] != pids[3]
+
+    long = await client.submit("probe", {"sleep_s": 30, "steps": 300})
+    running = await wait_state(client, long.task_id, TaskState.RUNNING)
+    assert running.child_pid == after_failure[1]  # reused, then cancelled mid-task
+    await client.cancel(long.task_id)
+    await wait_state(client, long.task_id, TaskState.CANCELLED)
+    after_cancel = await run_probe(client)
+    assert after_cancel[0] is TaskState.COMPLETED and after_cancel[1] != after_failure[1]
+
+    gpu = [await run_probe(client, needs_gpu=True) for _ in range(2)]
+    assert gpu[0][1] != gpu[1][1], gpu  # TP_WORKER_GPU_ISOLATE: a fresh child per gpu task
+    assert after_cancel[1] not in {gpu[0][1], gpu[1][1]}
