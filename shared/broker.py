@@ -62,6 +62,8 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._declared: DeclaredTopology | None = None
+        #: Events being published in the background (``announce``), awaited by ``stop``.
+        self._announcing: set[asyncio.Task[None]] = set()
 
     async def start(self, *, timeout_s: float = 10.0) -> None:
         """Connect, open a confirming channel and declare the topology.
@@ -84,7 +86,12 @@ class Broker:
             raise BrokerError(s.connection_error("amqp", e)) from e
 
     async def stop(self, *, timeout_s: float = 10.0) -> None:
-        """Close the connection (idempotent; bounded even when the broker is gone)."""
+        """Close the connection (idempotent; bounded even when the broker is gone).
+
+        Events still being announced get up to ``timeout_s`` to be confirmed first.
+        """
+        if self._announcing:
+            await asyncio.wait(set(self._announcing), timeout=timeout_s)
         connection, self._connection = self._connection, None
         self._channel = self._declared = None
         if connection is not None:
@@ -258,20 +265,24 @@ class Broker:
         """Publish an already-encoded JSON event (heartbeats, alerts) on the events exchange."""
         await self._publish(self.declared.events, routing_key, body, persistent=False)
 
-    async def announce(self, event: TaskEvent) -> bool:
-        """``publish_event`` as news: a failure is logged, not raised (Redis holds the truth).
+    async def announce(self, event: TaskEvent) -> None:
+        """``publish_event`` as news, in the background: the caller never waits for the confirm.
 
-        Returns:
-            Whether the broker confirmed the event.
+        Redis holds the truth; the event only tells waiting clients to look now. Events are
+        sent in the order announced (one channel, tasks started in order); a failure is logged,
+        not raised; ``stop`` waits for those still in flight.
         """
+        task = asyncio.get_running_loop().create_task(self._announce_now(event))
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+
+    async def _announce_now(self, event: TaskEvent) -> None:
         try:
             await self.publish_event(event)
-        except BrokerError as e:
+        except (BrokerError, NotConnectedError, ValueError) as e:  # ValueError: not encodable
             log.warning(
                 "event_not_published", task_id=event.task_id, state=event.state, error=str(e)
             )
-            return False
-        return True
 
     async def dead_letter(
         self, message: AbstractIncomingMessage, reason: str, *, source_queue: str

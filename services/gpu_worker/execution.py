@@ -151,7 +151,7 @@ class TaskExecution:
             await self.env.store.update_if(
                 self.submission.task_id, [TaskState.RUNNING], fields, worker=self.env.name
             )
-            await self.env.broker.publish_event(
+            await self.env.broker.announce(
                 progress_event(
                     self.submission.task_id,
                     worker=self.env.name,

@@ -107,7 +107,7 @@ class Scheduler:
         assert decision.submission is not None
         assert decision.moved_to is not None
         event = state_event(decision.submission.task_id, decision.moved_to, error=decision.error)
-        await self.broker.publish_event(event)
+        await self.broker.announce(event)  # news: the record in Redis is already moved
         log.info(
             "task_" + decision.moved_to.value,
             task_id=decision.submission.task_id,
