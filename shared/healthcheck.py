@@ -4,7 +4,7 @@
 ``artifact-sync``, ``health-monitor``) reads the service's heartbeat key in Redis
 (``<ns>:service:<kind>:<name>``, written every ``TP_HEARTBEAT_INTERVAL_S`` and expiring after
 ``TP_HEARTBEAT_TTL_S``) with the same settings the service runs with. The name is
-``TP_WORKER_NAME`` for a worker and the host name for the others, as the services use
+``TP_WORKER_NAME`` for a worker and git-sync, the host name for the others, as the services use
 (:class:`shared.health.Beacon`); ``--name`` overrides it.
 
 Exit status: 0 alive (prints ``<kind> <name> alive``), 1 no live heartbeat or Redis unreachable
@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except SETTINGS_ERRORS as e:
         print(f"healthcheck: bad settings: {describe_settings_error(e)}", file=sys.stderr)
         return 2
-    name = args.name or (settings.worker_name if args.kind == WORKER_KIND else socket.gethostname())
+    # git-sync names itself after the worker it serves (one checkout per desktop), like a worker.
+    by_worker_name = args.kind in (WORKER_KIND, "git-sync")
+    name = args.name or (settings.worker_name if by_worker_name else socket.gethostname())
     try:
         beat = asyncio.run(check(settings, args.kind, name))
     except StoreError as e:

@@ -420,7 +420,8 @@ async def test_units_run_notify_ready_pass_healthcheck_and_drain_on_sigterm(
     per_unit = {
         "trading-scheduler.service": {},
         "trading-worker@.service": WORKER_ENV,
-        "trading-git-sync.service": {"TP_CODE_DIR": str(repos.desktop)},
+        # Named after the desktop's worker, as compose sets it: its health check must follow.
+        "trading-git-sync.service": {"TP_CODE_DIR": str(repos.desktop), "TP_WORKER_NAME": "desk-1"},
         "trading-artifact-sync.service": {
             "TP_ARTIFACT_BACKEND": "path",
             "TP_ARTIFACT_DIR": str(artifacts),
