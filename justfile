@@ -48,8 +48,12 @@ bench-dispatch *ARGS:
 bench-training *ARGS:
     .venv/bin/python -m bench.training {{ARGS}}
 
+# Idle resident memory of each service (the light four must stay under 100 MB, without torch).
+bench-memory *ARGS:
+    .venv/bin/python -m bench.idle_memory {{ARGS}}
+
 # Every benchmark that finishes in minutes (the soak runs separately: just bench-soak).
-bench: bench-artifacts bench-dispatch bench-training
+bench: bench-artifacts bench-dispatch bench-training bench-memory
 
 # Run artifact-sync in the foreground (needs TP_ARTIFACT_BACKEND and its storage settings).
 artifact-sync:
