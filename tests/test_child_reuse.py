@@ -54,3 +54,27 @@ async def test_children_are_reused_after_success_and_retired_after_failure_cance
     gpu = [await run_probe(client, needs_gpu=True) for _ in range(2)]
     assert gpu[0][1] != gpu[1][1], gpu  # TP_WORKER_GPU_ISOLATE: a fresh child per gpu task
     assert after_cancel[1] not in {gpu[0][1], gpu[1][1]}
+
+
+async def test_a_lane_never_runs_more_tasks_than_its_slots(
+    platform: Platform, client: DistributedClient
+) -> None:
+    """Deliveries handled at once each hold a slot from their check on.
+
+    Before, two deliveries could both pass the free-slot check while the first awaited its
+    claim: a 2-slot lane ran 67 tasks at once in bench.dispatch.
+    """
+    await platform.start_all(TP_WORKER_GPU_SLOTS="0", TP_WORKER_CPU_SLOTS="2")
+    ids = [(await client.submit("probe", {"sleep_s": 0.3})).task_id for _ in range(12)]
+    records = [await client.wait(task_id, timeout_s=WAIT_S) for task_id in ids]
+    assert all(r.state is TaskState.COMPLETED for r in records), records
+    edges = sorted(
+        edge
+        for r in records
+        for edge in ((r.result["started_at"], 1), (r.result["returned_at"], -1))
+    )
+    running, most = 0, 0
+    for _, change in edges:
+        running += change
+        most = max(most, running)
+    assert most == 2, most  # both slots used, never more

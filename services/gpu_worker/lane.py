@@ -39,6 +39,9 @@ class Lane:
         self.env = env
         self.gate = gate
         self.running: dict[str, TaskExecution] = {}
+        #: Deliveries between their slot check and their start (claim, commit check): they hold
+        #: a slot too, or several handled at once would all pass the check and overrun it.
+        self._reserved = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -103,11 +106,20 @@ class Lane:
             await self.env.broker.dead_letter(message, str(e), source_queue=self.queue_name)
             await settle(message)
             return
-        if len(self.running) >= self.slots:
+        if len(self.running) + self._reserved >= self.slots:
             # Only a delivery already in flight when the consumer was cancelled lands here: hand it
             # back unclaimed so it keeps its place by priority.
             await settle(message, requeue=True)
             return
+        self._reserved += 1  # no await between the check and this: the slot is taken
+        try:
+            await self._claim_and_start(message, submission)
+        finally:
+            self._reserved -= 1
+
+    async def _claim_and_start(
+        self, message: AbstractIncomingMessage, submission: TaskSubmission
+    ) -> None:
         if not await self._commit_ready(submission):
             await settle(message)
             return
