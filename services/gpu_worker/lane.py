@@ -78,7 +78,12 @@ class Lane:
     async def _resume(self) -> None:
         """Consume again; while the broker is away, keep trying until it is back or we stop."""
         while self._consumer_tag is None and self._queue is not None and not self._stopping:
+            free = self.slots - len(self.running) - self._reserved
+            if free <= 0:
+                return  # the next task's end resumes it
             try:
+                if self._channel is not None:  # prefetch = free slots: nothing to hand back
+                    await self._channel.set_qos(prefetch_count=free)
                 self._consumer_tag = await self._queue.consume(self.on_message)
             except BROKER_FAILURES as e:
                 log.warning("consume_failed", error=repr(e), retry_in_s=RESUME_RETRY_S)

@@ -181,12 +181,23 @@ def describe_exit(exitcode: int | None) -> str:
     return f"exit code {exitcode}"
 
 
+#: In a task child: a SIGTERM arrived while no task's handler was installed yet.
+_stop_requested = threading.Event()
+
+
+def _remember_stop(_signum: int, _frame: object) -> None:
+    _stop_requested.set()
+
+
 def serve_jobs(conn: Connection, first: ChildJob) -> None:
     """Body of a task child: set the process up once, then run jobs until told to exit.
 
     ``first`` sets up the process (logging, secrets, stdout); later jobs come over ``conn``
     and share that set-up (``ChildJob.pool_key``). None or EOF ends the child.
     """
+    # First: the forkserver's children start with SIGTERM ignored, and a stop sent while this
+    # child sets itself up (or between the parent's job and run_job) must not be lost.
+    signal.signal(signal.SIGTERM, _remember_stop)
     os.setsid()
     _release_forkserver()
     _die_with_parent()
@@ -202,7 +213,8 @@ def serve_jobs(conn: Connection, first: ChildJob) -> None:
     while job is not None:
         run_job(job, report)
         # What a task changed in the process for itself is undone before the next one.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _stop_requested.clear()
+        signal.signal(signal.SIGTERM, _remember_stop)
         os.environ.clear()
         os.environ.update(environ)
         os.chdir(cwd)
@@ -227,7 +239,9 @@ def run_job(job: ChildJob, report: Callable[[tuple[Any, ...]], None]) -> None:
         _progress_sink=lambda f, m, metrics: report(("progress", f, m, metrics)),
         _checkpoint_sink=lambda: report(("checkpoint",)),
     )
-    signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())  # first: a stop is never lost
+    signal.signal(signal.SIGTERM, lambda *_: ctx.request_stop())
+    if _stop_requested.is_set():  # a SIGTERM came before the line above: it counts
+        ctx.request_stop()
     structlog.contextvars.bind_contextvars(task_id=job.task_id, attempt=job.attempt)
     secrets = job.settings.secret_values() if job.settings is not None else []
     capture = _start_capture(job.attempt, report, secrets)
@@ -474,22 +488,25 @@ class ChildProcess:
         self.job.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
-        child = _take_idle(self.job) if self.job.max_tasks > 1 else None
-        if child is not None:
-            try:
-                child.run(self.job)
-            except OSError:  # it died just now: a fresh one takes the job
-                await asyncio.to_thread(child.retire, 0)
-                child = None
-        if child is None:
-            child = WarmChild(self.job)
-            await asyncio.to_thread(child.start)  # blocks until the forkserver forked
-        child.tasks_run += 1
 
         def relay(item: tuple[Any, ...] | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        child.attach(relay)
+        # Attached before the job is handed over: a fast task may end before the next line.
+        child = _take_idle(self.job) if self.job.max_tasks > 1 else None
+        if child is not None:
+            child.attach(relay)
+            try:
+                child.run(self.job)
+            except OSError:  # it died just now: a fresh one takes the job
+                child.detach()
+                await asyncio.to_thread(child.retire, 0)
+                child = None
+        if child is None:
+            child = WarmChild(self.job)
+            child.attach(relay)
+            await asyncio.to_thread(child.start)  # blocks until the forkserver forked
+        child.tasks_run += 1
         self._process = child.process
         if self._pending_signal is not None:
             self._signal(self._pending_signal)
