@@ -121,6 +121,9 @@ class Lane:
             await self._claim_and_start(message, submission)
         finally:
             self._reserved -= 1
+        # A task that ended while this delivery still held its slot found no free slot to
+        # resume with: resume now (a no-op while consuming or full).
+        await self._resume()
 
     async def _claim_and_start(
         self, message: AbstractIncomingMessage, submission: TaskSubmission
