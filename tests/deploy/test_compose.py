@@ -90,22 +90,22 @@ def env_file(folder: Path, secrets: Path, **overrides: str) -> Path:
     return path
 
 
+def compose_config(command: list[str], env: Path, *files: Path) -> subprocess.CompletedProcess[str]:
+    """``<validator> config`` of ``files`` with ``env`` as the env file, as run from the repo."""
+    # Nothing from this shell may leak in: compose prefers the environment over the env file.
+    clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")}
+    named = [arg for path in files for arg in ("-f", str(path))]
+    args = ["--project-directory", str(ROOT), "--env-file", str(env), *named, "config"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, env=clean, check=False, timeout=60
+    )
+
+
 def render(
     command: list[str], env: Path, compose: Path = COMPOSE, *overlays: Path
 ) -> dict[str, Any]:
     """The validated, interpolated compose model, or a test failure with the validator's words."""
-    # Nothing from this shell may leak in: compose prefers the environment over the env file.
-    clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")}
-    files = [arg for path in (compose, *overlays) for arg in ("-f", str(path))]
-    args = ["--project-directory", str(ROOT), "--env-file", str(env), *files, "config"]
-    result = subprocess.run(
-        [*command, *args],
-        capture_output=True,
-        text=True,
-        env=clean,
-        check=False,
-        timeout=60,
-    )
+    result = compose_config(command, env, compose, *overlays)
     assert result.returncode == 0, f"compose config failed:\n{result.stderr}"
     model: dict[str, Any] = yaml.safe_load(result.stdout)
     return model
@@ -185,16 +185,7 @@ def test_validator_rejects_a_broken_file(
             "      mlflow:\n        condition", "      nope:\n        condition"
         )
     )
-    clean = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/")}
-    env = env_file(tmp_path, secrets)
-    args = ["--project-directory", str(ROOT), "--env-file", str(env), "-f", str(broken), "config"]
-    result = subprocess.run(
-        [*validator, *args],
-        capture_output=True,
-        text=True,
-        env=clean,
-        check=False,
-    )
+    result = compose_config(validator, env_file(tmp_path, secrets), broken)
     assert result.returncode != 0
     assert "nope" in result.stderr
 
