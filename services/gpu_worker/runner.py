@@ -469,6 +469,9 @@ class ChildProcess:
         self._pending_signal: signal.Signals | None = None
         #: Set once the task ended: signals meant for it must not reach the child's next task.
         self._ended = False
+        #: A signal was sent for this task: the child is not reused (one may still be on its way
+        #: after the task ended, and would stop the next task).
+        self._signalled = False
 
     @property
     def pid(self) -> int | None:
@@ -522,7 +525,8 @@ class ChildProcess:
             child.detach()
             self._ended = True
         succeeded = outcome.result is not None and outcome.failure is None
-        if succeeded and child.alive and child.tasks_run < self.job.max_tasks:
+        reusable = not self._signalled and child.tasks_run < self.job.max_tasks
+        if succeeded and reusable and child.alive:
             _idle.setdefault(child.key, []).append(child)
             outcome.exitcode = 0
             return outcome
@@ -547,6 +551,7 @@ class ChildProcess:
             return
         if self._process.exitcode is not None:
             return  # gone (and reaped): its pid may already belong to another process
+        self._signalled = True
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._process.pid, sig)
 
