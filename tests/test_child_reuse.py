@@ -8,6 +8,7 @@ task a fresh one. Each probe reports the pid of the process it ran in.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from shared.client import DistributedClient
@@ -45,6 +46,11 @@ async def test_children_are_reused_after_success_and_retired_after_failure_cance
 
     long = await client.submit("probe", {"sleep_s": 30, "steps": 300})
     running = await wait_state(client, long.task_id, TaskState.RUNNING)
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while running.child_pid is None:  # recorded just after the claim that made it running
+        assert asyncio.get_running_loop().time() < deadline, running
+        await asyncio.sleep(0.05)
+        running = await client.status(long.task_id)
     assert running.child_pid == after_failure[1]  # reused, then cancelled mid-task
     await client.cancel(long.task_id)
     await wait_state(client, long.task_id, TaskState.CANCELLED)
