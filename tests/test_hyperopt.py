@@ -4,6 +4,7 @@ by real workers (one worker, two workers, a worker SIGKILLed mid-study)."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import signal
@@ -479,10 +480,16 @@ async def test_a_worker_killed_mid_study_loses_no_trial(
     deadline = time.monotonic() + 90
     while True:
         trials = view.trials()
+        # A trial that began just now: the kill lands well inside it even on a loaded machine
+        # (one seen running for a while may end before the worker's children are gone).
+        fresh = datetime.datetime.now() - datetime.timedelta(seconds=0.4)
         in_flight = [
             t.number
             for t in trials
-            if t.state is TrialState.RUNNING and t.user_attrs.get(ATTR_TASK) == target_id
+            if t.state is TrialState.RUNNING
+            and t.user_attrs.get(ATTR_TASK) == target_id
+            and t.datetime_start is not None
+            and t.datetime_start >= fresh
         ]
         if finished(trials) >= 2 and in_flight:
             break

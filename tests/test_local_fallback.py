@@ -424,7 +424,10 @@ async def test_a_killed_local_run_is_handed_back_by_sync_local_and_the_desktop_r
         assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
         await asyncio.sleep(0.1)
     task_id = running[0].task_id
-    await asyncio.sleep(1.5)
+    while "pid " not in ((await client.status(task_id)).progress_message or ""):
+        # its first step reports the child's pid (a second or more on a loaded machine)
+        assert time.monotonic() < deadline + 30 and proc.poll() is None, proc.communicate()
+        await asyncio.sleep(0.1)
     child_pid = int((await client.status(task_id)).progress_message.rsplit("pid ", 1)[1])
     proc.kill()
     proc.communicate(timeout=10)
