@@ -171,6 +171,17 @@ class Settings(BaseSettings):
             "start threads at import. The worker's task runner is always preloaded."
         ),
     )
+    worker_ack_hold_s: float = Field(
+        60.0,
+        ge=0.0,
+        le=600.0,
+        description=(
+            "A claimed task's delivery stays unacked while the task runs, up to this long (s): "
+            "its end acks it and the broker hands out the next task in one step. A longer task's "
+            "delivery is acked then (consumer cancelled first). 0: ack right after the claim. "
+            "Keep it far below RabbitMQ's consumer_timeout (30 min by default)."
+        ),
+    )
     worker_child_max_tasks: int = Field(
         100,
         ge=1,

@@ -1,15 +1,22 @@
 """A lane: one work queue consumed with a fixed number of execution slots.
 
-Claim first, never hold a delivery long, and never let a delivery wait inside a busy worker:
-on a delivery the lane claims the task in Redis (``queued -> running``); if that used the last free
-slot it cancels its consumer *before* acking, so the broker cannot push the next message (which
-would then skip ahead of a higher-priority task published later); it consumes again when a slot
-frees. A refused claim (task taken, cancelled, finished) acks and drops the delivery.
+Claim first, never hold a delivery long, and never let a delivery wait inside a busy worker
+(DESIGN.md, "Task lifecycle"): on a delivery the lane claims the task in Redis
+(``queued -> running``) and starts it. Its delivery stays unacked while the task runs, so prefetch
+(= free slots) keeps the broker from pushing a message no slot could take (it would skip ahead of
+a higher-priority task published later); the task's end acks it, and the broker hands out the
+next task at once. A task that runs past ``worker_ack_hold_s`` (far below RabbitMQ's
+``consumer_timeout``) has its delivery acked then: the consumer is cancelled *before* that ack,
+and the lane consumes again, with prefetch = free slots, when a slot frees. With
+``worker_ack_hold_s = 0`` every delivery is acked right after its claim that way. A refused
+claim (task taken, cancelled, finished) acks and drops the delivery.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
@@ -47,6 +54,14 @@ class Lane:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._stopping = False
+        #: Deliveries of running tasks, unacked until the task ends or runs past the hold bound.
+        self._held: dict[str, AbstractIncomingMessage] = {}
+        self._hold_timers: dict[str, asyncio.TimerHandle] = {}
+        #: Running tasks whose slot the current consumer's prefetch does not count: acked early,
+        #: or delivered to an earlier consumer. Their end must renew the consumer.
+        self._uncounted: set[str] = set()
+        #: Consumer changes (cancel, qos + consume) one at a time, or two resumes make two.
+        self._consumer_lock = asyncio.Lock()
 
     @property
     def queue_name(self) -> str:
@@ -77,6 +92,10 @@ class Lane:
 
     async def _resume(self) -> None:
         """Consume again; while the broker is away, keep trying until it is back or we stop."""
+        async with self._consumer_lock:
+            await self._resume_locked()
+
+    async def _resume_locked(self) -> None:
         while self._consumer_tag is None and self._queue is not None and not self._stopping:
             free = self.slots - len(self.running) - self._reserved
             if free <= 0:
@@ -85,11 +104,23 @@ class Lane:
                 if self._channel is not None:  # prefetch = free slots: nothing to hand back
                     await self._channel.set_qos(prefetch_count=free)
                 self._consumer_tag = await self._queue.consume(self.on_message)
+                # Prefetch counts only what this consumer delivers: running tasks are outside it.
+                self._uncounted = set(self.running)
             except BROKER_FAILURES as e:
                 log.warning("consume_failed", error=repr(e), retry_in_s=RESUME_RETRY_S)
                 await asyncio.sleep(RESUME_RETRY_S)
 
     async def _pause(self) -> None:
+        async with self._consumer_lock:
+            await self._pause_locked()
+
+    async def _renew(self) -> None:
+        """Cancel the consumer (if any) and consume again with prefetch = the free slots now."""
+        async with self._consumer_lock:
+            await self._pause_locked()
+            await self._resume_locked()
+
+    async def _pause_locked(self) -> None:
         if self._consumer_tag is not None and self._queue is not None:
             tag, self._consumer_tag = self._consumer_tag, None
             try:
@@ -185,12 +216,44 @@ class Lane:
         """
         task_id = submission.task_id
         self.running[task_id] = TaskExecution(submission, attempt, self.env, route=self.route)
-        task = asyncio.create_task(self._execute(task_id), name=f"task-{task_id}")
+        if message.consumer_tag is None or message.consumer_tag != self._consumer_tag:
+            self._uncounted.add(task_id)  # delivered just before its consumer was cancelled
+        hold_s = self.env.settings.worker_ack_hold_s
+        if hold_s > 0:
+            self._held[task_id] = message
+            self._hold_timers[task_id] = asyncio.get_running_loop().call_later(
+                hold_s, self._spawn_release, task_id
+            )
+        self._spawn(self._execute(task_id), f"task-{task_id}")
+        if hold_s <= 0:
+            await self._ack_early(task_id, message)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if len(self.running) >= self.slots:
+
+    def _spawn_release(self, task_id: str) -> None:
+        self._spawn(self._release(task_id), f"release-{task_id}")
+
+    async def _ack_early(self, task_id: str, message: AbstractIncomingMessage) -> None:
+        """Ack a running task's delivery; its slot then stays busy outside prefetch's count."""
+        self._uncounted.add(task_id)
+        if len(self.running) + self._reserved >= self.slots:
             await self._pause()  # before the ack, or the broker pushes the next message now
         await settle(message)
+
+    async def _release(self, task_id: str) -> None:
+        """The task ran past ``worker_ack_hold_s``: ack its delivery (consumer cancelled first)."""
+        self._hold_timers.pop(task_id, None)
+        message = self._held.pop(task_id, None)
+        if message is None or task_id not in self.running:
+            return
+        log.info("delivery_released", task_id=task_id, held_s=self.env.settings.worker_ack_hold_s)
+        await self._pause()  # the ack frees prefetch while the slot stays busy
+        self._uncounted.add(task_id)
+        await settle(message)
+        await self._resume()  # prefetch = the free slots left (none: not consuming)
 
     async def _execute(self, task_id: str) -> None:
         execution = self.running[task_id]
@@ -202,4 +265,17 @@ class Lane:
             log.exception("task_execution_crashed")
         finally:
             del self.running[task_id]
-            await self._resume()
+            timer = self._hold_timers.pop(task_id, None)
+            if timer is not None:
+                timer.cancel()
+            message = self._held.pop(task_id, None)
+            renew = task_id in self._uncounted and self._consumer_tag is not None
+            self._uncounted.discard(task_id)
+            if message is not None:
+                # Acked only now that its outcome is recorded: the broker's next push is the
+                # next task for this very slot (prefetch counted it).
+                await settle(message)
+            if renew:
+                await self._renew()  # the consumer's prefetch never counted this slot
+            else:
+                await self._resume()  # not consuming (paused while full): consume again

@@ -253,13 +253,16 @@ async def test_task_longer_than_consumer_timeout_runs_once(
     settings: Settings, platform: Platform, client: DistributedClient
 ):
     """consumer_timeout 5 s (checked every second), a 15 s probe: it runs exactly once, no
-    channel of the worker is closed, and the worker still consumes afterwards."""
+    channel of the worker is closed, and the worker still consumes afterwards.
+
+    The worker holds a running task's delivery up to ``TP_WORKER_ACK_HOLD_S`` (2 s here, far
+    below the 5 s timeout, as the setting's own rule asks) and then acks it, consumer first."""
     t = Topology(settings.namespace)
     with rabbit_app_env(consumer_timeout=5000, channel_tick_interval=1000) as originals:
         print("broker env before the test:", originals)
         # Services start only now: a channel reads consumer_timeout when it opens.
         begin = time.monotonic()
-        await platform.start_all()
+        await platform.start_all(TP_WORKER_ACK_HOLD_S="2")
         started = time.monotonic()
         print(f"platform ready in {started - begin:.1f} s")
         task = await client.submit("probe", {"sleep_s": 15, "steps": 15})
@@ -301,6 +304,12 @@ async def test_task_longer_than_consumer_timeout_runs_once(
             if "claim_refused" in ln
         ]
         assert not refused, f"the delivery came back (consumer_timeout?): {refused}"
+        released = [
+            ln
+            for ln in platform.procs["gpu_worker"].log_text().splitlines()
+            if "delivery_released" in ln and task.task_id in ln
+        ]
+        assert len(released) == 1, f"the 15 s task's delivery was not released once: {released}"
 
 
 # --------------------------------------------------------------------------------------------
