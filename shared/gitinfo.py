@@ -73,6 +73,66 @@ def remote_branches_containing(path: Path, commit: str) -> set[str]:
     return {line.strip() for line in done.stdout.splitlines() if line.strip()}
 
 
+def git_dirs(path: Path) -> tuple[Path, Path] | None:
+    """``(git dir, common dir)`` of the checkout containing ``path``, read from disk, no git run.
+
+    The common dir holds the refs (it differs from the git dir in a linked worktree). None when
+    no ``.git`` is found above ``path`` or it cannot be read.
+    """
+    try:
+        start = path.resolve()
+        for folder in (start, *start.parents):
+            dot = folder / ".git"
+            if dot.is_dir():
+                git_dir = dot
+            elif dot.is_file():
+                text = dot.read_text().strip()
+                if not text.startswith("gitdir:"):
+                    return None
+                git_dir = (folder / text.removeprefix("gitdir:").strip()).resolve()
+            else:
+                continue
+            common = git_dir / "commondir"
+            if common.is_file():
+                return git_dir, (git_dir / common.read_text().strip()).resolve()
+            return git_dir, git_dir
+    except OSError:
+        return None
+    return None
+
+
+def checkout_fingerprint(path: Path) -> tuple[object, ...] | None:
+    """A cheap stamp of what ``checkout_state`` reads, from a few ``stat`` calls (no git run).
+
+    It changes when ``HEAD`` moves (commit, checkout, reset), when the index changes (``git add``),
+    and when refs change (a fetch or push moves a remote-tracking branch). An edit of a tracked
+    file that is not staged does not change it. None when the git folder is not found.
+    """
+    dirs = git_dirs(path)
+    if dirs is None:
+        return None
+    git_dir, common = dirs
+    try:
+        head = (git_dir / "HEAD").read_text().strip()
+        remotes = common / "refs" / "remotes"
+        files = [git_dir / "HEAD", git_dir / "index", common / "packed-refs", remotes]
+        if head.startswith("ref:"):
+            files.append(common / head.removeprefix("ref:").strip())
+        if remotes.is_dir():
+            files.extend(sorted(p for p in remotes.iterdir() if p.is_dir()))
+    except OSError:
+        return None
+    stamps: list[tuple[int, int, int] | None] = []
+    for file in files:
+        try:
+            st = file.stat()
+        except OSError:
+            stamps.append(None)
+        else:
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return (str(path), head, tuple(stamps))
+
+
 @dataclass(frozen=True)
 class CheckoutState:
     """What the laptop's checkout says about the commit a task is submitted from.

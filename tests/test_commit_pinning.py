@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.client import DistributedClient
+from shared.client import CHECKOUT_CACHE_S, DistributedClient
 from shared.errors import CommitCheckError
 from shared.messages import TaskState
 from shared.settings import Settings
@@ -253,3 +253,35 @@ def test_late_state_events_are_not_shown_out_of_order() -> None:
     show(queued)  # the scheduler's event, older, arriving late
     show(state_event("t1", TaskState.COMPLETED))
     assert shown == ["running", "completed"]
+
+
+async def test_the_checkout_check_is_reused_only_while_the_checkout_is_unchanged(
+    settings: Settings, repos: Repos
+) -> None:
+    """A submit loop checks the checkout once; a commit, ``git add`` or push is seen at once,
+    an unstaged edit within ``CHECKOUT_CACHE_S``."""
+    client = DistributedClient(settings.model_copy(update={"code_dir": repos.laptop}))
+    first = await client.checkout()
+    assert first.problems() == [] and first.commit == repos.head(repos.laptop)
+    assert await client.checkout() is first  # nothing changed: no git run
+
+    new_head = repos.commit(repos.laptop, "strategy.py", "FAST = 7\n")
+    committed = await client.checkout()
+    assert committed.commit == new_head and committed.problems() == [
+        f"commit {new_head[:12]} is not pushed; the desktop cannot fetch it"
+    ]
+    git(repos.laptop, "push", "-q", "origin", "HEAD:main")
+    pushed = await client.checkout()
+    assert pushed.commit == new_head and pushed.problems() == []
+
+    (repos.laptop / "strategy.py").write_text("FAST = 8  # not committed\n")
+    git(repos.laptop, "add", "strategy.py")
+    staged = await client.checkout()
+    assert staged.dirty == ("strategy.py",), staged
+
+    git(repos.laptop, "commit", "-q", "-m", "eight")
+    git(repos.laptop, "push", "-q", "origin", "HEAD:main")
+    assert (await client.checkout()).dirty == ()
+    (repos.laptop / "strategy.py").write_text("FAST = 9  # edited, not staged\n")
+    await asyncio.sleep(CHECKOUT_CACHE_S)
+    assert (await client.checkout()).dirty == ("strategy.py",)
