@@ -646,7 +646,9 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
                 maybe = on_event(event)
                 if maybe is not None:
                     await maybe
-            if event.kind is EventKind.STATE:
+            if event.kind is EventKind.STATE and event.state.is_terminal and event.record:
+                record = TaskRecord.from_hash(event.record)  # pushed: read in the same step
+            elif event.kind is EventKind.STATE:
                 record, fresh = await self._recheck(task_id, record)
                 recheck_s = every if fresh else min(1.0, every)
         return record

@@ -7,7 +7,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from shared.messages import EventKind, TaskEvent, TaskState
+from shared.messages import RECORD_IN_EVENT_MAX_CHARS, EventKind, TaskEvent, TaskState
 
 #: A follower's callback for each event of a task (sync or async).
 EventCallback = Callable[[TaskEvent], Awaitable[None] | None]
@@ -29,8 +29,17 @@ def state_event(
     worker: str | None = None,
     error: str | None = None,
     metrics: Mapping[str, Any] | None = None,
+    record: Mapping[str, str] | None = None,
 ) -> TaskEvent:
-    """A ``task.<state>.<id>`` event stamped with the local clock (Unix s)."""
+    """A ``task.<state>.<id>`` event stamped with the local clock (Unix s).
+
+    ``record``: a terminal state's record hash (``Transition.record``); carried only when its
+    keys and values total at most ``RECORD_IN_EVENT_MAX_CHARS`` characters.
+    """
+    carried = None
+    if record is not None:
+        size = sum(len(key) + len(value) for key, value in record.items())
+        carried = dict(record) if size <= RECORD_IN_EVENT_MAX_CHARS else None
     return TaskEvent(
         task_id=task_id,
         kind=EventKind.STATE,
@@ -39,6 +48,7 @@ def state_event(
         worker=worker,
         error=error,
         metrics=finite_metrics(metrics),
+        record=carried,
     )
 
 

@@ -56,6 +56,10 @@ class WireModel(BaseModel):
     schema_version: Literal[1] = 1
 
 
+#: Largest record (characters of its hash's keys and values) a terminal state event carries;
+#: a larger one (a big config or result) is left for the client to read from Redis.
+RECORD_IN_EVENT_MAX_CHARS = 64 * 1024
+
 #: Most parents one task may wait for, and most config references it may carry.
 MAX_DEPENDENCIES = 100
 
@@ -140,6 +144,10 @@ class TaskEvent(WireModel):
     message: str = ""
     metrics: dict[str, float] = Field(default_factory=dict)
     error: str | None = None
+    #: A terminal state's record (the Redis hash, as ``TaskRecord.from_hash`` takes it) read in
+    #: the same atomic step as the move, so a waiting client has the result without a read;
+    #: None on other events and when the record is larger than ``RECORD_IN_EVENT_MAX_CHARS``.
+    record: dict[str, str] | None = None
 
     @property
     def routing_key(self) -> str:

@@ -109,6 +109,7 @@ local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
   redis.call('EXPIRE', KEYS[2], ttl)
+  return {1, cur, attempts, redis.call('HGETALL', KEYS[1])}
 end
 return {1, cur, attempts}
 """
@@ -321,6 +322,9 @@ class Transition:
     applied: bool
     previous: TaskState | None
     attempts: int = 0
+    #: The record's hash as the move left it, read in the same atomic step: only for an applied
+    #: move to a terminal state (the record is final then; see ``TaskRecord.from_hash``).
+    record: dict[str, str] | None = None
 
 
 class StatusStore:
@@ -476,7 +480,9 @@ class StatusStore:
         ]
         applied, before, *rest = await self._call(self._transition, keys, args)
         attempts = int(rest[0]) if rest and rest[0] is not None else 0
-        return Transition(bool(applied), TaskState(before) if before else None, attempts)
+        flat = rest[1] if len(rest) > 1 else None
+        record = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
+        return Transition(bool(applied), TaskState(before) if before else None, attempts, record)
 
     async def claim(
         self,

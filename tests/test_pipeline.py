@@ -324,3 +324,21 @@ async def test_sync_client_and_failed_task_exit_code(platform: Platform):
         timeout=120,
     )
     assert cli.returncode == 1 and "RuntimeError: x" in cli.stdout
+
+
+async def test_the_result_is_pushed_to_the_waiting_client_in_the_terminal_event(
+    platform: Platform, client: DistributedClient
+):
+    """The worker's completed event carries the record its outcome write left (same atomic
+    step), so ``wait`` has the result without reading Redis; it equals the stored record."""
+    await platform.start_all()
+    task_id = "pushed-result-1"
+    events = []
+    async with client.subscribed(task_id) as queue:
+        await client.submit("probe", {"steps": 2}, task_id=task_id)
+        waited = await client.wait_on(queue, task_id, events.append)
+    ended = [e for e in events if e.state.is_terminal]
+    assert [e.state for e in ended] == [TaskState.COMPLETED], events
+    assert ended[0].record is not None, ended
+    stored = await client.status(task_id)
+    assert waited == stored and waited.result["metrics"]["steps"] == 2.0, (waited, stored)

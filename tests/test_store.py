@@ -8,8 +8,9 @@ import time
 import pytest
 
 from shared.errors import TaskNotFoundError
-from shared.messages import TaskState, TaskSubmission
-from shared.store import StatusStore
+from shared.events import state_event
+from shared.messages import RECORD_IN_EVENT_MAX_CHARS, TaskState, TaskSubmission
+from shared.store import StatusStore, TaskRecord
 
 
 def submission(task_id: str, **kw) -> TaskSubmission:
@@ -81,6 +82,9 @@ async def test_transition_refuses_unexpected_state_and_terminal_gets_ttl(setting
         assert done.applied
         record = await store.get("t1")
         assert record.state is TaskState.FAILED and record.error == "bad config"
+        # A terminal move hands back the record it left, read in the same atomic step.
+        assert done.record is not None and TaskRecord.from_hash(done.record) == record
+        assert refused.record is None
         assert record.failed_at >= record.submitted_at
         assert 0 < await store.redis.ttl(store.keys.task("t1")) <= 30 * 24 * 3600
         # update_if only touches a task in the named states
@@ -160,3 +164,11 @@ async def test_claim_waits_for_a_pending_retry(settings):
         assert (await store.transition("later-1", [TaskState.QUEUED], TaskState.RUNNING)).applied
     finally:
         await store.stop()
+
+
+def test_a_terminal_event_carries_the_record_unless_it_is_large():
+    small = {"task_id": "t1", "state": "completed", "result": '{"value": 1}'}
+    assert state_event("t1", TaskState.COMPLETED, record=small).record == small
+    big = {**small, "result": "x" * RECORD_IN_EVENT_MAX_CHARS}
+    assert state_event("t1", TaskState.COMPLETED, record=big).record is None
+    assert state_event("t1", TaskState.RUNNING).record is None

@@ -49,8 +49,9 @@ def timing_of(submitted: float, record: TaskRecord, received: float) -> Timing |
 class ResultWatcher:
     """Follows every task's end in the namespace on one queue, as ``wait_on`` does for one.
 
-    On each terminal state event it reads the task's record from Redis (the result is there,
-    not in the event), as the client's ``wait`` does; ``received`` is the clock after that read.
+    On each terminal state event it takes the task's record from the event (the worker pushes
+    it, read in the same step as the move) or, for one without, reads it from Redis, as the
+    client's ``wait`` does; ``received`` is the clock once the record is in hand.
     """
 
     def __init__(self, client: DistributedClient) -> None:
@@ -83,13 +84,19 @@ class ResultWatcher:
             )
         except DecodeError:
             return
-        if event.task_id in self.submitted and event.task_id not in self.records:
+        if event.task_id not in self.submitted or event.task_id in self.records:
+            return
+        if event.record:
+            self._keep(event.task_id, TaskRecord.from_hash(event.record))
+        else:
             read = asyncio.create_task(self._read(event.task_id))
             self._reads.add(read)
             read.add_done_callback(self._reads.discard)
 
     async def _read(self, task_id: str) -> None:
-        record = await self.client.store.get(task_id)
+        self._keep(task_id, await self.client.store.get(task_id))
+
+    def _keep(self, task_id: str, record: TaskRecord) -> None:
         if record.state.is_terminal and task_id not in self.records:
             self.records[task_id] = (record, time.time())
             if len(self.records) >= self.expected:

@@ -121,12 +121,22 @@ class TaskExecution:
         return await self.finish(outcome, timeout)
 
     async def announce(
-        self, state: TaskState, *, error: str | None = None, metrics: dict[str, Any] | None = None
+        self,
+        state: TaskState,
+        *,
+        error: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        record: dict[str, str] | None = None,
     ) -> None:
         """Publish a state event; best effort, since Redis already holds the truth."""
         await self.env.broker.announce(
             state_event(
-                self.submission.task_id, state, worker=self.env.name, error=error, metrics=metrics
+                self.submission.task_id,
+                state,
+                worker=self.env.name,
+                error=error,
+                metrics=metrics,
+                record=record,
             )
         )
 
@@ -249,7 +259,9 @@ class TaskExecution:
             await self._republish()
         await self.request_artifacts(final=verdict.state.is_terminal)
         metrics = (outcome.result or {}).get("metrics", {})
-        await self.announce(verdict.state, error=verdict.error, metrics=metrics)
+        await self.announce(
+            verdict.state, error=verdict.error, metrics=metrics, record=moved.record
+        )
         log.info("task_" + verdict.state.value, reason=verdict.reason, exitcode=outcome.exitcode)
         return verdict.state
 
