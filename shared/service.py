@@ -23,6 +23,7 @@ from typing import Protocol
 
 import structlog
 
+from shared import eventloop
 from shared.errors import BrokerError, StoreError, TradePlatError
 from shared.logging import configure_logging
 from shared.settings import SETTINGS_ERRORS, Settings, describe_settings_error
@@ -106,7 +107,7 @@ async def run_until_signalled(service: Service) -> None:
         loop.add_signal_handler(sig, stop.set)
     if not await start_with_retry(service, stop):
         return
-    log.info("service_started")
+    log.info("service_started", event_loop=eventloop.loop_name(asyncio.get_running_loop()))
     sd_notify("READY=1", "STATUS=running")
     # A service may end itself (a worker restarting on new code) by setting ``finished``.
     finished: asyncio.Event | None = getattr(service, "finished", None)
@@ -156,7 +157,7 @@ def main(name: str, factory: Callable[[Settings], Service]) -> None:
         print(f"{name}: cannot start: {e}", file=sys.stderr)
         sys.exit(2)
     try:
-        asyncio.run(run_until_signalled(service))
+        eventloop.run(run_until_signalled(service), settings.event_loop)
     except TradePlatError as e:  # refused at start: a duplicate name...
         print(f"{name}: cannot start: {e}", file=sys.stderr)
         sys.exit(2)

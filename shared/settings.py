@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from shared.constants import CHILD_EXIT_GRACE_S, DEFAULT_MAX_MESSAGE_BYTES, HAND_BACK_BOUND_S
+from shared.eventloop import EventLoopKind
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "json", "console"]
@@ -232,6 +233,13 @@ class Settings(BaseSettings):
         DEFAULT_MAX_MESSAGE_BYTES, ge=1024, description="Largest message body accepted (bytes)."
     )
     log_level: LogLevel = Field("info")
+    event_loop: EventLoopKind = Field(
+        "auto",
+        description=(
+            "A service's asyncio event loop: auto (uvloop when installed), uvloop, asyncio "
+            "(shared/eventloop.py)."
+        ),
+    )
     log_format: LogFormat = Field("auto", description="auto: console on a TTY, JSON otherwise.")
     socket_timeout_s: float = Field(
         10.0, gt=0, description="Redis socket timeout, so no call hangs on a dead socket (s)."

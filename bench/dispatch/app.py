@@ -21,6 +21,7 @@ import aio_pika
 import redis
 import structlog
 
+from shared import eventloop
 from shared.settings import Settings
 
 from .celery_app import CeleryRun
@@ -182,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        results = asyncio.run(run_all(args, run_dir))
+        results = eventloop.run(run_all(args, run_dir))
     except KeyboardInterrupt:
         say("!! interrupted; every started process was stopped and its namespace deleted")
         return 130

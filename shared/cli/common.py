@@ -11,7 +11,6 @@ config, bad option), nothing queued; 3 the broker or Redis cannot be reached; 4 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 import unicodedata
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
+from shared import eventloop
 from shared.client import DistributedClient
 from shared.errors import BrokerError, StoreError, TaskNotFoundError
 from shared.settings import SETTINGS_ERRORS, FallbackMode, Settings, describe_settings_error
@@ -131,8 +131,8 @@ def confirm_on_terminal(reason: str) -> bool:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` for the CLI."""
-    return asyncio.run(coro)
+    """``asyncio.run`` for the CLI, on uvloop where installed (``shared.eventloop``)."""
+    return eventloop.run(coro)
 
 
 def format_ts(ts: float) -> str:
