@@ -313,8 +313,7 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
                 )
         parents = submission.depends_on
         await self._check_parents(task_id, parents)
-        created = await self.store.create(submission)
-        record = await self.store.get(task_id)
+        created, record = await self.store.create_record(submission)
         known = (record.task_type, record.config_template or record.config, record.depends_on)
         if not created and known != (task_type, config, parents):
             raise IdempotencyConflictError(

@@ -25,6 +25,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 import structlog
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from shared.constants import FINISHED_TASK_TTL_S
@@ -142,12 +143,27 @@ async def append(
         return
     try:
         async with redis.pipeline(transaction=False) as pipe:
-            for line in lines:
-                pipe.xadd(key, line.fields(), maxlen=max_lines, approximate=True)  # type: ignore[arg-type]
-            pipe.expire(key, ttl_s)
+            queue_append(pipe, key, lines, max_lines=max_lines, ttl_s=ttl_s)
             await pipe.execute()
     except (RedisError, OSError) as e:
         raise StoreError(f"Redis log append failed: {e}") from e
+
+
+def queue_append(
+    pipe: Pipeline,
+    key: str,
+    lines: Sequence[LogLine],
+    *,
+    max_lines: int,
+    ttl_s: int = FINISHED_TASK_TTL_S,
+) -> int:
+    """Queue ``append``'s commands on ``pipe`` (nothing for no lines); how many were queued."""
+    if not lines:
+        return 0
+    for line in lines:
+        pipe.xadd(key, line.fields(), maxlen=max_lines, approximate=True)  # type: ignore[arg-type]
+    pipe.expire(key, ttl_s)
+    return len(lines) + 1
 
 
 async def read_after(
@@ -230,6 +246,8 @@ class LogStreamWriter:
         self.dropped = 0
         #: Lines stored so far.
         self.written = 0
+        #: Lines ``queue_rest`` put in the outcome's round trip.
+        self._rest = 0
 
     def add(self, lines: Iterable[LogLine]) -> None:
         """Queue lines for the stream (call from the event loop's thread; returns at once)."""
@@ -256,6 +274,45 @@ class LogStreamWriter:
                 await self._drain()
         except TimeoutError:
             await self._abandon()
+        self._report_drops()
+
+    async def settle(self, timeout_s: float = 5.0) -> None:
+        """Wait for the write in flight, at most ``timeout_s`` (s); buffered lines stay buffered.
+
+        Then ``queue_rest`` puts them in the same round trip as the outcome (``close`` without
+        a round trip of its own).
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._writing is not None and not self._writing.done():
+                    await asyncio.shield(self._writing)
+        except TimeoutError:
+            await self._abandon()
+
+    def queue_rest(self, pipe: Pipeline) -> int:
+        """Queue every buffered line on ``pipe``, counted written; how many commands.
+
+        For ``StatusStore.transition(prelude=...)``: if that round trip fails, call
+        ``lose_rest`` to count them lost instead. The writer is closed after this.
+        """
+        batch, self._pending = self._pending, []
+        if self._unreported:
+            note = f"[{self._unreported} lines of output lost: Redis was unreachable or slow]"
+            batch.insert(0, LogLine(time.time(), "log", self._attempt, note))
+            self._unreported = 0
+        self._rest = len(batch)
+        self.written += len(batch)
+        self._report_drops()
+        return queue_append(pipe, self._key, batch, max_lines=self._max_lines)
+
+    def lose_rest(self) -> None:
+        """The round trip that carried ``queue_rest``'s lines failed: count them lost."""
+        self.written -= self._rest
+        self._lose(self._rest)
+        self._rest = 0
+        self._report_drops()
+
+    def _report_drops(self) -> None:
         if self.dropped:
             log.warning("task_log_lines_dropped", dropped=self.dropped, written=self.written)
 

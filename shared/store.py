@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, cast
 
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
+from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 from shared.constants import FINISHED_TASK_TTL_S
@@ -31,7 +32,7 @@ from shared.settings import Settings
 # KEYS: task hash, history list, index zset, state-set prefix. ARGV: spec fields as name/value
 # pairs.
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('HGETALL', KEYS[1])} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('HSET', KEYS[1], 'state', 'submitted', 'submitted_at', now, 'updated_at', now,
@@ -41,7 +42,7 @@ redis.call('ZADD', KEYS[3], now, redis.call('HGET', KEYS[1], 'task_id'))
 redis.call('ZADD', KEYS[4] .. 'submitted', now, redis.call('HGET', KEYS[1], 'task_id'))
 redis.call('RPUSH', KEYS[2], cjson.encode({to = 'submitted', ts = now, attempt = 0,
   by = redis.call('HGET', KEYS[1], 'submitted_by'), reason = 'submitted'}))
-return 1
+return {1, redis.call('HGETALL', KEYS[1])}
 """
 
 # KEYS: task hash, history list, leases zset, retries zset, state-set prefix.
@@ -400,6 +401,49 @@ class StatusStore:
         Returns:
             True if created, False if the id was already known (idempotent submit).
         """
+        created, _ = await self.create_record(submission)
+        return created
+
+    @_store_errors
+    async def create_record(self, submission: TaskSubmission) -> tuple[bool, TaskRecord]:
+        """``create``, and the record as it is right after, read in the same atomic step.
+
+        Returns:
+            ``(created, record)``: the new record, or the one already known under this id.
+        """
+        created, flat = await self._call(self._create, *self._create_call(submission))
+        return bool(created), TaskRecord.from_hash(_hash(flat))
+
+    @_store_errors
+    async def create_and_transition(
+        self,
+        submission: TaskSubmission,
+        new: TaskState,
+        *,
+        by: str,
+        reason: str = "",
+        fields: Mapping[str, str | int | float] | None = None,
+    ) -> tuple[bool, Transition]:
+        """``create``, then ``transition(expected=[submitted], new)``, in one round trip.
+
+        Both scripts go in one pipeline (one connection, so in this order); each is atomic on
+        its own, exactly as the two calls one after the other. Returns ``(created, move)``.
+        """
+        move = self._transition_call(
+            submission.task_id,
+            [TaskState.SUBMITTED],
+            new,
+            by=by,
+            reason=reason,
+            fields=fields,
+            owner=None,
+        )
+        created, moved = await self._pipelined(
+            [(self._create, *self._create_call(submission)), (self._transition, *move)]
+        )
+        return bool(created[0]), _transition_result(moved)
+
+    def _create_call(self, submission: TaskSubmission) -> tuple[list[str], list[str]]:
         self.redis  # noqa: B018 - raises NotConnectedError before start
         fields = {
             "task_id": submission.task_id,
@@ -426,7 +470,7 @@ class StatusStore:
             self.keys.state_prefix,
         ]
         args = [x for pair in fields.items() for x in pair]
-        return bool(await self._call(self._create, keys, args))
+        return keys, args
 
     @_store_errors
     async def transition(
@@ -439,6 +483,7 @@ class StatusStore:
         reason: str = "",
         fields: Mapping[str, str | int | float] | None = None,
         owner: tuple[str, int] | None = None,
+        prelude: Callable[[Pipeline], int] | None = None,
     ) -> Transition:
         """Atomically move a task to ``new`` if its state is one of ``expected``.
 
@@ -453,9 +498,33 @@ class StatusStore:
                 to (``{"+attempts": 1}``); ``lease_s`` and ``retry_in_s`` set ``lease_until`` and
                 ``retry_at`` that many seconds from now on the Redis clock.
 
+            prelude: queues Redis commands that must run just before the move, in the same round
+                trip (a pipeline: one connection, in order): a finished run's last log lines go
+                this way, so a follower that sees the task ended finds them in the stream. It
+                returns how many it queued; their errors are not raised (best effort).
+
         Returns:
             ``Transition(applied, previous)``; ``previous`` is None when the task does not exist.
         """
+        call = self._transition_call(
+            task_id, expected, new, by=by, reason=reason, fields=fields, owner=owner
+        )
+        if prelude is None:
+            return _transition_result(await self._call(self._transition, *call))
+        (result,) = await self._pipelined([(self._transition, *call)], prelude=prelude)
+        return _transition_result(result)
+
+    def _transition_call(
+        self,
+        task_id: str,
+        expected: Iterable[TaskState],
+        new: TaskState,
+        *,
+        by: str,
+        reason: str,
+        fields: Mapping[str, str | int | float] | None,
+        owner: tuple[str, int] | None,
+    ) -> tuple[list[str], list[str]]:
         allowed = [s.value for s in expected]
         pairs = [str(x) for pair in (fields or {}).items() for x in pair]
         ttl = FINISHED_TASK_TTL_S if new.is_terminal else 0
@@ -478,11 +547,7 @@ class StatusStore:
             self.keys.retries,
             self.keys.state_prefix,
         ]
-        applied, before, *rest = await self._call(self._transition, keys, args)
-        attempts = int(rest[0]) if rest and rest[0] is not None else 0
-        flat = rest[1] if len(rest) > 1 else None
-        record = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else None
-        return Transition(bool(applied), TaskState(before) if before else None, attempts, record)
+        return keys, args
 
     async def claim(
         self,
@@ -867,3 +932,39 @@ class StatusStore:
 
     async def _call(self, script: Any, keys: list[str], args: list[str]) -> Any:
         return await script(keys=keys, args=args)
+
+    async def _pipelined(
+        self,
+        calls: Sequence[tuple[Any, list[str], list[str]]],
+        *,
+        prelude: Callable[[Pipeline], int] | None = None,
+    ) -> list[Any]:
+        """Scripts, after ``prelude``'s commands, in one round trip; each script's result.
+
+        Sent as ``EVAL`` with the script's text (Redis caches it by SHA), not ``EVALSHA``: a
+        pipeline cannot load a missing script half-way, and rerunning moves that already
+        applied would report them refused. A script's error is raised; a prelude's is not.
+        """
+        async with self.redis.pipeline(transaction=False) as pipe:
+            queued = prelude(pipe) if prelude is not None else 0
+            for script, keys, args in calls:
+                pipe.eval(script.script, len(keys), *keys, *args)
+            results = await pipe.execute(raise_on_error=False)
+        mine = results[queued:]
+        for result in mine:
+            if isinstance(result, Exception):
+                raise result
+        return mine
+
+
+def _hash(flat: Sequence[str]) -> dict[str, str]:
+    """A hash from ``HGETALL``'s flat ``[field, value, ...]`` reply inside a script."""
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _transition_result(reply: Sequence[Any]) -> Transition:
+    """``Transition`` from the transition script's ``{applied, before[, attempts[, hash]]}``."""
+    applied, before, *rest = reply
+    attempts = int(rest[0]) if rest and rest[0] is not None else 0
+    record = _hash(rest[1]) if len(rest) > 1 and rest[1] else None
+    return Transition(bool(applied), TaskState(before) if before else None, attempts, record)

@@ -172,3 +172,34 @@ def test_a_terminal_event_carries_the_record_unless_it_is_large():
     big = {**small, "result": "x" * RECORD_IN_EVENT_MAX_CHARS}
     assert state_event("t1", TaskState.COMPLETED, record=big).record is None
     assert state_event("t1", TaskState.RUNNING).record is None
+
+
+async def test_create_and_transition_and_a_prelude_share_one_round_trip(settings):
+    store = await started_store(settings)
+    try:
+        created, moved = await store.create_and_transition(
+            submission("t5"), TaskState.QUEUED, by="scheduler"
+        )
+        assert created and moved.applied and moved.previous is TaskState.SUBMITTED
+        again, refused = await store.create_and_transition(
+            submission("t5"), TaskState.QUEUED, by="scheduler"
+        )
+        assert not again and not refused.applied and refused.previous is TaskState.QUEUED
+        record = await store.get("t5")
+        assert record.state is TaskState.QUEUED and record.queued_at >= record.submitted_at
+        created, first = await store.create_record(submission("t5"))
+        assert not created and first == record
+
+        stream = store.keys.task_logs("t5")
+
+        def prelude(pipe):
+            pipe.xadd(stream, {"text": "last line"})
+            return 1
+
+        done = await store.transition(
+            "t5", [TaskState.QUEUED], TaskState.CANCELLED, by="client", prelude=prelude
+        )
+        assert done.applied and done.record is not None
+        assert [f["text"] for _, f in await store.redis.xrange(stream)] == ["last line"]
+    finally:
+        await store.stop()

@@ -97,6 +97,8 @@ class TaskExecution:
             self.on_logs,
         )
         self._last_checkpoint_sync = -CHECKPOINT_SYNC_EVERY_S
+        #: The last lines still to go, in the outcome's round trip (``_record``'s first try).
+        self._logs_pending = True
         #: The task's output on its way to its Redis stream (``tradectl task logs``).
         self.logs = LogStreamWriter(
             env.store.redis,
@@ -266,16 +268,17 @@ class TaskExecution:
         return verdict.state
 
     async def _close_logs(self, verdict: Verdict, outcome: ChildOutcome) -> None:
-        """Note how the run ended and write the last lines, before the outcome is recorded.
+        """Note how the run ended; the last lines go with the outcome (``_record``).
 
-        A follower stops once it sees the task finished; by then every line is in the stream.
+        A follower stops once it sees the task finished; by then every line is in the stream:
+        the lines still buffered are written in the outcome's own round trip, just before it.
         """
         note = f"attempt {self.attempt} ended: {verdict.reason or verdict.state.value}"
         tail = (outcome.traceback or "").rstrip()[-TRACEBACK_IN_LOG_CHARS:]
         if tail and verdict.state is not TaskState.COMPLETED:
             note += "\n" + tail
         self.logs.note(note)
-        await self.logs.close()
+        await self.logs.settle()
 
     async def _republish(self) -> None:
         """Publish a handed-back task at once, and take it off the dispatch pump's list.
@@ -302,6 +305,7 @@ class TaskExecution:
         """
         delay, deadline = 0.5, time.monotonic() + RECORD_RETRY_MAX_S
         while True:
+            prelude, self._logs_pending = self._logs_pending, False
             try:
                 return await self.env.store.transition(
                     self.submission.task_id,
@@ -311,8 +315,11 @@ class TaskExecution:
                     reason=verdict.reason,
                     fields=verdict.fields,
                     owner=(self.env.name, self.attempt),
+                    prelude=self.logs.queue_rest if prelude else None,
                 )
             except StoreError as e:
+                if prelude:
+                    self.logs.lose_rest()
                 if time.monotonic() + delay > deadline:
                     log.error("task_outcome_lost", outcome=verdict.state, error=str(e))
                     return None

@@ -50,30 +50,25 @@ async def decide(
         submission = decode(message.body, TaskSubmission, max_bytes=settings.max_message_bytes)
     except DecodeError as e:
         return IntakeDecision(dead_letter_reason=str(e))
-    await store.create(submission)
     held = is_held(submission)
+    # Validated before anything is written: the record is then created and moved in one round
+    # trip (``create_and_transition``), each step as atomic as before.
     try:
         route = validate(submission, held=held)
     except TaskError as e:
-        moved = await store.transition(
-            submission.task_id,
-            [TaskState.SUBMITTED],
-            TaskState.FAILED,
-            by="scheduler",
-            reason=str(e),
-            fields={"error": str(e)},
+        _, moved = await store.create_and_transition(
+            submission, TaskState.FAILED, by="scheduler", reason=str(e), fields={"error": str(e)}
         )
         return IntakeDecision(
             submission, moved_to=TaskState.FAILED if moved.applied else None, error=str(e)
         )
     if held:
+        await store.create(submission)
         parents = [*submission.depends_on, *(r.task_id for r in submission.config_refs)]
         outcome = await dependencies.hold(submission.task_id, list(dict.fromkeys(parents)))
         log.info("task_held", task_id=submission.task_id, outcome=outcome.value)
         return IntakeDecision(submission)  # queued, published or failed there, or later
-    moved = await store.transition(
-        submission.task_id, [TaskState.SUBMITTED], TaskState.QUEUED, by="scheduler"
-    )
+    _, moved = await store.create_and_transition(submission, TaskState.QUEUED, by="scheduler")
     if moved.applied:
         return IntakeDecision(submission, route=route, moved_to=TaskState.QUEUED)
     if moved.previous is TaskState.QUEUED and message.redelivered:
