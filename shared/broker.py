@@ -237,6 +237,7 @@ class Broker:
             encode(event),
             persistent=False,
             message_id=event.task_id,
+            mandatory=False,
         )
 
     async def publish_artifact_request(self, request: ArtifactRequest) -> None:
@@ -248,13 +249,21 @@ class Broker:
     async def publish_artifact_event(self, event: ArtifactEvent) -> None:
         """Publish ``artifact.<state>.<id>`` on the events exchange (confirmed, transient)."""
         await self._publish(
-            self.declared.events, event.routing_key, encode(event), persistent=False
+            self.declared.events,
+            event.routing_key,
+            encode(event),
+            persistent=False,
+            mandatory=False,
         )
 
     async def publish_sync_event(self, event: SyncEvent) -> None:
         """Publish git-sync news (``sync.<event>``) on the events exchange (confirmed)."""
         await self._publish(
-            self.declared.events, event.routing_key, encode(event), persistent=False
+            self.declared.events,
+            event.routing_key,
+            encode(event),
+            persistent=False,
+            mandatory=False,
         )
 
     async def request_sync(self, request: SyncRequest) -> None:
@@ -263,7 +272,9 @@ class Broker:
 
     async def publish_raw_event(self, routing_key: str, body: bytes) -> None:
         """Publish an already-encoded JSON event (heartbeats, alerts) on the events exchange."""
-        await self._publish(self.declared.events, routing_key, body, persistent=False)
+        await self._publish(
+            self.declared.events, routing_key, body, persistent=False, mandatory=False
+        )
 
     async def announce(self, event: TaskEvent) -> None:
         """``publish_event`` as news, in the background: the caller never waits for the confirm.
@@ -315,7 +326,14 @@ class Broker:
         persistent: bool = True,
         message_id: str | None = None,
         headers: dict[str, Any] | None = None,
+        mandatory: bool = True,
     ) -> None:
+        """Publish and wait for the broker's confirm.
+
+        ``mandatory=False`` for news on the events exchange: with no follower bound, the broker
+        drops it instead of returning it (a ``basic.return`` per unheard event costs both sides
+        CPU for nothing). Work (tasks, artifact requests, dead letters) stays mandatory.
+        """
         message = aio_pika.Message(
             body,
             content_type="application/json",
@@ -325,7 +343,9 @@ class Broker:
             headers=headers,
         )
         try:
-            await exchange.publish(message, routing_key, timeout=PUBLISH_CONFIRM_TIMEOUT_S)
+            await exchange.publish(
+                message, routing_key, mandatory=mandatory, timeout=PUBLISH_CONFIRM_TIMEOUT_S
+            )
         except aio_pika.exceptions.ChannelInvalidStateError as e:
             raise BrokerError(
                 f"publish to {exchange.name}/{routing_key} failed: the broker connection is down "

@@ -29,20 +29,34 @@ from shared.settings import Settings
 # ``<prefix><state>`` (score: when it entered that state), the prefix being the last KEYS entry.
 # Those keys are built inside the script, which a single Redis server allows (not a cluster).
 
-# KEYS: task hash, history list, index zset, state-set prefix. ARGV: spec fields as name/value
-# pairs.
+#: Field set on a task's record once another task depends on it: a terminal event whose record
+#: lacks it tells the scheduler nobody waits for that task (no children lookup).
+HAS_CHILDREN_FIELD = "has_children"
+
+# KEYS: task hash. Marks a parent's record (not creating one for a parent that expired).
+_MARK_PARENT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'has_children', 1) end
+return 1
+"""
+
+# KEYS: task hash, history list, index zset, state-set prefix. ARGV: '1' to have the record
+# back (else '0'), then spec fields as name/value pairs. Returns {1 if created else 0[, hash]}.
 _CREATE = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('HGETALL', KEYS[1])} end
+local function reply(created)
+  if ARGV[1] == '1' then return {created, redis.call('HGETALL', KEYS[1])} end
+  return {created}
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return reply(0) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 redis.call('HSET', KEYS[1], 'state', 'submitted', 'submitted_at', now, 'updated_at', now,
            'attempts', 0)
-for i = 1, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[3], now, redis.call('HGET', KEYS[1], 'task_id'))
 redis.call('ZADD', KEYS[4] .. 'submitted', now, redis.call('HGET', KEYS[1], 'task_id'))
 redis.call('RPUSH', KEYS[2], cjson.encode({to = 'submitted', ts = now, attempt = 0,
   by = redis.call('HGET', KEYS[1], 'submitted_by'), reason = 'submitted'}))
-return {1, redis.call('HGETALL', KEYS[1])}
+return reply(1)
 """
 
 # KEYS: task hash, history list, leases zset, retries zset, state-set prefix.
@@ -370,6 +384,7 @@ class StatusStore:
             await self.stop()
             raise StoreError(s.connection_error("redis", e)) from e
         self._create = self._redis.register_script(_CREATE)
+        self._mark_parent = self._redis.register_script(_MARK_PARENT)
         self._transition = self._redis.register_script(_TRANSITION)
         self._update_if = self._redis.register_script(_UPDATE_IF)
         self._renew = self._redis.register_script(_RENEW)
@@ -401,8 +416,8 @@ class StatusStore:
         Returns:
             True if created, False if the id was already known (idempotent submit).
         """
-        created, _ = await self.create_record(submission)
-        return created
+        (created,) = await self._call(self._create, *self._create_call(submission, record=False))
+        return bool(created)
 
     @_store_errors
     async def create_record(self, submission: TaskSubmission) -> tuple[bool, TaskRecord]:
@@ -411,7 +426,7 @@ class StatusStore:
         Returns:
             ``(created, record)``: the new record, or the one already known under this id.
         """
-        created, flat = await self._call(self._create, *self._create_call(submission))
+        created, flat = await self._call(self._create, *self._create_call(submission, record=True))
         return bool(created), TaskRecord.from_hash(_hash(flat))
 
     @_store_errors
@@ -439,11 +454,16 @@ class StatusStore:
             owner=None,
         )
         created, moved = await self._pipelined(
-            [(self._create, *self._create_call(submission)), (self._transition, *move)]
+            [
+                (self._create, *self._create_call(submission, record=False)),
+                (self._transition, *move),
+            ]
         )
         return bool(created[0]), _transition_result(moved)
 
-    def _create_call(self, submission: TaskSubmission) -> tuple[list[str], list[str]]:
+    def _create_call(
+        self, submission: TaskSubmission, *, record: bool
+    ) -> tuple[list[str], list[str]]:
         self.redis  # noqa: B018 - raises NotConnectedError before start
         fields = {
             "task_id": submission.task_id,
@@ -469,7 +489,7 @@ class StatusStore:
             self.keys.task_index,
             self.keys.state_prefix,
         ]
-        args = [x for pair in fields.items() for x in pair]
+        args = ["1" if record else "0", *(x for pair in fields.items() for x in pair)]
         return keys, args
 
     @_store_errors
@@ -780,6 +800,9 @@ class StatusStore:
                 pipe.sadd(self.keys.children(parent), task_id)
                 # Outlives the parent's record (30 days after it ended) by at most as long.
                 pipe.expire(self.keys.children(parent), FINISHED_TASK_TTL_S)
+                # Flag on the parent's own record (only if it exists): its terminal event then
+                # says whether anyone waits for it (``HAS_CHILDREN_FIELD``).
+                await self._mark_parent(keys=[self.keys.task(parent)], client=pipe)
             pipe.zadd(self.keys.held, {task_id: check_at})
             await pipe.execute()
 

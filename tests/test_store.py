@@ -10,7 +10,7 @@ import pytest
 from shared.errors import TaskNotFoundError
 from shared.events import state_event
 from shared.messages import RECORD_IN_EVENT_MAX_CHARS, TaskState, TaskSubmission
-from shared.store import StatusStore, TaskRecord
+from shared.store import HAS_CHILDREN_FIELD, StatusStore, TaskRecord
 
 
 def submission(task_id: str, **kw) -> TaskSubmission:
@@ -201,5 +201,20 @@ async def test_create_and_transition_and_a_prelude_share_one_round_trip(settings
         )
         assert done.applied and done.record is not None
         assert [f["text"] for _, f in await store.redis.xrange(stream)] == ["last line"]
+    finally:
+        await store.stop()
+
+
+async def test_hold_marks_each_existing_parent_so_its_end_event_says_it_has_children(settings):
+    store = await started_store(settings)
+    try:
+        await store.create(submission("parent-1"))
+        assert HAS_CHILDREN_FIELD not in await store.redis.hgetall(store.keys.task("parent-1"))
+        await store.hold("child-1", ["parent-1", "parent-gone"], check_at=time.time() + 60)
+        assert (await store.redis.hgetall(store.keys.task("parent-1")))[HAS_CHILDREN_FIELD] == "1"
+        assert not await store.redis.exists(store.keys.task("parent-gone"))  # no stray record
+        done = await store.transition("parent-1", [TaskState.SUBMITTED], TaskState.FAILED)
+        assert done.record is not None and done.record[HAS_CHILDREN_FIELD] == "1"
+        assert await store.children("parent-1") == ["child-1"]
     finally:
         await store.stop()

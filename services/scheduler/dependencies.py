@@ -37,7 +37,7 @@ from shared.messages import TaskEvent, TaskState, decode
 from shared.references import resolve_config
 from shared.schedules import format_utc
 from shared.settings import Settings
-from shared.store import StatusStore, TaskRecord
+from shared.store import HAS_CHILDREN_FIELD, StatusStore, TaskRecord
 from shared.task_types import validate_config
 
 log = structlog.get_logger(__name__)
@@ -114,6 +114,8 @@ class Dependencies:
         except DecodeError as e:
             log.warning("event_undecodable", error=str(e))
             return
+        if event.record is not None and HAS_CHILDREN_FIELD not in event.record:
+            return  # the record as the task ended: no task was ever held for it
         try:
             for child in await self.store.children(event.task_id):
                 await self.evaluate_tree(child)
