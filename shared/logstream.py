@@ -223,6 +223,9 @@ class LogStreamWriter:
         attempt: the run, stamped on the writer's own notes.
         max_lines: ``TP_TASK_LOG_MAX_LINES``, the stream's bound.
         max_pending: most lines buffered while a write is in flight.
+        delay_s: a write starts this long after the first line it carries arrived (s), so lines
+            close together share one write, and a run that ends within it has its lines written
+            with its outcome (``queue_rest``); 0 writes at once.
     """
 
     def __init__(
@@ -233,8 +236,11 @@ class LogStreamWriter:
         attempt: int,
         max_lines: int,
         max_pending: int = MAX_PENDING_LINES,
+        delay_s: float = 0.0,
     ) -> None:
         self._redis = redis
+        self._delay_s = delay_s
+        self._timer: asyncio.TimerHandle | None = None
         self._key = key
         self._attempt = attempt
         self._max_lines = max_lines
@@ -256,8 +262,25 @@ class LogStreamWriter:
                 self._lose(1)
             else:
                 self._pending.append(line)
+        if (
+            self._pending
+            and self._timer is None
+            and (self._writing is None or self._writing.done())
+        ):
+            if self._delay_s > 0:
+                self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._start)
+            else:
+                self._start()
+
+    def _start(self) -> None:
+        self._timer = None
         if self._pending and (self._writing is None or self._writing.done()):
             self._writing = asyncio.create_task(self._write_all())
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def note(self, text: str) -> None:
         """Queue a ``log`` line of the worker's own (the run started, how it ended)."""
@@ -269,6 +292,7 @@ class LogStreamWriter:
         Call once the child has ended and before its outcome is recorded: a follower that sees
         the task finished then finds every line already in the stream.
         """
+        self._stop_timer()
         try:
             async with asyncio.timeout(timeout_s):
                 await self._drain()
@@ -282,6 +306,7 @@ class LogStreamWriter:
         Then ``queue_rest`` puts them in the same round trip as the outcome (``close`` without
         a round trip of its own).
         """
+        self._stop_timer()
         try:
             async with asyncio.timeout(timeout_s):
                 while self._writing is not None and not self._writing.done():

@@ -24,6 +24,9 @@ from shared.store import StatusStore, Transition
 
 log = structlog.get_logger(__name__)
 
+#: A run's first news write (its child's pid, its progress) waits this long after the run began
+#: (s): a short task's news then goes with its outcome in one write instead of two or three.
+NEWS_DELAY_S = 0.05
 #: A running task's checkpoints are sent to shared storage at most this often (s).
 CHECKPOINT_SYNC_EVERY_S = 60.0
 #: How long the worker keeps trying to record a finished task's outcome while Redis is away (s).
@@ -70,7 +73,14 @@ class TaskExecution:
         self.retry = RetryPolicy(
             submission.max_attempts or s.max_attempts, s.retry_base_s, s.retry_max_s
         )
-        self._last_progress = 0.0
+        #: Record fields not written yet (child pid, progress), the progress event to send with
+        #: them, and when news was last written (monotonic s): see ``_schedule_news``.
+        self._news: dict[str, str | int | float] = {}
+        self._progress: tuple[float, str, dict[str, float]] | None = None
+        self._run_started = time.monotonic()
+        self._last_news = -PROGRESS_MIN_INTERVAL_S
+        self._news_timer: asyncio.TimerHandle | None = None
+        self._news_tasks: set[asyncio.Task[None]] = set()
         task_dir = env.settings.tasks_dir / submission.task_id
         self.child = ChildProcess(
             ChildJob(
@@ -105,6 +115,7 @@ class TaskExecution:
             env.store.keys.task_logs(submission.task_id),
             attempt=attempt,
             max_lines=env.settings.task_log_max_lines,
+            delay_s=NEWS_DELAY_S,
         )
 
     async def run(self) -> TaskState:
@@ -143,36 +154,62 @@ class TaskExecution:
         )
 
     async def on_child_started(self, pid: int) -> None:
-        try:
-            await self.env.store.update_if(
-                self.submission.task_id,
-                [TaskState.RUNNING],
-                {"child_pid": pid},
-                worker=self.env.name,
-            )
-        except StoreError as e:
-            log.warning("child_pid_not_recorded", error=str(e))
+        """The child's pid is known: recorded with the run's next news write (``_post_news``)."""
+        self._news["child_pid"] = pid
+        self._schedule_news()
 
     async def on_progress(self, fraction: float, message: str, metrics: dict[str, float]) -> None:
-        now = time.monotonic()
-        if now - self._last_progress < PROGRESS_MIN_INTERVAL_S and fraction < 1.0:
+        """Progress from the task: recorded and announced with the next news write.
+
+        Never waits: the child's next message (its result, say) is not held up behind Redis.
+        """
+        self._news.update({"progress": fraction, "progress_message": message})
+        self._progress = (fraction, message, metrics)
+        self._schedule_news()
+
+    def _schedule_news(self) -> None:
+        """Have the pending news written when it is due, not at once.
+
+        Due ``NEWS_DELAY_S`` after the run started, then at most every
+        ``PROGRESS_MIN_INTERVAL_S``: a task that ends sooner has it all written with its
+        outcome, in that one write.
+        """
+        if self._news_timer is not None or self.finishing:
             return
-        self._last_progress = now
-        fields: dict[str, str | int | float] = {"progress": fraction, "progress_message": message}
+        now = time.monotonic()
+        due = max(self._run_started + NEWS_DELAY_S, self._last_news + PROGRESS_MIN_INTERVAL_S)
+        self._news_timer = asyncio.get_running_loop().call_later(
+            max(0.0, due - now), self._spawn_news
+        )
+
+    def _spawn_news(self) -> None:
+        task = asyncio.create_task(self._post_news(), name=f"news-{self.submission.task_id}")
+        self._news_tasks.add(task)
+        task.add_done_callback(self._news_tasks.discard)
+
+    async def _post_news(self) -> None:
+        """One write of the pending fields (child pid, progress) and the progress event."""
+        self._news_timer = None
+        if self.finishing or not self._news:
+            return
+        fields, self._news = self._news, {}
+        progress, self._progress = self._progress, None
+        self._last_news = time.monotonic()
         try:
             await self.env.store.update_if(
                 self.submission.task_id, [TaskState.RUNNING], fields, worker=self.env.name
             )
-            await self.env.broker.announce(
-                progress_event(
-                    self.submission.task_id,
-                    worker=self.env.name,
-                    progress=fraction,
-                    message=message,
-                    metrics=metrics,
+            if progress is not None:
+                await self.env.broker.announce(
+                    progress_event(
+                        self.submission.task_id,
+                        worker=self.env.name,
+                        progress=progress[0],
+                        message=progress[1],
+                        metrics=progress[2],
+                    )
                 )
-            )
-        except (StoreError, BrokerError, ValueError) as e:  # progress is news; the task goes on
+        except (StoreError, BrokerError, ValueError) as e:  # news; the task goes on
             log.warning("progress_not_relayed", error=str(e))
 
     def on_logs(self, lines: list[LogLine]) -> None:
@@ -233,6 +270,11 @@ class TaskExecution:
         self.finishing = True
         for timer in self._timers:
             timer.cancel()
+        if self._news_timer is not None:
+            self._news_timer.cancel()
+            self._news_timer = None
+        if self._news_tasks:  # a news write in flight lands before the outcome
+            await asyncio.gather(*self._news_tasks, return_exceptions=True)
         if self.stop_reason is StopReason.LOST:
             log.warning("task_abandoned", reason="lease lost to the reaper; nothing recorded")
             self.logs.note(f"attempt {self.attempt} abandoned: its lease was lost")
@@ -313,7 +355,9 @@ class TaskExecution:
                     verdict.state,
                     by=self.env.name,
                     reason=verdict.reason,
-                    fields=verdict.fields,
+                    # News not written yet goes with the outcome (the verdict's own fields win:
+                    # a hand-back clears the child pid, a completion sets progress 1).
+                    fields={**self._news, **verdict.fields},
                     owner=(self.env.name, self.attempt),
                     prelude=self.logs.queue_rest if prelude else None,
                 )
