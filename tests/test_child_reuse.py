@@ -9,12 +9,15 @@ task a fresh one. Each probe reports the pid of the process it ran in.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 from typing import Any
 
 from shared.client import DistributedClient
 from shared.messages import TaskState
 from tests.conftest import Platform
 from tests.test_pipeline import wait_state
+from tests.test_task_logs import LIGHT_WORKER
 
 WAIT_S = 60
 
@@ -60,6 +63,51 @@ async def test_children_are_reused_after_success_and_retired_after_failure_cance
     gpu = [await run_probe(client, needs_gpu=True) for _ in range(2)]
     assert gpu[0][1] != gpu[1][1], gpu  # TP_WORKER_GPU_ISOLATE: a fresh child per gpu task
     assert after_cancel[1] not in {gpu[0][1], gpu[1][1]}
+
+
+def output_capture_of(pid: int) -> tuple[list[str], list[str]]:
+    """A child's threads (ids) and what its fds 1 and 2 are (``pipe:[inode]`` while captured)."""
+    threads = sorted(os.listdir(f"/proc/{pid}/task"))
+    return threads, [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)]
+
+
+async def test_a_reused_child_keeps_its_output_capture_and_each_task_logs_its_own_lines(
+    platform: Platform, client: DistributedClient
+) -> None:
+    """One capture (pipes, readers, sender) serves all tasks of a child: made once, not per task.
+
+    Between tasks the idle child still has the capture's threads and pipes, the same ones; each
+    task's log holds exactly its own lines, all of them before its end.
+    """
+    await platform.start_all(TP_WORKER_CHILD_MAX_TASKS="3", **LIGHT_WORKER)
+    runs = []
+    for lines in (3, 2):
+        task = await client.submit("probe", {"print_lines": lines})
+        record = await client.wait(task.task_id, timeout_s=WAIT_S)
+        assert record.state is TaskState.COMPLETED, record
+        pid = record.result["pid"]
+        runs.append((task.task_id, lines, pid, output_capture_of(pid)))
+    (_, _, first_pid, first), (_, _, second_pid, second) = runs
+    assert first_pid == second_pid
+    threads, outputs = first
+    assert len(threads) >= 4, threads  # main, the two pipe readers and the sender, kept idle
+    assert all(output.startswith("pipe:") for output in outputs), outputs
+    assert second == first  # the very same threads and pipes after the second task
+
+    for task_id, n, _, _ in runs:
+        got = [
+            (line.stream, re.sub(r" ts=.*", "", line.text))
+            async for line in client.follow_logs(task_id)
+        ]
+        assert got[0] == ("log", "attempt 1 started on worker test-worker"), got
+        assert got[-1] == ("log", "attempt 1 ended: completed"), got
+        assert sorted(got[1:-1]) == sorted(
+            [
+                ("log", f"[info] probe_printed [services.gpu_worker.tasks.probe] lines={n}"),
+                ("stderr", f"probe printed {n} lines"),
+                *(("stdout", f"probe line {i}/{n}") for i in range(1, n + 1)),
+            ]
+        ), got
 
 
 async def test_a_lane_never_runs_more_tasks_than_its_slots(

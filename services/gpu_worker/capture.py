@@ -1,12 +1,27 @@
 """Captures a task child's output for its live log: stdout and stderr at the fd level, log records.
 
-Runs inside the task's child process. ``OutputCapture.start`` points fds 1 and 2 at pipes
-(``dup2``), so prints from Python, from C extensions and from subprocesses the task starts all
-count. A reader thread per pipe splits the bytes into lines, copies the bytes on to the worker's
-own stdout/stderr (where the child's output went before) and queues the lines; a logging handler
-queues the task's log records (the worker's stderr keeps getting them as before). A sender thread
-ships what is queued to the worker as one ``("logs", [LogLine, ...])`` message: at once when a
-line arrives after a quiet spell, then at most once per ``FLUSH_INTERVAL_S``.
+Runs inside the task's child process, for as long as the child lives: a reused child's tasks
+share one capture (starting one costs two pipes and three threads, about 1 ms a task).
+``OutputCapture.start`` points fds 1 and 2 at pipes (``dup2``), so prints from Python, from C
+extensions and from subprocesses the task starts all count. A reader thread per pipe splits the
+bytes into lines, copies the bytes on to the worker's own stdout/stderr (where the child's output
+went before) and queues the lines; a logging handler queues the task's log records (the worker's
+stderr keeps getting them as before). A sender thread ships what is queued to the worker as one
+``("logs", [LogLine, ...])`` message: at once when a line arrives after a quiet spell, then at
+most once per ``FLUSH_INTERVAL_S``.
+
+Per task, ``begin`` sets the attempt stamped on the lines and the secrets redacted from them, and
+``flush`` is the task's end barrier: it writes a marker (a random token and a sequence number)
+into each pipe behind everything the task wrote; each reader, on reaching it, queues all before
+it (an unfinished last line as a line) and says so; then the queue is shipped from the caller's
+thread. So every byte the task wrote to fds 1 and 2 before its end, and every record it logged,
+has been sent to the worker when ``flush`` returns, before the task's end is reported: the
+worker records the outcome right after the end, and a log follower stops there. The markers go
+nowhere (neither into the lines nor the copy to the worker's output). The wait is bounded
+(``STOP_WAIT_S``): a reader stuck copying to a blocked worker stdout cannot hang the child.
+What the task left running (a thread, a subprocess holding the pipe) writes after its end is
+not the task's any more: it lands in the log of the child's next task, stamped with that task's
+attempt, or is dropped by the worker while the child is idle.
 
 Bounds: at most ``MAX_BATCH_LINES`` lines and ``MAX_BATCH_CHARS`` characters of text per
 message, so at most 10,000 lines (about 2.5 MB) a second per task reach the worker and Redis;
@@ -23,6 +38,8 @@ import io
 import logging
 import os
 import re
+import secrets as random_tokens
+import select
 import sys
 import threading
 import time
@@ -43,12 +60,20 @@ MAX_BATCH_LINES = 1000
 MAX_BATCH_CHARS = 256 * 1024
 #: Bytes taken from a pipe per read.
 READ_CHUNK = 64 * 1024
-#: How long ``stop`` waits for the readers to reach the end of the pipes (s): a subprocess the
-#: task left running may hold them open for ever.
+#: How long ``stop`` waits for the readers to reach the end of the pipes, and ``flush`` for them
+#: to reach its markers (s): a subprocess the task left running may hold the pipes open for ever,
+#: and a reader may be stuck copying to a worker stdout nobody reads.
 STOP_WAIT_S = 1.0
 
 #: A line ends at ``\n``, ``\r\n`` or a lone ``\r`` (a progress bar redrawing itself).
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+
+#: Digits of a flush marker's sequence number (hex), after the capture's token.
+_SEQ_DIGITS = 16
+#: The captured fds and the stream each one is.
+_STREAMS = {1: "stdout", 2: "stderr"}
+#: What a reader that ended (EOF) counts as having reached: every flush, past and future.
+_ENDED = sys.maxsize
 
 #: Context every log line of the task carries anyway (the entry has its own ``ts`` and
 #: ``attempt``), left out of the text.
@@ -91,11 +116,14 @@ class LineSplitter:
 
 
 class Outbox:
-    """Lines waiting for the sender; thread-safe and bounded per message."""
+    """Lines waiting for the sender; thread-safe and bounded per message.
+
+    ``attempt`` and ``secrets`` are the running task's (``OutputCapture.begin`` sets them).
+    """
 
     def __init__(self, attempt: int, secrets: Sequence[str] = ()) -> None:
-        self._attempt = attempt
-        self._secrets = list(secrets)
+        self.attempt = attempt
+        self.secrets = list(secrets)
         # Re-entrant: a signal handler of the task that logs may run while the main thread is
         # inside ``put``; a plain lock would deadlock the task there.
         self._lock = threading.RLock()
@@ -107,7 +135,7 @@ class Outbox:
 
     def put(self, line: LogLine) -> None:
         """Queue a line (secrets redacted), or count it dropped when this message is full."""
-        line = dataclasses.replace(line, text=redact_text(line.text, self._secrets))
+        line = dataclasses.replace(line, text=redact_text(line.text, self.secrets))
         size = len(line.text)
         with self._lock:
             if len(self._lines) >= MAX_BATCH_LINES or self._bytes + size > MAX_BATCH_CHARS:
@@ -128,17 +156,16 @@ class Outbox:
                 f"[{dropped} lines dropped: the task wrote faster than "
                 f"{MAX_BATCH_LINES / FLUSH_INTERVAL_S:.0f} lines/s]"
             )
-            lines.append(LogLine(time.time(), "log", self._attempt, note))
+            lines.append(LogLine(time.time(), "log", self.attempt, note))
         return lines
 
 
 class RecordHandler(logging.Handler):
     """Queues each log record of the task as a ``log`` line: ``[level] event [logger] k=v``."""
 
-    def __init__(self, outbox: Outbox, attempt: int) -> None:
+    def __init__(self, outbox: Outbox) -> None:
         super().__init__()
         self._outbox = outbox
-        self._attempt = attempt
         self.setFormatter(_record_formatter())
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -146,7 +173,7 @@ class RecordHandler(logging.Handler):
             text = self.format(record)
         except Exception:  # a record that cannot be formatted still leaves a trace
             text = f"[{record.levelname.lower()}] {record.msg!r}"
-        self._outbox.put(LogLine(record.created, "log", self._attempt, clean_text(text)))
+        self._outbox.put(LogLine(record.created, "log", self._outbox.attempt, clean_text(text)))
 
 
 def _drop_redundant(
@@ -175,27 +202,49 @@ def _record_formatter() -> logging.Formatter:
 
 
 class OutputCapture:
-    """The child's output capture (see the module's docstring). One per child; not reusable.
+    """The child's output capture (see the module's docstring). One per child; not restartable.
+
+    ``start`` once, then per task ``begin`` before it runs and ``flush`` after it returned;
+    ``stop`` when the child exits.
 
     Args:
-        attempt: the run, stamped on every line.
+        attempt: the run, stamped on every line (until ``begin`` sets another).
         send: ships one message to the worker (thread-safe; the child's pipe to its parent).
+        secrets: text redacted from the lines and the copy (until ``begin`` sets others).
     """
 
     def __init__(self, attempt: int, send: Send, secrets: Sequence[str] = ()) -> None:
-        self._attempt = attempt
         self._send = send
         self._secrets = [secret.encode() for secret in secrets]
         self.outbox = Outbox(attempt, secrets)
-        self._handler = RecordHandler(self.outbox, attempt)
+        self._handler = RecordHandler(self.outbox)
         self._saved: dict[int, int] = {}
+        #: Per captured fd: the write end of its pipe (``begin`` points the fd at it again).
+        self._write_ends: dict[int, int] = {}
+        #: Per captured fd: our own write end of its pipe for the flush markers (non-blocking).
+        self._marker_fds: dict[int, int] = {}
         self._readers: list[threading.Thread] = []
         self._sender = threading.Thread(target=self._send_loop, name="log-sender", daemon=True)
         self._stopping = threading.Event()
         self._worker_stderr: io.TextIOWrapper | None = None
+        # One ship at a time, in order: lines the sender took go out before the flush's last
+        # ones (and so before the task's end, which follows ``flush``).
+        self._ship_lock = threading.Lock()
+        #: Starts every flush marker: NUL (rare in text, and nowhere else in a marker) and a
+        #: random token, so no output of a task matches it by chance.
+        self._token = b"\0tp-flush-" + random_tokens.token_hex(8).encode() + b":"
+        self._marker_len = len(self._token) + _SEQ_DIGITS
+        self._flushes = 0
+        #: Per stream: the last flush its reader reached (``_ENDED`` once it stopped).
+        self._reached = dict.fromkeys(_STREAMS.values(), 0)
+        self._reached_changed = threading.Condition()
 
     def start(self) -> None:
-        """Redirect fds 1 and 2, start the threads, and hook the task's log records."""
+        """Redirect fds 1 and 2, start the threads, and hook the task's log records.
+
+        Raises:
+            OSError: no file descriptor left for the pipes (nothing was changed then).
+        """
         pipes = {1: os.pipe()}  # an OSError (no descriptors left) comes before any change
         try:
             pipes[2] = os.pipe()
@@ -203,30 +252,84 @@ class OutputCapture:
             for end in pipes[1]:
                 os.close(end)
             raise
-        for fd, stream in ((1, "stdout"), (2, "stderr")):
+        for fd, stream in _STREAMS.items():
             read_end, write_end = pipes[fd]
             self._saved[fd] = os.dup(fd)  # the worker's own stdout/stderr: output still goes there
             os.dup2(write_end, fd)  # inheritable: subprocesses of the task write here too
-            os.close(write_end)
+            self._write_ends[fd] = write_end  # not inheritable (os.pipe): a spare, ours
+            self._marker_fds[fd] = _marker_end(write_end)
             reader = threading.Thread(
                 target=self._read, args=(read_end, stream), name=f"log-{stream}", daemon=True
             )
             self._readers.append(reader)
-        for text_stream in (sys.stdout, sys.stderr):
-            if isinstance(text_stream, io.TextIOWrapper):  # print() reaches the pipe per line
-                text_stream.reconfigure(line_buffering=True)
-        self._hook_logging()
+        self._set_up_task_output()
         for thread in (*self._readers, self._sender):
             thread.start()
 
+    def begin(self, attempt: int, secrets: Sequence[str] = ()) -> None:
+        """A task starts: stamp its attempt on the lines from now on, redact its secrets.
+
+        What the last task of the child changed is set up again, as a new capture did: fds 1
+        and 2 point at the pipes (it may have closed or redirected them), stdout and stderr are
+        line-buffered, and the root logger has our handler (its own stderr handlers go to the
+        worker's stderr).
+        """
+        self._secrets = [secret.encode() for secret in secrets]
+        self.outbox.secrets = list(secrets)
+        self.outbox.attempt = attempt
+        for fd, write_end in self._write_ends.items():
+            with contextlib.suppress(OSError):  # our own end gone (closed by a task): uncaptured
+                os.dup2(write_end, fd)
+        self._set_up_task_output()
+
+    def flush(self, timeout_s: float = STOP_WAIT_S) -> bool:
+        """The task's end barrier: send everything it wrote and logged so far (blocking).
+
+        Returns once every byte written to fds 1 and 2 before the call (an unfinished last line
+        as a line) and every record logged is in a ``("logs", ...)`` message sent, or once
+        ``timeout_s`` passed (a reader is stuck): what was read by then is sent, with a note
+        that later lines may show in the next task's log. True when nothing was left behind.
+        """
+        deadline = time.monotonic() + timeout_s
+        _flush_text_streams()
+        with self._reached_changed:
+            self._flushes += 1
+            seq = self._flushes
+        marker = self._token + b"%0*x" % (_SEQ_DIGITS, seq)
+        done = all(
+            _write_marker(marker_fd, marker, deadline)
+            for fd, marker_fd in self._marker_fds.items()
+            if self._reached[_STREAMS[fd]] != _ENDED  # that reader is gone: nothing to wait for
+        )
+        if done:
+            with self._reached_changed:
+                done = self._reached_changed.wait_for(
+                    lambda: min(self._reached.values()) >= seq,
+                    max(0.0, deadline - time.monotonic()),
+                )
+        if not done:
+            self.outbox.put(
+                LogLine(
+                    time.time(),
+                    "log",
+                    self.outbox.attempt,
+                    f"[output not all read within {timeout_s:g} s of the task's end: "
+                    "the rest may show in the next task's log]",
+                )
+            )
+        self._ship()
+        return done
+
     def stop(self) -> None:
         """Put fds 1 and 2 back, send the last lines, and stop the threads (bounded waits)."""
-        for text_stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                if text_stream is not None:
-                    text_stream.flush()
+        _flush_text_streams()
         for fd, saved in self._saved.items():
-            os.dup2(saved, fd)  # closes this process's write end of the pipe: the reader sees EOF
+            os.dup2(saved, fd)  # closes fd's hold on the pipe's write end
+        for write_end in {*self._write_ends.values(), *self._marker_fds.values()}:
+            with contextlib.suppress(OSError):
+                os.close(write_end)  # the last write ends of ours: the reader sees EOF
+        self._write_ends.clear()
+        self._marker_fds.clear()
         deadline = time.monotonic() + STOP_WAIT_S
         for reader in self._readers:
             reader.join(max(0.0, deadline - time.monotonic()))
@@ -235,8 +338,15 @@ class OutputCapture:
         self.outbox.queued.set()
         self._sender.join(STOP_WAIT_S)
 
-    def _hook_logging(self) -> None:
-        """Log handlers that wrote to stderr keep writing to the worker's; add ``RecordHandler``."""
+    def _set_up_task_output(self) -> None:
+        """Line-buffered text streams and the task's log records hooked (idempotent).
+
+        Log handlers that wrote to stderr keep writing to the worker's; ``RecordHandler`` is
+        added to the root logger.
+        """
+        for text_stream in (sys.stdout, sys.stderr):
+            if isinstance(text_stream, io.TextIOWrapper):  # print() reaches the pipe per line
+                text_stream.reconfigure(line_buffering=True)
         root = logging.getLogger()
         for handler in root.handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
@@ -245,35 +355,49 @@ class OutputCapture:
                         self._saved[2], "w", buffering=1, closefd=False, errors="backslashreplace"
                     )
                 handler.setStream(self._worker_stderr)
-        root.addHandler(self._handler)
+        root.addHandler(self._handler)  # once: a handler already there is not added again
 
     def _read(self, read_end: int, stream: str) -> None:
-        """Reader thread: pipe -> worker's fd (as before) and lines -> outbox, until EOF."""
-        splitter, copy_to = LineSplitter(), self._saved[1 if stream == "stdout" else 2]
-        held = b""  # copied up to the last line end only, so no secret is split and missed
-        while True:
-            try:
-                data = os.read(read_end, READ_CHUNK)
-            except OSError:
-                break
-            if not data:
-                break
-            held += data
-            end = max(held.rfind(b"\n"), held.rfind(b"\r")) + 1 or (
-                len(held) if len(held) > READ_CHUNK else 0
-            )
-            if end:
-                copy_to = _copy(copy_to, redact_bytes(held[:end], self._secrets))
-                held = held[end:]
-            self._queue(splitter.feed(data), stream)
-        _copy(copy_to, redact_bytes(held, self._secrets))
-        self._queue(splitter.flush(), stream)
-        os.close(read_end)
+        """Reader thread: pipe -> worker's fd (as before) and lines -> outbox, until EOF.
+
+        A flush marker ends the output before it (``_Output.end``) and tells ``flush`` its
+        reader got there; the marker itself goes nowhere.
+        """
+        output = _Output(self, stream)
+        token, marker_len = self._token, self._marker_len
+        pending = b""  # read, not yet passed on: may end with the start of a marker
+        try:
+            while True:
+                try:
+                    data = os.read(read_end, READ_CHUNK)
+                except OSError:
+                    break
+                if not data:
+                    break
+                pending += data
+                while (at := pending.find(token)) >= 0 and len(pending) >= at + marker_len:
+                    output.feed(pending[:at])
+                    output.end()
+                    self._reach(stream, int(pending[at + len(token) : at + marker_len], 16))
+                    pending = pending[at + marker_len :]
+                keep = _marker_start(pending, token, marker_len)
+                output.feed(pending[: len(pending) - keep])
+                pending = pending[len(pending) - keep :]
+            output.feed(pending)
+            output.end()
+        finally:  # no flush waits on a reader that is gone
+            self._reach(stream, _ENDED)
+            os.close(read_end)
+
+    def _reach(self, stream: str, seq: int) -> None:
+        with self._reached_changed:
+            self._reached[stream] = max(self._reached[stream], seq)
+            self._reached_changed.notify_all()
 
     def _queue(self, lines: list[tuple[bytes, int]], stream: str) -> None:
-        now = time.time()
+        now, attempt = time.time(), self.outbox.attempt
         for raw, cut in lines:
-            self.outbox.put(LogLine(now, stream, self._attempt, clean_text(raw, cut_bytes=cut)))
+            self.outbox.put(LogLine(now, stream, attempt, clean_text(raw, cut_bytes=cut)))
 
     def _send_loop(self) -> None:
         """Sender thread: ship queued lines at once, then at most once per interval."""
@@ -284,9 +408,92 @@ class OutputCapture:
         self._ship()
 
     def _ship(self) -> None:
-        lines = self.outbox.take()
-        if lines:
-            self._send(("logs", lines))
+        with self._ship_lock:
+            lines = self.outbox.take()
+            if lines:
+                self._send(("logs", lines))
+
+
+class _Output:
+    """One reader's output on its way: bytes copied to the worker's fd, lines to the outbox."""
+
+    def __init__(self, capture: OutputCapture, stream: str) -> None:
+        self._capture = capture
+        self._stream = stream
+        self._splitter = LineSplitter()
+        self._copy_to = capture._saved[1 if stream == "stdout" else 2]
+        self._held = b""  # copied up to the last line end only, so no secret is split and missed
+
+    def feed(self, data: bytes) -> None:
+        """Output read from the pipe (never part of a marker)."""
+        if not data:
+            return
+        self._held += data
+        end = max(self._held.rfind(b"\n"), self._held.rfind(b"\r")) + 1 or (
+            len(self._held) if len(self._held) > READ_CHUNK else 0
+        )
+        if end:
+            self._copy(end)
+        self._capture._queue(self._splitter.feed(data), self._stream)
+
+    def end(self) -> None:
+        """The end of the output so far (a flush, EOF): copy all held, queue the partial line."""
+        self._copy(len(self._held))
+        self._capture._queue(self._splitter.flush(), self._stream)
+
+    def _copy(self, end: int) -> None:
+        if end:
+            data = redact_bytes(self._held[:end], self._capture._secrets)
+            self._copy_to = _copy(self._copy_to, data)
+            self._held = self._held[end:]
+
+
+def _flush_text_streams() -> None:
+    """Python's buffered text of stdout and stderr into the pipes."""
+    streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)  # a task may swap them
+    for text_stream in {id(stream): stream for stream in streams}.values():
+        with contextlib.suppress(Exception):
+            if text_stream is not None:
+                text_stream.flush()
+
+
+def _marker_end(write_end: int) -> int:
+    """Our own write end of a pipe for flush markers: non-blocking where possible.
+
+    Reopened through /proc (a new open file description of the same pipe): a marker then
+    never blocks on a full pipe, while fds 1 and 2, sharing ``write_end``'s description, stay
+    blocking for the task. Without /proc, ``write_end`` itself (``_write_marker`` polls first).
+    """
+    try:
+        return os.open(f"/proc/self/fd/{write_end}", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return write_end
+
+
+def _write_marker(fd: int, marker: bytes, deadline: float) -> bool:
+    """Write ``marker`` (under PIPE_BUF bytes: all at once or not at all) by ``deadline``."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            return False
+        try:
+            os.write(fd, marker)
+        except BlockingIOError:  # another writer took the room: wait for more
+            continue
+        except OSError:  # the reader is gone
+            return False
+        return True
+
+
+def _marker_start(data: bytes, token: bytes, marker_len: int) -> int:
+    """How many bytes at the end of ``data`` may be the start of a marker (held for more)."""
+    start = data.rfind(b"\0", max(0, len(data) - marker_len + 1))
+    if start < 0:
+        return 0
+    tail = data[start:]
+    return len(tail) if token.startswith(tail[: len(token)]) else 0
 
 
 def _copy(fd: int, data: bytes) -> int:

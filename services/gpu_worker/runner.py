@@ -10,13 +10,18 @@ gives every task a fresh child (GPU jobs that want isolation: ``TP_WORKER_GPU_IS
 Between tasks a reused child gets back its environment variables and working directory.
 
 Parent -> child over a duplex pipe: a ``ChildJob`` to run, or None to exit. Child -> parent
-(picklable tuples, our own processes only), the last three ending a task:
+(picklable tuples, our own processes only), the last four ending a task:
     ("progress", fraction, message, metrics)
     ("checkpoint",)                    the task saved a checkpoint (worth syncing)
     ("logs", [LogLine, ...])           lines of its stdout, stderr and log records (``capture``)
     ("result", result_dict)
     ("stopped", partial_result_dict)   the task returned early after a SIGTERM
     ("error", error_text, traceback_text, retryable)
+    ("not_started", os_error)          the task's folders could not be made; it did not run
+
+The child makes the task's folders itself (``run_job``): the worker's event loop, shared by all
+its tasks, does no file system work per task. The output capture lives as long as the child
+(``capture``): a task's lines all reach the worker before its end, whichever child it ran in.
 
 The child starts its own session, so signals sent to the worker's process group (Ctrl-C in a
 terminal, a group-wide SIGTERM) reach the worker only; the worker decides what its tasks get.
@@ -193,7 +198,10 @@ def serve_jobs(conn: Connection, first: ChildJob) -> None:
     """Body of a task child: set the process up once, then run jobs until told to exit.
 
     ``first`` sets up the process (logging, secrets, stdout); later jobs come over ``conn``
-    and share that set-up (``ChildJob.pool_key``). None or EOF ends the child.
+    and share that set-up (``ChildJob.pool_key``). None or EOF ends the child. The output
+    capture is started once, for the first job, and serves every job of the child (a new one per
+    job cost about 1 ms: pipes, dup2s, three threads); where it cannot be started, each job
+    tries again.
     """
     # First: the forkserver's children start with SIGTERM ignored, and a stop sent while this
     # child sets itself up (or between the parent's job and run_job) must not be lost.
@@ -209,9 +217,12 @@ def serve_jobs(conn: Connection, first: ChildJob) -> None:
     _configure_child_logging(first)
     report = _locked_sender(conn)
     environ, cwd = dict(os.environ), os.getcwd()
+    capture: OutputCapture | None = None
     job: ChildJob | None = first
     while job is not None:
-        run_job(job, report)
+        if capture is None:
+            capture = _start_capture(job.attempt, report, _secrets(job))
+        run_job(job, report, capture)
         # What a task changed in the process for itself is undone before the next one.
         _stop_requested.clear()
         signal.signal(signal.SIGTERM, _remember_stop)
@@ -222,11 +233,30 @@ def serve_jobs(conn: Connection, first: ChildJob) -> None:
             job = conn.recv()
         except (EOFError, OSError):
             job = None
+    if capture is not None:
+        capture.stop()
     conn.close()
 
 
-def run_job(job: ChildJob, report: Callable[[tuple[Any, ...]], None]) -> None:
-    """Run one task's entry point; its output is captured and its end reported last."""
+def run_job(
+    job: ChildJob,
+    report: Callable[[tuple[Any, ...]], None],
+    capture: OutputCapture | None = None,
+) -> None:
+    """Run one task's entry point in this child; its end is the last message it reports.
+
+    Makes the task's folders first (``TaskContext.artifact_dir`` exists for the task); when
+    they cannot be made the task does not run and its end is ``("not_started", OSError)``.
+    ``capture`` (None: the output is not captured) stamps the task's attempt on its lines from
+    the start, and its ``flush`` sends everything the task wrote and logged before the end is
+    reported: the worker records the outcome at the end, and a log follower stops there.
+    """
+    try:
+        job.artifact_dir.mkdir(parents=True, exist_ok=True)
+        job.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # the worker reports it as a task it could not start
+        report(("not_started", e))
+        return
     ctx = TaskContext(
         task_id=job.task_id,
         attempt=job.attempt,
@@ -243,8 +273,9 @@ def run_job(job: ChildJob, report: Callable[[tuple[Any, ...]], None]) -> None:
     if _stop_requested.is_set():  # a SIGTERM came before the line above: it counts
         ctx.request_stop()
     structlog.contextvars.bind_contextvars(task_id=job.task_id, attempt=job.attempt)
-    secrets = job.settings.secret_values() if job.settings is not None else []
-    capture = _start_capture(job.attempt, report, secrets)
+    secrets = _secrets(job)
+    if capture is not None:
+        capture.begin(job.attempt, secrets)
     end: tuple[Any, ...]
     try:
         from shared.task_types import validate_config
@@ -260,14 +291,19 @@ def run_job(job: ChildJob, report: Callable[[tuple[Any, ...]], None]) -> None:
         end = ("error", error, tb, isinstance(e, RETRYABLE_ERRORS))
     finally:
         if capture is not None:
-            capture.stop()  # its last lines go before the end: the end is the job's last message
+            capture.flush()  # its last lines go before the end: the end is the job's last message
     report(end)
+
+
+def _secrets(job: ChildJob) -> list[str]:
+    """The secrets to redact from the job's output and errors (its settings')."""
+    return job.settings.secret_values() if job.settings is not None else []
 
 
 def _start_capture(
     attempt: int, report: Callable[[tuple[Any, ...]], None], secrets: Sequence[str] = ()
 ) -> OutputCapture | None:
-    """Capture the task's output for its live log, or None when it cannot be captured.
+    """Capture the child's output for its tasks' live logs, or None when it cannot be captured.
 
     A task whose output cannot be captured (no file descriptors left) still runs, with a warning
     in the worker's log.
@@ -347,7 +383,7 @@ def _configure_child_logging(job: ChildJob) -> None:
 
 
 #: Message kinds that end a task (the child is then idle, or retiring).
-_TASK_ENDS = frozenset({"result", "stopped", "error"})
+_TASK_ENDS = frozenset({"result", "stopped", "error", "not_started"})
 
 
 class WarmChild:
@@ -472,6 +508,10 @@ class ChildProcess:
         #: A signal was sent for this task: the child is not reused (one may still be on its way
         #: after the task ended, and would stop the next task).
         self._signalled = False
+        #: How the task ended (a kind of ``_TASK_ENDS``); None while it runs, or if it never did.
+        self._end_kind: str | None = None
+        #: Why the child could not make the task's folders (the task did not run), if so.
+        self._not_started: OSError | None = None
 
     @property
     def pid(self) -> int | None:
@@ -485,10 +525,12 @@ class ChildProcess:
 
         The child is killed (SIGKILL) when ``timeout_s`` passes; ``outcome.timed_out`` is then set.
         A child whose task succeeded goes back to the pool (``job.max_tasks`` tasks at most);
-        any other end retires it.
+        any other end retires it. The child makes the task's folders (not this event loop).
+
+        Raises:
+            OSError: the child could not make the task's folders (a file in their place, disk
+                full...); the task did not run and its child was retired.
         """
-        self.job.artifact_dir.mkdir(parents=True, exist_ok=True)
-        self.job.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
 
@@ -508,7 +550,11 @@ class ChildProcess:
         if child is None:
             child = WarmChild(self.job)
             child.attach(relay)
-            await asyncio.to_thread(child.start)  # blocks until the forkserver forked
+            try:
+                await asyncio.to_thread(child.start)  # blocks until the forkserver forked
+            except Exception:
+                await self._make_folders()
+                raise
         child.tasks_run += 1
         self._process = child.process
         if self._pending_signal is not None:
@@ -533,7 +579,26 @@ class ChildProcess:
         # Retire it: a task that ended (even failed) lets it exit by itself; one that did not
         # (it died, or was killed on time-out) is reaped, with SIGKILL after the grace.
         outcome.exitcode = await asyncio.to_thread(child.retire, CHILD_EXIT_GRACE_S)
+        if self._not_started is not None:  # as when this loop made the folders: the caller's
+            raise self._not_started
+        if self._end_kind is None:  # died, or killed, maybe before it made the folders
+            await self._make_folders()
         return outcome
+
+    async def _make_folders(self) -> None:
+        """Make the task's folders where its child may not have got to (rare: off the fast path).
+
+        Once a run ended, however it ended, its folders exist, as when this event loop made them
+        before every child: artifact sync, asked for after every end, fails a task without a
+        folder. A failure here is left unsaid: the run's own end is the news.
+        """
+
+        def make() -> None:
+            with contextlib.suppress(OSError):
+                self.job.artifact_dir.mkdir(parents=True, exist_ok=True)
+                self.job.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+
+        await asyncio.to_thread(make)
 
     def terminate(self) -> None:
         """SIGTERM the child: the task is asked to stop (``ctx.should_stop()``)."""
@@ -572,5 +637,8 @@ class ChildProcess:
                 outcome.stopped = kind == "stopped"
             elif kind == "error":
                 outcome.error, outcome.traceback, outcome.retryable = item[1], item[2], item[3]
+            elif kind == "not_started":
+                self._not_started = item[1]
             if kind in _TASK_ENDS:
+                self._end_kind = kind
                 return
