@@ -57,7 +57,7 @@ from shared.pipelines import plan as plan_pipeline
 from shared.references import validate_with_refs
 from shared.settings import FallbackMode, Settings
 from shared.store import StatusStore, TaskRecord
-from shared.task_types import validate_config
+from shared.task_types import route_of, validate_config
 
 log = structlog.get_logger(__name__)
 
@@ -68,6 +68,11 @@ SAFETY_RECHECK_S = 15.0
 
 #: While waiting for a cancelled task to stop, the record is re-read this often (s).
 CANCEL_RECHECK_S = 1.0
+
+#: A task the client queues and publishes itself (direct dispatch) is also listed for the
+#: scheduler's dispatch pump this far ahead (s): if the client's publish never happens, the pump
+#: publishes it then.
+DIRECT_DISPATCH_PUMP_AFTER_S = 30.0
 
 #: A checkout's state (commit, dirty files, pushed) is reused this long while its git files are
 #: unchanged (s): a submit loop runs git once, not three times per task (~13 ms a submit here).
@@ -206,8 +211,10 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
                 see ``shared.schedules.parse_start_time``).
 
         Returns:
-            The task's record right after the submit (``submitted``, or further on when the id
-            was already known).
+            The task's record right after the submit: ``queued`` (direct dispatch, the
+            default: the client queued it and published it to its lane) or ``submitted`` (held
+            tasks, ``TP_DIRECT_DISPATCH=false``: the scheduler's intake queues it), or further
+            on when the id was already known.
 
         Raises:
             UnknownTaskTypeError, TaskConfigError: refused, nothing queued.
@@ -313,7 +320,14 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
                 )
         parents = submission.depends_on
         await self._check_parents(task_id, parents)
-        created, record = await self.store.create_record(submission)
+        direct = publish and self.settings.direct_dispatch and not submission.held
+        due: float | None = None
+        if direct:
+            created, record, due = await self.store.create_queued(
+                submission, by="client", pump_after_s=DIRECT_DISPATCH_PUMP_AFTER_S
+            )
+        else:
+            created, record = await self.store.create_record(submission)
         known = (record.task_type, record.config_template or record.config, record.depends_on)
         if not created and known != (task_type, config, parents):
             raise IdempotencyConflictError(
@@ -321,11 +335,35 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
                 f"(state {record.state.value}); use a new id or idempotency key",
                 task_id=task_id,
             )
+        if direct and created and due is not None:
+            await self._dispatch(submission, due)
+            return record
         # A known id is published again only while still ``submitted``: an earlier publish may
         # have been lost; the scheduler drops the duplicate if both arrive.
         if publish and (created or record.state is TaskState.SUBMITTED):
             await self.broker.publish_submission(submission)
         return record
+
+    async def _dispatch(self, submission: TaskSubmission, due: float) -> None:
+        """Publish a task this client recorded as ``queued`` to its lane (direct dispatch).
+
+        The record is already listed for the scheduler's dispatch pump, due at ``due``: a publish
+        that fails is done by the pump then (logged, not raised: the task will run). After a
+        confirmed publish the listing is crossed off, so the pump never publishes it twice.
+        """
+        task_id = submission.task_id
+        try:
+            await self.broker.publish_submission(
+                submission, route_of(submission.task_type, submission.config)
+            )
+        except BrokerError as e:
+            log.warning("dispatch_deferred_to_scheduler", task_id=task_id, error=str(e))
+            return
+        await self.broker.announce(state_event(task_id, TaskState.QUEUED))
+        try:
+            await self.store.unlist_dispatch(task_id, due)
+        except StoreError as e:  # the pump publishes it once more: a refused claim, no harm
+            log.warning("dispatch_not_unlisted", task_id=task_id, error=str(e))
 
     async def _check_parents(self, task_id: str, parents: list[str]) -> None:
         """Refuse a ``depends_on`` naming this task itself or a task that does not exist."""

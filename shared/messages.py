@@ -124,6 +124,11 @@ class TaskSubmission(WireModel):
         description="Not queued before this Unix time (s, the desktop's Redis clock).",
     )
 
+    @property
+    def held(self) -> bool:
+        """Whether the scheduler holds it before queueing (parents or a start time)."""
+        return bool(self.depends_on or self.config_refs) or self.not_before is not None
+
 
 class EventKind(StrEnum):
     """What a ``TaskEvent`` reports."""

@@ -172,6 +172,14 @@ class Settings(BaseSettings):
             "start threads at import. The worker's task runner is always preloaded."
         ),
     )
+    direct_dispatch: bool = Field(
+        True,
+        description=(
+            "The client records a task without parents or start time as queued and publishes "
+            "it to its lane itself (one broker hop); false sends every task through the "
+            "scheduler's intake. Held tasks always go through the scheduler."
+        ),
+    )
     worker_ack_hold_s: float = Field(
         60.0,
         ge=0.0,

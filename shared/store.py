@@ -129,6 +129,42 @@ end
 return {1, cur, attempts}
 """
 
+# KEYS: task hash, history list, index zset, state-set prefix, retries zset. ARGV: by, seconds,
+# then spec fields as name/value pairs. Creates a task straight in state queued (history:
+# submitted, then queued by ARGV[1], at the same instant) for a submitter that publishes it to its
+# lane itself (direct dispatch), and lists it for the dispatch pump due that many seconds from now
+# (Redis clock), in case that publish never happens. An existing id is left alone. Returns
+# {1 if created else 0, the record's hash, the due time or ''}.
+_CREATE_QUEUED = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {0, redis.call('HGETALL', KEYS[1]), ''} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+redis.call('HSET', KEYS[1], 'state', 'queued', 'submitted_at', now, 'queued_at', now,
+           'updated_at', now, 'attempts', 0)
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local id = redis.call('HGET', KEYS[1], 'task_id')
+redis.call('ZADD', KEYS[3], now, id)
+redis.call('ZADD', KEYS[4] .. 'queued', now, id)
+redis.call('RPUSH', KEYS[2], cjson.encode({to = 'submitted', ts = now, attempt = 0,
+  by = redis.call('HGET', KEYS[1], 'submitted_by'), reason = 'submitted'}))
+redis.call('RPUSH', KEYS[2], cjson.encode({from = 'submitted', to = 'queued', ts = now,
+  by = ARGV[1], attempt = 0, reason = 'dispatched by its submitter'}))
+local due = now + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[5], due, id)
+return {1, redis.call('HGETALL', KEYS[1]), tostring(due)}
+"""
+
+# KEYS: retries zset. ARGV: task id, due time. Crosses off the listing above once the publish was
+# confirmed, but only that listing: a retry or hand-back listed meanwhile has another due time.
+_UNLIST_DISPATCH = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if score and math.abs(tonumber(score) - tonumber(ARGV[2])) < 0.001 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
 # KEYS: task hash, leases zset. ARGV: worker, lease seconds.
 # Renews the lease of a task this worker holds; returns its state ('' if not the worker's).
 _RENEW = """
@@ -388,6 +424,8 @@ class StatusStore:
         self._transition = self._redis.register_script(_TRANSITION)
         self._update_if = self._redis.register_script(_UPDATE_IF)
         self._renew = self._redis.register_script(_RENEW)
+        self._create_queued = self._redis.register_script(_CREATE_QUEUED)
+        self._unlist_dispatch = self._redis.register_script(_UNLIST_DISPATCH)
         self._reap = self._redis.register_script(_REAP)
         self._defer = self._redis.register_script(_DEFER)
 
@@ -460,6 +498,41 @@ class StatusStore:
             ]
         )
         return bool(created[0]), _transition_result(moved)
+
+    @_store_errors
+    async def create_queued(
+        self, submission: TaskSubmission, *, by: str, pump_after_s: float
+    ) -> tuple[bool, TaskRecord, float | None]:
+        """Record a new task straight as ``queued``, for a submitter that publishes it itself.
+
+        One atomic step: the record (history ``submitted``, then ``queued`` by ``by``), and a
+        listing for the dispatch pump due ``pump_after_s`` from now, so a publish that never
+        happens (the submitter died, the broker refused) is done by the scheduler's pump then.
+        Cross it off with ``unlist_dispatch`` once the publish is confirmed. A known id is left
+        as it is (idempotent submit).
+
+        Returns:
+            ``(created, record, due)``: the record as it is now (the new one, or the one already
+            known under this id) and the listing's due time (Unix s, Redis clock; None when
+            not created).
+        """
+        keys, args = self._create_call(submission, record=False)
+        created, flat, due = await self._call(
+            self._create_queued,
+            [*keys, self.keys.retries],
+            [by, str(pump_after_s), *args[1:]],
+        )
+        return bool(created), TaskRecord.from_hash(_hash(flat)), float(due) if due else None
+
+    @_store_errors
+    async def unlist_dispatch(self, task_id: str, due: float) -> bool:
+        """Cross off ``create_queued``'s listing (due at ``due``) after a confirmed publish.
+
+        Leaves any other listing of the task (a retry, a hand-back) in place. True if removed.
+        """
+        return bool(
+            await self._call(self._unlist_dispatch, [self.keys.retries], [task_id, repr(due)])
+        )
 
     def _create_call(
         self, submission: TaskSubmission, *, record: bool

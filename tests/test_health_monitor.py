@@ -189,10 +189,11 @@ async def test_busy_and_cleanly_stopped_worker_states(
 async def test_queue_without_consumer_alerts_and_depth_equals_rabbitmq(
     platform: Platform, settings: Settings, monitor: Monitor, client: DistributedClient
 ) -> None:
-    async with AlertListener(settings) as listener:
+    via_intake = settings.model_copy(update={"direct_dispatch": False})
+    async with AlertListener(settings) as listener, DistributedClient(via_intake) as submitter:
         # No scheduler: submissions wait in the intake queue with nobody to consume them.
         for _ in range(3):
-            await client.submit("probe", {"sleep_s": 0})
+            await submitter.submit("probe", {"sleep_s": 0})
         alert = await listener.wait_for("queue_without_consumer")
         assert alert["subject"] == f"{settings.namespace}.tasks.submit"
         health = await monitor.http.get("/healthz")

@@ -38,18 +38,33 @@ async def wait_state(client: DistributedClient, task_id: str, state: TaskState, 
     raise AssertionError(f"{task_id} is {record and record.state}, wanted {state}")
 
 
-async def test_lifecycle_timestamps_and_cli_result(platform: Platform, client: DistributedClient):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct-dispatch", "via-intake"])
+async def test_lifecycle_timestamps_and_cli_result(
+    platform: Platform, client: DistributedClient, direct: bool
+):
+    """Direct dispatch (the default): the client queues the task and publishes it to its lane;
+    otherwise the scheduler's intake queues and routes it. Same lifecycle either way."""
     await platform.start_all()
-    submitted = await client.submit("probe", {"sleep_s": 0.3, "steps": 3})
-    assert submitted.state is TaskState.SUBMITTED
+    submitter = DistributedClient(
+        client.settings.model_copy(update={"direct_dispatch": direct}), name="submitter"
+    )
+    async with submitter:
+        submitted = await submitter.submit("probe", {"sleep_s": 0.3, "steps": 3})
+    assert submitted.state is (TaskState.QUEUED if direct else TaskState.SUBMITTED)
     record = await client.wait(submitted.task_id, timeout_s=WAIT_S)
 
     assert record.state is TaskState.COMPLETED
-    assert record.submitted_at < record.queued_at < record.running_at < record.completed_at
+    if direct:  # recorded and queued in one step
+        assert record.submitted_at == record.queued_at < record.running_at < record.completed_at
+    else:
+        assert record.submitted_at < record.queued_at < record.running_at < record.completed_at
     assert record.result["metrics"]["steps"] == 3.0
     history = await client.history(record.task_id)
     assert [h["to"] for h in history] == ["submitted", "queued", "running", "completed"]
+    assert history[1]["by"] == ("client" if direct else "scheduler")
     assert record.worker == "test-worker" and record.attempts == 1
+    # Nothing is left for the dispatch pump: the confirmed publish crossed the listing off.
+    assert not await client.store.dispatch_pending(record.task_id)
 
     cli = tradectl("task", "result", record.task_id, env=service_env(platform.settings), timeout=60)
     assert cli.returncode == 0, cli.stderr
@@ -274,7 +289,7 @@ async def test_cli_trains_on_goog_end_to_end_with_mlflow_run(platform: Platform)
         assert isinstance(metrics[key], float)
     assert (
         record["submitted_at"]
-        < record["queued_at"]
+        <= record["queued_at"]  # one instant under direct dispatch
         < record["running_at"]
         < record["completed_at"]
         == record["finished_at"]
@@ -342,3 +357,39 @@ async def test_the_result_is_pushed_to_the_waiting_client_in_the_terminal_event(
     assert ended[0].record is not None, ended
     stored = await client.status(task_id)
     assert waited == stored and waited.result["metrics"]["steps"] == 2.0, (waited, stored)
+
+
+async def test_a_directly_dispatched_task_whose_publish_never_happened_runs_via_the_pump(
+    platform: Platform, client: DistributedClient
+):
+    """A client that queued a task and died before publishing it (or whose publish failed):
+    the scheduler's dispatch pump publishes it once the listing is due, and it runs once."""
+    await platform.start_all(TP_REAPER_INTERVAL_S="0.5")
+    submission = await client.prepare("probe", {"steps": 1}, task_id="orphan-1")
+    created, record, due = await client.store.create_queued(
+        submission, by="client", pump_after_s=1.0
+    )
+    assert created and record.state is TaskState.QUEUED and due is not None
+    done = await client.wait("orphan-1", timeout_s=WAIT_S)
+    assert done.state is TaskState.COMPLETED and done.attempts == 1
+    assert done.running_at >= due  # not before the pump's turn
+    assert not await client.store.dispatch_pending("orphan-1")
+
+
+async def test_crossing_off_a_dispatch_listing_leaves_a_later_listing_alone(
+    client: DistributedClient,
+):
+    submission = await client.prepare("probe", {}, task_id="listed-1")
+    _, _, due = await client.store.create_queued(submission, by="client", pump_after_s=60)
+    assert due is not None
+    # Meanwhile the task ran, failed retryably and was listed again (another due time).
+    await client.store.redis.zadd(client.store.keys.retries, {"listed-1": due + 5})
+    assert not await client.store.unlist_dispatch("listed-1", due)
+    assert await client.store.dispatch_pending("listed-1")
+    await client.store.redis.zadd(client.store.keys.retries, {"listed-1": due})
+    assert await client.store.unlist_dispatch("listed-1", due)
+    assert not await client.store.dispatch_pending("listed-1")
+    again, record, no_due = await client.store.create_queued(
+        submission, by="client", pump_after_s=60
+    )
+    assert not again and no_due is None and record.task_id == "listed-1"  # idempotent

@@ -105,7 +105,9 @@ async def test_queue_dead_lists_without_losing_and_requeues_one_message(
     platform.start("gpu_worker", **LIGHT, TP_WORKER_GPU_SLOTS="0", TP_RETRY_BASE_S="0.1")
     await wait_for_consumers(s, {t.queue("submit"): 1, t.queue("cpu"): 1})
     config = {"fail_with": "x" * 950, "fail_times": 1, "retryable": True}
-    big = await client.submit("probe", config)
+    via_intake = s.model_copy(update={"direct_dispatch": False})  # through the 1 KiB scheduler
+    async with DistributedClient(via_intake) as submitter:
+        big = await submitter.submit("probe", config)
     await client.broker.declared.tasks.publish(aio_pika.Message(UNDECODABLE), "submit")
     await wait_dead_count(client, 2)
 

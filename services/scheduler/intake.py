@@ -80,9 +80,7 @@ async def decide(
 
 def is_held(submission: TaskSubmission) -> bool:
     """Whether the task waits for parents or a start time before it may be queued."""
-    return bool(submission.depends_on or submission.config_refs) or (
-        submission.not_before is not None
-    )
+    return submission.held
 
 
 def validate(submission: TaskSubmission, *, held: bool) -> str:
