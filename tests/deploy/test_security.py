@@ -38,7 +38,7 @@ from services.health_monitor.http import TOKEN_COOKIE, create_app
 from shared.broker import Broker
 from shared.errors import BrokerError, StoreError
 from shared.logging import configure_logging
-from shared.settings import Settings
+from shared.settings import Settings, redact_bytes, redact_text
 from shared.settings import describe_settings_error as describe
 from shared.store import StatusStore
 from tests.conftest import AMQP_URL, ServiceProcess, require, tradectl
@@ -557,6 +557,17 @@ def test_urls_with_unencoded_characters_are_redacted_whole_or_refused() -> None:
     with pytest.raises(ValidationError) as refused:
         Settings(amqp_url="amqp://tradeplat:pa/ss0rdX@127.0.0.1:5673/", _env_file=None)
     assert "cannot be parsed" in str(refused.value) and "ss0rdX" not in describe(refused.value)
+
+
+def test_redaction_of_long_unbroken_output_does_not_stall_the_task() -> None:
+    """A long run of letters (a base64 blob, a progress bar without line ends) is redacted in
+    linear time: the URL pattern once scanned the whole run from every letter (256 KB took
+    about 70 s, stalling the task's child). Still finds a URL password inside such a run."""
+    blob = "a" * 256 * 1024
+    started = time.monotonic()
+    assert redact_bytes(blob.encode(), []) == blob.encode()
+    assert redact_text(blob + " amqp://u:" + blob + "@h/", []) == blob + " amqp://u:***@h/"
+    assert time.monotonic() - started < 5, "redaction is not linear in the text's length"
 
 
 def test_redis_tls_verification_cannot_be_switched_off_from_the_url() -> None:
