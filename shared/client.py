@@ -328,8 +328,15 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
             )
         else:
             created, record = await self.store.create_record(submission)
-        known = (record.task_type, record.config_template or record.config, record.depends_on)
-        if not created and known != (task_type, config, parents):
+        # The start time counts too: a resubmit without it would otherwise release a task held
+        # for it (its record is still ``submitted``, and the intake decides from the message).
+        known = (
+            record.task_type,
+            record.config_template or record.config,
+            record.depends_on,
+            record.not_before,
+        )
+        if not created and known != (task_type, config, parents, submission.not_before):
             raise IdempotencyConflictError(
                 f"task {task_id} already exists as a different {record.task_type} task "
                 f"(state {record.state.value}); use a new id or idempotency key",

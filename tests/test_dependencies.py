@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 import pytest
 
 from shared.client import DistributedClient
-from shared.errors import DependencyError, ScheduleError, TaskConfigError
+from shared.errors import DependencyError, IdempotencyConflictError, ScheduleError, TaskConfigError
 from shared.messages import ConfigRef, TaskState
 from shared.references import resolve_config, validate_with_refs
 from shared.schedules import parse_start_time
@@ -277,3 +277,21 @@ def test_references_resolve_merge_then_set_and_name_the_field():
     validate_with_refs("probe", {"steps": "${steps.p.result.n}"}, steps_ref)
     with pytest.raises(TaskConfigError, match="sleep_s"):
         validate_with_refs("probe", {"steps": "x", "sleep_s": "x"}, steps_ref)
+
+
+async def test_a_resubmit_without_its_start_time_does_not_release_a_held_task(
+    platform: Platform, unpinned: DistributedClient
+):
+    """Found by a breaker: the same id, type and config without ``not_before`` went to the
+    intake, which queued it ~60 s early. The start time is part of the task's identity."""
+    await platform.start_all(**FAST)
+    task_id = "held-start-time"
+    at = await unpinned.store.now() + 60
+    await unpinned.submit("probe", {"sleep_s": 0.1}, task_id=task_id, not_before=at)
+    with pytest.raises(IdempotencyConflictError, match="already exists"):
+        await unpinned.submit("probe", {"sleep_s": 0.1}, task_id=task_id)
+    again = await unpinned.submit("probe", {"sleep_s": 0.1}, task_id=task_id, not_before=at)
+    assert again.state is TaskState.SUBMITTED  # the same submit again is fine
+    await asyncio.sleep(1.5)  # several planner passes
+    record = await unpinned.status(task_id)
+    assert record.state is TaskState.SUBMITTED, await unpinned.history(task_id)
