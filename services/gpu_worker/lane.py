@@ -143,8 +143,14 @@ class Lane:
             await settle(message)
             return
         if len(self.running) + self._reserved >= self.slots:
-            # Only a delivery already in flight when the consumer was cancelled lands here: hand it
-            # back unclaimed so it keeps its place by priority.
+            # A delivery no slot can take: one already in flight when the consumer was
+            # cancelled, or prefetch stopped counting the running tasks (the channel was
+            # reopened after a broker outage, RabbitMQ requeued their held deliveries, and the
+            # restored consumer has its old prefetch). Stop consuming until a slot frees (else
+            # the broker pushes it straight back, in a loop), then hand it back unclaimed so it
+            # keeps its place by priority.
+            self._uncounted.update(self.running)
+            await self._pause()
             await settle(message, requeue=True)
             return
         self._reserved += 1  # no await between the check and this: the slot is taken
