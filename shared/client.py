@@ -69,10 +69,6 @@ SAFETY_RECHECK_S = 15.0
 #: While waiting for a cancelled task to stop, the record is re-read this often (s).
 CANCEL_RECHECK_S = 1.0
 
-#: A task the client queues and publishes itself (direct dispatch) is also listed for the
-#: scheduler's dispatch pump this far ahead (s): if the client's publish never happens, the pump
-#: publishes it then.
-DIRECT_DISPATCH_PUMP_AFTER_S = 30.0
 
 #: A checkout's state (commit, dirty files, pushed) is reused this long while its git files are
 #: unchanged (s): a submit loop runs git once, not three times per task (~13 ms a submit here).
@@ -324,7 +320,9 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
         due: float | None = None
         if direct:
             created, record, due = await self.store.create_queued(
-                submission, by="client", pump_after_s=DIRECT_DISPATCH_PUMP_AFTER_S
+                submission,
+                by="client",
+                pump_after_s=self.settings.direct_dispatch_pump_after_s,
             )
         else:
             created, record = await self.store.create_record(submission)

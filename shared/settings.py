@@ -182,6 +182,16 @@ class Settings(BaseSettings):
             "scheduler's intake. Held tasks always go through the scheduler."
         ),
     )
+    direct_dispatch_pump_after_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description=(
+            "A directly dispatched task is also listed for the scheduler's dispatch pump this "
+            "far ahead (s): if the client's own publish fails or never happens, the pump "
+            "publishes it then."
+        ),
+    )
     worker_ack_hold_s: float = Field(
         60.0,
         ge=0.0,

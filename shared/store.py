@@ -17,6 +17,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import redis.asyncio as aioredis
 from pydantic import BaseModel, Field
 from redis.asyncio.client import Pipeline
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from shared.constants import FINISHED_TASK_TTL_S
@@ -287,6 +288,27 @@ def _store_errors(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
 
 #: For other modules keeping data in the status store's Redis (schedules).
 store_errors = _store_errors
+
+
+def _store_reads(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """``_store_errors`` for a read-only call, tried once more after a dropped connection.
+
+    After a Redis restart every pooled connection is stale and fails once (the health-check
+    PING sees the closed socket). A read is safe to send again; a write is not (a script whose
+    reply was lost may have run), so writes keep failing with ``StoreError`` for their caller.
+    """
+
+    @functools.wraps(func)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            try:
+                return await func(*args, **kwargs)
+            except RedisConnectionError:
+                return await func(*args, **kwargs)
+        except (RedisError, OSError) as e:
+            raise StoreError(f"Redis {func.__name__} failed: {e}") from e
+
+    return wrapper
 
 
 class TaskRecord(BaseModel):
@@ -767,7 +789,7 @@ class StatusStore:
         )
         return float(value) if applied else None
 
-    @_store_errors
+    @_store_reads
     async def due_dispatches(self, limit: int = 100) -> list[str]:
         """Ids of queued tasks whose (re)dispatch is due.
 
@@ -780,7 +802,7 @@ class StatusStore:
             await self.redis.zrangebyscore(self.keys.retries, "-inf", now, start=0, num=limit),
         )
 
-    @_store_errors
+    @_store_reads
     async def dispatch_pending(self, task_id: str) -> bool:
         """Whether ``task_id`` still waits in the dispatch set (not published, not crossed off)."""
         return await self.redis.zscore(self.keys.retries, task_id) is not None
@@ -845,7 +867,7 @@ class StatusStore:
         """The Redis server's clock (Unix s): the one clock of laptop, desktop and scheduler."""
         return await self._now()
 
-    @_store_errors
+    @_store_reads
     async def exists(self, task_ids: Iterable[str]) -> dict[str, bool]:
         """Whether a record exists for each of ``task_ids`` (one round trip)."""
         ids = list(task_ids)
@@ -898,12 +920,12 @@ class StatusStore:
             await self.redis.zrangebyscore(self.keys.held, "-inf", now, start=0, num=limit),
         )
 
-    @_store_errors
+    @_store_reads
     async def children(self, task_id: str) -> list[str]:
         """Ids of the tasks that depend on ``task_id``."""
         return sorted(cast(set[str], await self.redis.smembers(self.keys.children(task_id))))
 
-    @_store_errors
+    @_store_reads
     async def get(self, task_id: str) -> TaskRecord:
         """The task's record.
 
@@ -915,7 +937,7 @@ class StatusStore:
             raise TaskNotFoundError(f"no task {task_id!r}", task_id=task_id)
         return TaskRecord.from_hash(raw)
 
-    @_store_errors
+    @_store_reads
     async def resolve_id(self, id_or_prefix: str) -> str:
         """The full task id for an id or a unique prefix of one (as ``git`` resolves SHAs).
 
@@ -944,13 +966,13 @@ class StatusStore:
             )
         raise TaskNotFoundError(f"no task {id_or_prefix!r}", task_id=id_or_prefix)
 
-    @_store_errors
+    @_store_reads
     async def history(self, task_id: str) -> list[dict[str, Any]]:
         """The task's transitions, oldest first: ``[{"from", "to", "ts", "by"}, ...]``."""
         items = await self.redis.lrange(self.keys.history(task_id), 0, -1)
         return [json.loads(i) for i in items]
 
-    @_store_errors
+    @_store_reads
     async def list_recent(
         self, limit: int = 50, state: TaskState | None = None, *, scan_max: int = 100_000
     ) -> list[TaskRecord]:

@@ -382,6 +382,8 @@ async def follow(
             hint = ""
             if record.state is TaskState.SUBMITTED:
                 hint = f" ({record.waiting})" if record.waiting else " (is a scheduler running?)"
+            elif record.state is TaskState.QUEUED and not record.worker:
+                hint = f" ({record.waiting})" if record.waiting else " (is a worker running?)"
             elif record.worker:
                 hint = f" on {record.worker}"
                 if client.fallback.enabled:
