@@ -31,6 +31,10 @@ pytest_plugins = ["tests.gitrepos", "tests.s3server"]
 ROOT = Path(__file__).resolve().parent.parent
 AMQP_URL = os.environ.get("TP_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 REDIS_URL = os.environ.get("TP_REDIS_URL", "redis://127.0.0.1:6379/0")
+#: A worker whose forkserver preloads the probe task only (no torch, pandas or mlflow): it is
+#: ready in about a second instead of 3-6 s and stops in 0.2 s instead of 1.2 s on 2 cores. For
+#: tests that run probes only; those running train_model, backtest or hyperopt keep the default.
+LIGHT_WORKER = {"TP_WORKER_PRELOAD": '["services.gpu_worker.tasks.probe"]'}
 
 
 def _reachable(url: str, default_port: int) -> bool:
@@ -121,6 +125,11 @@ class ServiceProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def terminate(self) -> None:
+        """Send SIGTERM (if still running) without waiting; ``stop`` then waits."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+
     def stop(self, timeout: float = 20) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -188,6 +197,9 @@ class Platform:
             raise
 
     def stop_all(self) -> dict[str, int]:
+        """SIGTERM to every service at once, then wait for each (they stop in parallel)."""
+        for p in self.procs.values():
+            p.terminate()
         return {name: p.stop() for name, p in self.procs.items()}
 
 

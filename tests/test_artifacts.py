@@ -30,7 +30,7 @@ from shared.settings import Settings
 from shared.storage import Manifest, ManifestEntry, UnsafeNameError, safe_relpath
 from shared.storage.base import open_binary
 from shared.topology import Topology
-from tests.conftest import Platform, service_env, tradectl
+from tests.conftest import LIGHT_WORKER, Platform, service_env, tradectl
 
 MiB = 1024 * 1024
 WAIT_S = 120
@@ -185,7 +185,7 @@ async def test_requests_wait_while_artifact_sync_is_down(
     platform: Platform, s3_settings: Settings
 ) -> None:
     env = storage_env(s3_settings)
-    await platform.start_all(**env)  # no artifact-sync yet
+    await platform.start_all(**env, **LIGHT_WORKER)  # no artifact-sync yet
     async with DistributedClient(s3_settings) as client:
         done = [
             await client.submit_and_wait("probe", {"steps": 2}, timeout_s=WAIT_S) for _ in range(3)

@@ -18,7 +18,7 @@ from shared.client import CHECKOUT_CACHE_S, DistributedClient
 from shared.errors import CommitCheckError
 from shared.messages import TaskState
 from shared.settings import Settings
-from tests.conftest import Platform, service_env, tradectl
+from tests.conftest import LIGHT_WORKER, Platform, service_env, tradectl
 from tests.gitrepos import Repos, git
 
 WAIT_S = 120
@@ -94,7 +94,9 @@ async def test_task_at_a_commit_the_desktop_lacks_runs_after_the_sync_on_that_co
 async def test_task_at_a_commit_that_never_arrives_fails_with_push_it(
     platform: Platform, repos: Repos, laptop: DistributedClient
 ) -> None:
-    await start_desktop(platform, repos, TP_COMMIT_WAIT_S="3", TP_GIT_SYNC_INTERVAL_S="1")
+    await start_desktop(
+        platform, repos, TP_COMMIT_WAIT_S="3", TP_GIT_SYNC_INTERVAL_S="1", **LIGHT_WORKER
+    )
     desktop_at = repos.head(repos.desktop)
     unpushed = repos.commit(repos.laptop, "strategy.py", "FAST = 30\n")  # never pushed
     warnings: list[str] = []
@@ -148,7 +150,9 @@ async def test_cli_warns_or_refuses_naming_the_problem(settings: Settings, repos
 async def test_worker_restarts_on_new_code_only_between_tasks(
     platform: Platform, repos: Repos, laptop: DistributedClient
 ) -> None:
-    await start_desktop(platform, repos, TP_GIT_SYNC_INTERVAL_S="1", TP_WORKER_GPU_SLOTS="0")
+    await start_desktop(
+        platform, repos, TP_GIT_SYNC_INTERVAL_S="1", TP_WORKER_GPU_SLOTS="0", **LIGHT_WORKER
+    )
     old = repos.head(repos.desktop)
     long = await laptop.submit("probe", {"sleep_s": 6, "steps": 6})
     deadline = time.monotonic() + 60
@@ -196,7 +200,9 @@ def zombie_children(pid: int) -> list[int]:
 async def test_a_stop_signal_while_a_restart_waits_ends_the_worker(
     platform: Platform, repos: Repos, laptop: DistributedClient
 ) -> None:
-    await start_desktop(platform, repos, TP_GIT_SYNC_INTERVAL_S="1", TP_WORKER_GPU_SLOTS="0")
+    await start_desktop(
+        platform, repos, TP_GIT_SYNC_INTERVAL_S="1", TP_WORKER_GPU_SLOTS="0", **LIGHT_WORKER
+    )
     long = await laptop.submit("probe", {"sleep_s": 4, "steps": 4})
     deadline = time.monotonic() + 60
     while (await laptop.status(long.task_id)).state is not TaskState.RUNNING:

@@ -46,7 +46,7 @@ from shared.health import (
     WorkerFacts,
 )
 from shared.messages import TaskState
-from tests.conftest import ROOT, Platform, ServiceProcess, service_env
+from tests.conftest import LIGHT_WORKER, ROOT, Platform, ServiceProcess, service_env
 
 CHROMIUM = os.environ.get("TP_CHROMIUM", "/usr/bin/chromium")
 # TESTING-NOTES "A real browser": no sandbox as root, no GPU, no background traffic, /tmp for
@@ -113,7 +113,7 @@ async def wait_http(url: str, monitor: ServiceProcess, timeout: float = 60) -> N
 async def dashboard_url(platform: Platform) -> str:
     """Scheduler, worker and health-monitor with fast heartbeats; the dashboard's URL."""
     require_chromium()  # before minutes of services, not after
-    await platform.start_all(**FAST_BEATS)
+    await platform.start_all(**FAST_BEATS, **LIGHT_WORKER)
     port = free_port()
     monitor = platform.start("health_monitor", TP_HEALTH_PORT=str(port), **FAST_BEATS)
     url = f"http://127.0.0.1:{port}"
@@ -227,7 +227,7 @@ async def test_dashboard_live_worker_task_and_offline(
 
     # Restarted (a new process under the same name): online again, the alert greyed as resolved.
     worker.proc.wait()
-    env = service_env(platform.settings, **FAST_BEATS)
+    env = service_env(platform.settings, **FAST_BEATS, **LIGHT_WORKER)
     restarted = ServiceProcess("gpu_worker", env, tmp_path / "gpu_worker-restarted.log")
     platform.procs["gpu_worker_restarted"] = restarted
     await page.wait_for_selector(f'{worker_card}[data-state="online"]', timeout=UI_TIMEOUT_MS)

@@ -17,7 +17,7 @@ from shared.client import DistributedClient
 from shared.messages import TaskState
 from shared.settings import Settings
 from shared.topology import Topology
-from tests.conftest import Platform
+from tests.conftest import LIGHT_WORKER, Platform
 from tests.faults.test_outages import consumer_counts
 from tests.test_pipeline import wait_state
 
@@ -48,7 +48,7 @@ async def test_a_short_task_holds_its_delivery_until_it_ends(
     settings: Settings, platform: Platform, client: DistributedClient
 ) -> None:
     gpu = Topology(settings.namespace).queue("gpu")
-    await platform.start_all(TP_WORKER_ACK_HOLD_S="60", TP_WORKER_CPU_SLOTS="0")
+    await platform.start_all(TP_WORKER_ACK_HOLD_S="60", TP_WORKER_CPU_SLOTS="0", **LIGHT_WORKER)
     task = await client.submit("probe", {"sleep_s": 4, "steps": 4, "needs_gpu": True})
     await wait_state(client, task.task_id, TaskState.RUNNING)
     held = await asyncio.to_thread(unacked, gpu)
@@ -65,7 +65,7 @@ async def test_a_task_past_the_hold_bound_is_acked_with_its_consumer_cancelled_f
     settings: Settings, platform: Platform, client: DistributedClient
 ) -> None:
     gpu = Topology(settings.namespace).queue("gpu")
-    await platform.start_all(TP_WORKER_ACK_HOLD_S="1", TP_WORKER_CPU_SLOTS="0")
+    await platform.start_all(TP_WORKER_ACK_HOLD_S="1", TP_WORKER_CPU_SLOTS="0", **LIGHT_WORKER)
     task = await client.submit("probe", {"sleep_s": 8, "steps": 8, "needs_gpu": True})
     await wait_state(client, task.task_id, TaskState.RUNNING)
     deadline = time.monotonic() + 6

@@ -24,7 +24,7 @@ from bench.moto_server import free_port
 from shared.client import DistributedClient
 from shared.messages import TaskState
 from shared.settings import Settings
-from tests.conftest import Platform, ServiceProcess
+from tests.conftest import LIGHT_WORKER, Platform, ServiceProcess
 from tests.gitrepos import Repos, git
 from tests.netproxy import TcpProxy
 from tests.test_pipeline import wait_state
@@ -37,6 +37,7 @@ FAST = {
     "TP_HEARTBEAT_TTL_S": str(TTL_S),
     "TP_HEALTH_INTERVAL_S": "0.5",
     "TP_LEASE_S": "6",
+    **LIGHT_WORKER,  # workers run probes only here; the other services ignore it
 }
 
 

@@ -409,7 +409,8 @@ async def test_a_killed_local_run_is_handed_back_by_sync_local_and_the_desktop_r
     hands it back; the desktop's reaper requeues it and a worker runs it."""
     await platform.start_all(TP_REAPER_INTERVAL_S="0.5", **LIGHT_WORKER)
     env = cli_env(settings, TP_AMQP_URL=f"amqp://guest:guest@127.0.0.1:{closed_port()}/")
-    args = ["task", "submit", "probe", "--set", "steps=10", "--set", "sleep_s=10"]
+    # 0.5 s steps: killed just after its first one, with more than 5 s of its run to go.
+    args = ["task", "submit", "probe", "--set", "steps=12", "--set", "sleep_s=6"]
     args += ["--task-id", "killed-1"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "shared.cli", *args, "--json"],

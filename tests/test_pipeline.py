@@ -18,7 +18,7 @@ from shared.errors import TaskNotFoundError
 from shared.gitinfo import head_commit
 from shared.messages import TaskState
 from shared.topology import Topology
-from tests.conftest import ROOT, Platform, service_env, tradectl
+from tests.conftest import LIGHT_WORKER, ROOT, Platform, service_env, tradectl
 
 WAIT_S = 60
 
@@ -44,7 +44,7 @@ async def test_lifecycle_timestamps_and_cli_result(
 ):
     """Direct dispatch (the default): the client queues the task and publishes it to its lane;
     otherwise the scheduler's intake queues and routes it. Same lifecycle either way."""
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     submitter = DistributedClient(
         client.settings.model_copy(update={"direct_dispatch": direct}), name="submitter"
     )
@@ -78,7 +78,7 @@ async def test_lifecycle_timestamps_and_cli_result(
 async def test_priority_9_runs_before_earlier_priority_1(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all(TP_WORKER_CPU_SLOTS="0")
+    await platform.start_all(TP_WORKER_CPU_SLOTS="0", **LIGHT_WORKER)
     blocker = await client.submit("probe", {"sleep_s": 2.0, "steps": 4, "needs_gpu": True})
     await wait_state(client, blocker.task_id, TaskState.RUNNING)
     low = [
@@ -120,7 +120,7 @@ def consumer_prefetch(queue: str) -> list[int]:
 async def test_same_task_id_twice_is_one_task_one_run(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     first = await client.submit("probe", {"sleep_s": 0.2}, task_id="dup-task-1")
     second = await client.submit("probe", {"sleep_s": 0.2}, task_id="dup-task-1")
     # The same submission also published twice straight to the intake queue.
@@ -152,7 +152,7 @@ async def test_same_task_id_twice_is_one_task_one_run(
 async def test_bad_messages_are_dead_lettered_and_scheduler_keeps_serving(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     tasks = client.broker.declared.tasks
     await tasks.publish(aio_pika.Message(b"\xff\xfe not json at all"), "submit")
     await tasks.publish(aio_pika.Message(json.dumps({"task_type": "probe"}).encode()), "submit")
@@ -190,7 +190,7 @@ async def dead_letters(client: DistributedClient, n: int, timeout: float = 10):
 async def test_unknown_type_or_invalid_config_from_raw_publish_fails_the_task(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     tasks = client.broker.declared.tasks
     for task_id, task_type, config in [
         ("bad-type", "train_modle", {}),
@@ -230,7 +230,7 @@ async def test_cli_refuses_bad_input_and_queues_nothing(settings, client, args, 
 
 
 async def test_raising_task_fails_with_its_error(platform: Platform, client: DistributedClient):
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     record = await client.wait(
         (await client.submit("probe", {"fail_with": "model exploded"})).task_id, timeout_s=WAIT_S
     )
@@ -244,7 +244,7 @@ async def test_raising_task_fails_with_its_error(platform: Platform, client: Dis
 async def test_sigkilled_child_fails_and_worker_serves_next(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     long = await client.submit("probe", {"sleep_s": 60, "steps": 600})
     running = await wait_state(client, long.task_id, TaskState.RUNNING)
     for _ in range(100):
@@ -317,7 +317,7 @@ async def test_cli_trains_on_goog_end_to_end_with_mlflow_run(platform: Platform)
 
 
 async def test_sync_client_and_failed_task_exit_code(platform: Platform):
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     from shared.client import SyncClient
 
     def use_sync() -> tuple:
@@ -346,7 +346,7 @@ async def test_the_result_is_pushed_to_the_waiting_client_in_the_terminal_event(
 ):
     """The worker's completed event carries the record its outcome write left (same atomic
     step), so ``wait`` has the result without reading Redis; it equals the stored record."""
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     task_id = "pushed-result-1"
     events = []
     async with client.subscribed(task_id) as queue:
@@ -364,7 +364,7 @@ async def test_a_directly_dispatched_task_whose_publish_never_happened_runs_via_
 ):
     """A client that queued a task and died before publishing it (or whose publish failed):
     the scheduler's dispatch pump publishes it once the listing is due, and it runs once."""
-    await platform.start_all(TP_REAPER_INTERVAL_S="0.5")
+    await platform.start_all(TP_REAPER_INTERVAL_S="0.5", **LIGHT_WORKER)
     submission = await client.prepare("probe", {"steps": 1}, task_id="orphan-1")
     created, record, due = await client.store.create_queued(
         submission, by="client", pump_after_s=1.0

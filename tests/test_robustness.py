@@ -19,7 +19,7 @@ from shared.errors import IdempotencyConflictError
 from shared.messages import TaskState
 from shared.settings import Settings
 from shared.topology import Topology
-from tests.conftest import Platform, ServiceProcess, service_env, tradectl
+from tests.conftest import LIGHT_WORKER, Platform, ServiceProcess, service_env, tradectl
 from tests.netproxy import TcpProxy
 from tests.test_pipeline import dead_letters, wait_state
 from tests.test_service_lifecycle import free_port
@@ -29,7 +29,7 @@ WAIT_S = 60
 
 async def test_wait_outlives_quiet_periods(platform: Platform, client: DistributedClient):
     """No event for longer than the re-check interval must not end the wait."""
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     client.recheck_s = 0.2
     record = await client.submit_and_wait("probe", {"sleep_s": 1.5}, timeout_s=WAIT_S)
     assert record.state is TaskState.COMPLETED
@@ -38,7 +38,7 @@ async def test_wait_outlives_quiet_periods(platform: Platform, client: Distribut
 async def test_task_that_cannot_start_fails_instead_of_hanging(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     task_dir = platform.settings.tasks_dir / "blocked-dir-1"
     task_dir.parent.mkdir(parents=True, exist_ok=True)
     task_dir.write_text("a file where the task folder should go")
@@ -53,9 +53,15 @@ async def test_group_signal_hands_task_back_and_next_worker_finishes_it(
     platform: Platform, client: DistributedClient
 ):
     """SIGTERM to the worker's whole process group (systemd's stop, Ctrl-C's SIGINT) reaches the
-    worker only: the task is handed back, not failed or half-completed."""
+    worker only: the task is handed back, not failed or half-completed.
+
+    The signalled worker has the default preload (torch and the rest) on purpose: its forkserver
+    must shrug off the group signal with everything a production worker loads; the next one only
+    finishes the probe. 8 s in 0.1 s steps: the signal lands at about step 0 and the 1 s drain
+    ends long before the task could; the next worker resumes from the checkpoint, so its run is
+    the rest of the 8 s only."""
     await platform.start_all(TP_DRAIN_TIMEOUT_S="1", TP_CANCEL_GRACE_S="2")
-    task = await client.submit("probe", {"sleep_s": 30, "steps": 60})
+    task = await client.submit("probe", {"sleep_s": 8, "steps": 80})
     await wait_state(client, task.task_id, TaskState.RUNNING)
     worker = platform.procs["gpu_worker"]
     os.killpg(worker.proc.pid, signal.SIGINT)
@@ -64,10 +70,10 @@ async def test_group_signal_hands_task_back_and_next_worker_finishes_it(
     record = await client.status(task.task_id)
     assert record.state is TaskState.QUEUED, record
     assert record.attempts == 0 and record.error is None
-    platform.start("gpu_worker")
+    platform.start("gpu_worker", **LIGHT_WORKER)
     done = await client.wait(task.task_id, timeout_s=WAIT_S)
     assert done.state is TaskState.COMPLETED and done.attempts == 1
-    assert done.result["metrics"]["steps"] == 60.0
+    assert done.result["metrics"]["steps"] == 80.0
     transitions = [h["to"] for h in await client.history(task.task_id)]
     assert transitions == ["submitted", "queued", "running", "queued", "running", "completed"]
 
@@ -92,7 +98,7 @@ async def test_sigterm_to_the_child_alone_fails_the_task(
 async def test_work_message_without_a_record_is_dead_lettered(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     body = json.dumps({"task_id": "ghost-1", "task_type": "probe", "submitted_at": 1.0}).encode()
     await client.broker.declared.tasks.publish(aio_pika.Message(body), "cpu")
     [dead] = await dead_letters(client, 1)
@@ -134,7 +140,7 @@ async def test_broker_blip_mid_task_loses_nothing(platform: Platform, client: Di
     proxy = TcpProxy("127.0.0.1", 5672)
     try:
         url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
-        await platform.start_all(TP_AMQP_URL=url)
+        await platform.start_all(TP_AMQP_URL=url, **LIGHT_WORKER)
         task = await client.submit("probe", {"sleep_s": 8, "steps": 16})
         await wait_state(client, task.task_id, TaskState.RUNNING)
         proxy.cut()
@@ -145,6 +151,7 @@ async def test_broker_blip_mid_task_loses_nothing(platform: Platform, client: Di
         after = await client.submit_and_wait("probe", {}, timeout_s=WAIT_S)
         assert after.state is TaskState.COMPLETED
     finally:
+        platform.stop_all()  # while the proxy still forwards: a stop through a dead one hangs
         proxy.close()
 
 

@@ -9,12 +9,15 @@ import time
 
 from shared.client import DistributedClient
 from shared.messages import TaskState
-from tests.conftest import Platform, service_env, tradectl
+from shared.topology import Topology
+from tests.conftest import LIGHT_WORKER, Platform, service_env, tradectl, wait_for_consumers
 from tests.test_pipeline import wait_state
 
 WAIT_S = 90
 #: Short leases so a lost worker is noticed in seconds: lease 2 s, reaper every 0.3 s.
 FAST_LEASES = {"TP_LEASE_S": "2", "TP_REAPER_INTERVAL_S": "0.3"}
+#: The same for workers that run probes only (probe-only preload: ready in about a second).
+PROBE_LEASES = {**FAST_LEASES, **LIGHT_WORKER}
 
 
 async def wait_progress(client: DistributedClient, task_id: str, at_least: float, timeout=30):
@@ -45,7 +48,7 @@ async def wait_pid_gone(pid: int, timeout: float = 10) -> None:
 async def test_worker_sigkill_requeues_resumes_and_completes_once(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all(**FAST_LEASES, TP_WORKER_GPU_SLOTS="0")
+    await platform.start_all(**PROBE_LEASES, TP_WORKER_GPU_SLOTS="0")
     task = await client.submit("probe", {"sleep_s": 6, "steps": 12})
     running = await wait_progress(client, task.task_id, 0.25)
     first = platform.procs["gpu_worker"]
@@ -57,7 +60,7 @@ async def test_worker_sigkill_requeues_resumes_and_completes_once(
     requeued = await wait_state(client, task.task_id, TaskState.QUEUED, timeout=20)
     assert time.monotonic() - killed_at < 2 + 0.3 + 2  # lease + reaper interval + slack
     assert requeued.lost == 1
-    platform.start("gpu_worker", **FAST_LEASES, TP_WORKER_GPU_SLOTS="0", TP_WORKER_NAME="second")
+    platform.start("gpu_worker", **PROBE_LEASES, TP_WORKER_GPU_SLOTS="0", TP_WORKER_NAME="second")
     done = await client.wait(task.task_id, timeout_s=WAIT_S)
     assert done.state is TaskState.COMPLETED and done.worker == "second"
     assert done.attempts == 2
@@ -71,7 +74,7 @@ async def test_worker_sigkill_requeues_resumes_and_completes_once(
 async def test_lost_max_attempts_times_fails_with_the_reason(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all(**FAST_LEASES, TP_WORKER_GPU_SLOTS="0")
+    await platform.start_all(**PROBE_LEASES, TP_WORKER_GPU_SLOTS="0")
     task = await client.submit("probe", {"sleep_s": 60, "steps": 600}, max_attempts=2)
     for attempt in (1, 2):
         await wait_state(client, task.task_id, TaskState.RUNNING, timeout=20)
@@ -80,18 +83,21 @@ async def test_lost_max_attempts_times_fails_with_the_reason(
         worker.proc.wait(10)
         if attempt == 1:
             await wait_state(client, task.task_id, TaskState.QUEUED, timeout=20)
-            platform.start("gpu_worker", **FAST_LEASES, TP_WORKER_GPU_SLOTS="0")
+            platform.start("gpu_worker", **PROBE_LEASES, TP_WORKER_GPU_SLOTS="0")
     record = await wait_state(client, task.task_id, TaskState.FAILED, timeout=20)
     assert record.error == "worker lost 2 times"
     assert record.attempts == 2
-    # Never redelivered again: a fresh worker finds nothing to run.
-    platform.start("gpu_worker", **FAST_LEASES, TP_WORKER_GPU_SLOTS="0")
-    await asyncio.sleep(2)
+    # Never redelivered again: a fresh worker, consuming, finds nothing to run.
+    platform.start("gpu_worker", **PROBE_LEASES, TP_WORKER_GPU_SLOTS="0")
+    await wait_for_consumers(
+        platform.settings, {Topology(platform.settings.namespace).queue("cpu"): 1}
+    )
+    await asyncio.sleep(1.5)
     assert (await client.status(task.task_id)).state is TaskState.FAILED
 
 
 async def test_cancel_queued_never_runs(platform: Platform, client: DistributedClient):
-    await platform.start_all(TP_WORKER_GPU_SLOTS="0")
+    await platform.start_all(TP_WORKER_GPU_SLOTS="0", **LIGHT_WORKER)
     blocker = await client.submit("probe", {"sleep_s": 3, "steps": 3})
     await wait_state(client, blocker.task_id, TaskState.RUNNING)
     waiting = await client.submit("probe", {"sleep_s": 0.1})
@@ -108,7 +114,7 @@ async def test_cancel_queued_never_runs(platform: Platform, client: DistributedC
 async def test_cancel_running_task_that_ignores_sigterm(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all(TP_CANCEL_GRACE_S="1", TP_WORKER_GPU_SLOTS="0")
+    await platform.start_all(TP_CANCEL_GRACE_S="1", TP_WORKER_GPU_SLOTS="0", **LIGHT_WORKER)
     task = await client.submit("probe", {"sleep_s": 60, "steps": 600, "ignore_sigterm": True})
     running = await wait_progress(client, task.task_id, 0.001)
     started = time.monotonic()
@@ -134,7 +140,7 @@ async def test_cancel_running_task_that_ignores_sigterm(
 
 
 async def test_cancel_latency_through_the_client(platform: Platform, client: DistributedClient):
-    await platform.start_all(TP_CANCEL_GRACE_S="1", TP_WORKER_GPU_SLOTS="0")
+    await platform.start_all(TP_CANCEL_GRACE_S="1", TP_WORKER_GPU_SLOTS="0", **LIGHT_WORKER)
     task = await client.submit("probe", {"sleep_s": 60, "steps": 600, "ignore_sigterm": True})
     await wait_progress(client, task.task_id, 0.001)
     started = time.monotonic()
@@ -146,7 +152,7 @@ async def test_cancel_latency_through_the_client(platform: Platform, client: Dis
 async def test_cancel_just_after_start_is_not_lost(platform: Platform, client: DistributedClient):
     """A cancel that reaches a child still starting up must still ask it to stop (no waiting
     out the whole grace period for the SIGKILL)."""
-    await platform.start_all(TP_CANCEL_GRACE_S="6", TP_WORKER_GPU_SLOTS="0")
+    await platform.start_all(TP_CANCEL_GRACE_S="6", TP_WORKER_GPU_SLOTS="0", **LIGHT_WORKER)
     task = await client.submit("probe", {"sleep_s": 30, "steps": 300})
     await wait_state(client, task.task_id, TaskState.RUNNING)
     started = time.monotonic()
@@ -158,7 +164,7 @@ async def test_cancel_just_after_start_is_not_lost(platform: Platform, client: D
 async def test_retryable_error_backs_off_and_succeeds_on_attempt_3(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all(TP_RETRY_BASE_S="0.4", TP_REAPER_INTERVAL_S="0.1")
+    await platform.start_all(TP_RETRY_BASE_S="0.4", TP_REAPER_INTERVAL_S="0.1", **LIGHT_WORKER)
     config = {"fail_with": "feed unreachable", "fail_times": 2, "retryable": True}
     record = await client.submit_and_wait("probe", config, max_attempts=3, timeout_s=WAIT_S)
     assert record.state is TaskState.COMPLETED and record.attempts == 3
@@ -176,7 +182,7 @@ async def test_retryable_error_backs_off_and_succeeds_on_attempt_3(
 async def test_retryable_error_gives_up_and_plain_error_fails_at_once(
     platform: Platform, client: DistributedClient
 ):
-    await platform.start_all(TP_RETRY_BASE_S="0.2", TP_REAPER_INTERVAL_S="0.1")
+    await platform.start_all(TP_RETRY_BASE_S="0.2", TP_REAPER_INTERVAL_S="0.1", **LIGHT_WORKER)
     always = {"fail_with": "feed unreachable", "retryable": True}
     exhausted = await client.submit_and_wait("probe", always, max_attempts=2, timeout_s=WAIT_S)
     assert exhausted.state is TaskState.FAILED and exhausted.attempts == 2
@@ -187,7 +193,7 @@ async def test_retryable_error_gives_up_and_plain_error_fails_at_once(
 
 
 async def test_time_limit_kills_and_fails(platform: Platform, client: DistributedClient):
-    await platform.start_all()
+    await platform.start_all(**LIGHT_WORKER)
     cli = await asyncio.to_thread(
         tradectl,
         "task",
@@ -215,7 +221,7 @@ async def test_time_limit_kills_and_fails(platform: Platform, client: Distribute
 
 
 async def test_drain_lets_a_short_task_finish(platform: Platform, client: DistributedClient):
-    await platform.start_all(TP_DRAIN_TIMEOUT_S="10")
+    await platform.start_all(TP_DRAIN_TIMEOUT_S="10", **LIGHT_WORKER)
     task = await client.submit("probe", {"sleep_s": 2, "steps": 4})
     await wait_state(client, task.task_id, TaskState.RUNNING)
     worker = platform.procs["gpu_worker"]
@@ -229,6 +235,7 @@ async def test_drain_hands_a_long_task_back_with_its_checkpoint(
     platform: Platform, client: DistributedClient
 ):
     env = {"TP_DRAIN_TIMEOUT_S": "1", "TP_CANCEL_GRACE_S": "3", "TP_WORKER_GPU_SLOTS": "0"}
+    env |= LIGHT_WORKER
     await platform.start_all(**env)
     task = await client.submit("probe", {"sleep_s": 8, "steps": 16})
     await wait_progress(client, task.task_id, 0.2)
@@ -246,7 +253,7 @@ async def test_drain_hands_a_long_task_back_with_its_checkpoint(
 
 
 async def test_status_shows_every_transition(platform: Platform, client: DistributedClient):
-    await platform.start_all(TP_RETRY_BASE_S="0.2", TP_REAPER_INTERVAL_S="0.1")
+    await platform.start_all(TP_RETRY_BASE_S="0.2", TP_REAPER_INTERVAL_S="0.1", **LIGHT_WORKER)
     config = {"fail_with": "flaky", "fail_times": 1, "retryable": True}
     record = await client.submit_and_wait("probe", config, timeout_s=WAIT_S)
     cli = await asyncio.to_thread(
