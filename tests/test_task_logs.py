@@ -19,7 +19,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import redis.asyncio as aioredis
 
@@ -289,16 +289,23 @@ CAPTURE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_child_capture_takes_fd_level_output_and_log_records(tmp_path: Path) -> None:
-    result_file = tmp_path / "lines.json"
+def run_capture_script(
+    script: str, tmp_path: Path, name: str
+) -> tuple[subprocess.CompletedProcess[bytes], Any]:
+    """Run a capture script in a fresh process; its completed process and the JSON it wrote."""
+    result_file = tmp_path / name
     proc = subprocess.run(
-        [sys.executable, "-c", CAPTURE_SCRIPT, str(result_file)],
+        [sys.executable, "-c", script, str(result_file)],
         cwd=ROOT,
         capture_output=True,
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    lines = json.loads(result_file.read_text())
+    return proc, json.loads(result_file.read_text())
+
+
+def test_child_capture_takes_fd_level_output_and_log_records(tmp_path: Path) -> None:
+    proc, lines = run_capture_script(CAPTURE_SCRIPT, tmp_path, "lines.json")
     got = [(line["stream"], line["text"]) for line in lines]
     assert all(line["attempt"] == 2 for line in lines)
     stdout = [text for stream, text in got if stream == "stdout"]
@@ -336,16 +343,8 @@ BURST_SCRIPT = textwrap.dedent(
 
 
 def test_child_capture_drops_a_burst_beyond_its_rate_and_says_how_many(tmp_path: Path) -> None:
-    result_file = tmp_path / "batches.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", BURST_SCRIPT, str(result_file)],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    proc, batches = run_capture_script(BURST_SCRIPT, tmp_path, "batches.json")
     assert proc.stdout.count(b"burst line") == 20000  # the worker's own stdout gets every line
-    batches = json.loads(result_file.read_text())
     assert all(len(batch) <= 1001 for batch in batches)  # a message: 1,000 lines and a note
     kept = [line["text"] for batch in batches for line in batch if line["stream"] == "stdout"]
     notes = [line["text"] for batch in batches for line in batch if line["stream"] == "log"]
@@ -399,15 +398,7 @@ def test_reused_capture_sends_each_tasks_output_before_flush_returns(tmp_path: P
     One capture (same threads, same pipes) serves both tasks of the child, even after a task
     pointed fd 1 elsewhere; no flush marker shows anywhere.
     """
-    result_file = tmp_path / "flush.json"
-    proc = subprocess.run(
-        [sys.executable, "-c", FLUSH_SCRIPT, str(result_file)],
-        cwd=ROOT,
-        capture_output=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
-    got = json.loads(result_file.read_text())
+    proc, got = run_capture_script(FLUSH_SCRIPT, tmp_path, "flush.json")
     first, second = got["tasks"]
     assert first["flushed"] and second["flushed"]
     assert first["threads"] == second["threads"] and len(first["threads"]) == 4  # main + 3
