@@ -129,6 +129,7 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
         self.unreachable: str | None = None
         #: The last ``checkout()``: (monotonic time, git fingerprint, state).
         self._checkout_cache: tuple[float, tuple[object, ...], CheckoutState] | None = None
+        self._checkout_reading: asyncio.Task[CheckoutState] | None = None
 
     async def __aenter__(self) -> DistributedClient:
         await self.connect()
@@ -163,7 +164,11 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
             raise StoreError(self.unreachable or "Redis: not connected")
 
     async def close(self) -> None:
-        """Close both connections."""
+        """Close both connections (and stop a checkout read still in the background)."""
+        if self._checkout_reading is not None and not self._checkout_reading.done():
+            self._checkout_reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checkout_reading
         await self.broker.stop()
         await self.store.stop()
 
@@ -453,22 +458,36 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
         "Pushed" means on a branch the desktop follows: ``TP_GIT_REMOTE/TP_GIT_BRANCH`` when set,
         else the branches in git-sync's reports, else any remote branch.
 
-        Three ``git`` runs; the answer is reused for ``CHECKOUT_CACHE_S`` while the checkout's git
-        files are unchanged (``checkout_fingerprint``), so a loop of submits checks once: a
-        commit, ``git add``, checkout, fetch or push is seen at once, an edit not yet staged
-        within ``CHECKOUT_CACHE_S``.
+        Three ``git`` runs; the answer is reused while the checkout's git files are unchanged
+        (``checkout_fingerprint``): a commit, ``git add``, checkout, fetch or push is seen at
+        once. Older than ``CHECKOUT_CACHE_S``, it is read again: under
+        ``TP_COMMIT_CHECK=refuse`` before answering; otherwise the old answer is given and the
+        new one read behind it, so a submit never waits for git while nothing it could see
+        changed (an edit not yet staged shows a submit or two later). Calls at once share
+        one read.
         """
+        now = time.monotonic()
+        fingerprint = checkout_fingerprint(self.settings.checkout_dir)
+        cached = self._checkout_cache
+        if cached is not None and fingerprint is not None and cached[1] == fingerprint:
+            if now - cached[0] < CHECKOUT_CACHE_S:
+                return cached[2]
+            if self.settings.commit_check != "refuse":
+                self._read_checkout()  # in the background
+                return cached[2]
+        return await asyncio.shield(self._read_checkout())
+
+    def _read_checkout(self) -> asyncio.Task[CheckoutState]:
+        """The read of the checkout in flight, or a new one (its answer is cached)."""
+        if self._checkout_reading is None or self._checkout_reading.done():
+            self._checkout_reading = asyncio.get_running_loop().create_task(
+                self._read_checkout_now()
+            )
+        return self._checkout_reading
+
+    async def _read_checkout_now(self) -> CheckoutState:
         s = self.settings
         now = time.monotonic()
-        fingerprint = checkout_fingerprint(s.checkout_dir)
-        cached = self._checkout_cache
-        if (
-            cached is not None
-            and fingerprint is not None
-            and cached[1] == fingerprint
-            and now - cached[0] < CHECKOUT_CACHE_S
-        ):
-            return cached[2]
         followed = {f"{s.git_remote}/{s.git_branch}"} if s.git_branch else set()
         if not followed and self.store.connected:
             with contextlib.suppress(StoreError):

@@ -287,7 +287,23 @@ async def test_the_checkout_check_is_reused_only_while_the_checkout_is_unchanged
 
     git(repos.laptop, "commit", "-q", "-m", "eight")
     git(repos.laptop, "push", "-q", "origin", "HEAD:main")
-    assert (await client.checkout()).dirty == ()
+    clean = await client.checkout()
+    assert clean.dirty == ()
     (repos.laptop / "strategy.py").write_text("FAST = 9  # edited, not staged\n")
     await asyncio.sleep(CHECKOUT_CACHE_S)
-    assert (await client.checkout()).dirty == ("strategy.py",)
+    # Old enough: answered at once from what was known (warn), read again behind it.
+    assert await client.checkout() is clean
+    deadline = time.monotonic() + 10
+    while (await client.checkout()).dirty != ("strategy.py",):
+        assert time.monotonic() < deadline, "the unstaged edit was never seen"
+        await asyncio.sleep(0.05)
+
+    # Under refuse a submit waits for the fresh read instead.
+    strict = DistributedClient(
+        client.settings.model_copy(update={"commit_check": "refuse"}), name="strict"
+    )
+    first = await strict.checkout()
+    (repos.laptop / "strategy.py").write_text("FAST = 10  # edited again\n")
+    git(repos.laptop, "checkout", "--", "strategy.py")
+    await asyncio.sleep(CHECKOUT_CACHE_S)
+    assert first.dirty == ("strategy.py",) and (await strict.checkout()).dirty == ()
