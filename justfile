@@ -46,6 +46,7 @@ bench-dispatch *ARGS:
 
 # train_model run directly and through the whole system: wall times and the ratio.
 bench-training *ARGS:
+    .venv/bin/python -c 'import celery' 2>/dev/null || .venv/bin/pip install -q -e '.[bench]'
     .venv/bin/python -m bench.training {{ARGS}}
 
 # Idle resident memory of each service (the light four must stay under 100 MB, without torch).
