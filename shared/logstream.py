@@ -309,8 +309,7 @@ class LogStreamWriter:
         self._stop_timer()
         try:
             async with asyncio.timeout(timeout_s):
-                while self._writing is not None and not self._writing.done():
-                    await asyncio.shield(self._writing)
+                await self._wait_for_write()
         except TimeoutError:
             await self._abandon()
 
@@ -320,13 +319,9 @@ class LogStreamWriter:
         For ``StatusStore.transition(prelude=...)``: if that round trip fails, call
         ``lose_rest`` to count them lost instead. The writer is closed after this.
         """
-        batch, self._pending = self._pending, []
-        if self._unreported:
-            note = f"[{self._unreported} lines of output lost: Redis was unreachable or slow]"
-            batch.insert(0, LogLine(time.time(), "log", self._attempt, note))
-            self._unreported = 0
-        self._rest = len(batch)
-        self.written += len(batch)
+        batch, self._rest = self._next_batch()
+        self._unreported = 0  # the note on the gap is in this batch
+        self.written += self._rest
         self._report_drops()
         return queue_append(pipe, self._key, batch, max_lines=self._max_lines)
 
@@ -341,11 +336,27 @@ class LogStreamWriter:
         if self.dropped:
             log.warning("task_log_lines_dropped", dropped=self.dropped, written=self.written)
 
-    async def _drain(self) -> None:
+    async def _wait_for_write(self) -> None:
         while self._writing is not None and not self._writing.done():
             await asyncio.shield(self._writing)
+
+    async def _drain(self) -> None:
+        await self._wait_for_write()
         if self._pending:
             await self._write_all()
+
+    def _next_batch(self) -> tuple[list[LogLine], int]:
+        """Everything buffered and how many of the task's own lines that is.
+
+        If lines were lost before it, a note saying how many heads the batch: the gap is told in
+        the stream itself.
+        """
+        batch, self._pending = self._pending, []
+        lines = len(batch)
+        if self._unreported:
+            note = f"[{self._unreported} lines of output lost: Redis was unreachable or slow]"
+            batch.insert(0, LogLine(time.time(), "log", self._attempt, note))
+        return batch, lines
 
     async def _abandon(self) -> None:
         """Stop the write in flight and count everything unwritten as dropped."""
@@ -357,11 +368,7 @@ class LogStreamWriter:
 
     async def _write_all(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending, []
-            lines = len(batch)
-            if self._unreported:  # say where the gap is, in the stream itself
-                note = f"[{self._unreported} lines of output lost: Redis was unreachable or slow]"
-                batch.insert(0, LogLine(time.time(), "log", self._attempt, note))
+            batch, lines = self._next_batch()
             try:
                 await append(self._redis, self._key, batch, max_lines=self._max_lines)
             except asyncio.CancelledError:  # ``close`` ran out of time

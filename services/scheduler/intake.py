@@ -50,7 +50,7 @@ async def decide(
         submission = decode(message.body, TaskSubmission, max_bytes=settings.max_message_bytes)
     except DecodeError as e:
         return IntakeDecision(dead_letter_reason=str(e))
-    held = is_held(submission)
+    held = submission.held
     # Validated before anything is written: the record is then created and moved in one round
     # trip (``create_and_transition``), each step as atomic as before.
     try:
@@ -76,11 +76,6 @@ async def decide(
         return IntakeDecision(submission, route=route)
     log.info("duplicate_submit_dropped", task_id=submission.task_id, state=moved.previous)
     return IntakeDecision(submission)
-
-
-def is_held(submission: TaskSubmission) -> bool:
-    """Whether the task waits for parents or a start time before it may be queued."""
-    return submission.held
 
 
 def validate(submission: TaskSubmission, *, held: bool) -> str:
