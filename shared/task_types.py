@@ -70,9 +70,11 @@ class ProbeConfig(TaskConfig):
     """Config of ``probe``: a task that does nothing heavy, for health checks, tests and benchmarks.
 
     It sleeps ``sleep_s`` in ``steps`` steps (reporting progress after each and checkpointing the
-    step count, so a retried probe resumes where it was), then raises ``fail_with`` if set (on the
-    first ``fail_times`` attempts only, when that is > 0; a ``RetryableTaskError`` if
-    ``retryable``, else ``RuntimeError``), or kills its own process with SIGKILL if ``crash``.
+    step count, so a retried probe resumes where it was; with ``report_steps`` off it sleeps
+    once and does neither: a plain no-op, as ``bench.dispatch`` compares with Celery), then
+    raises ``fail_with`` if set (on the first ``fail_times`` attempts only, when that is > 0; a
+    ``RetryableTaskError`` if ``retryable``, else ``RuntimeError``), or kills its own process
+    with SIGKILL if ``crash``.
     ``ignore_sigterm`` makes it ignore SIGTERM and stop requests (to test forced cancels).
     Before its steps it prints ``print_lines`` lines to stdout, one every ``print_every_s``, each
     with the wall-clock time it was printed (``ts=<Unix s>``), then one line to stderr and one log
@@ -89,6 +91,9 @@ class ProbeConfig(TaskConfig):
     needs_gpu: bool = Field(False, description="Route to the gpu queue instead of cpu.")
     print_lines: int = Field(0, ge=0, le=1_000_000)
     print_every_s: float = Field(0.0, ge=0.0, le=3600)
+    report_steps: bool = Field(
+        True, description="Report progress and checkpoint after each step; false: sleep once."
+    )
 
 
 @dataclass(frozen=True)

@@ -118,8 +118,16 @@ class Ours:
         self.services: list[Service] = []
         self.client = DistributedClient(settings, name="bench-dispatch")
 
-    def probe(self, sleep_s: float, steps: int = 1) -> dict[str, Any]:
-        return {"sleep_s": sleep_s, "steps": steps, "needs_gpu": self.cfg.needs_gpu}
+    def probe(
+        self, sleep_s: float, steps: int = 1, *, report_steps: bool = False
+    ) -> dict[str, Any]:
+        """A probe config: by default the plain no-op of Celery's side (no progress, checkpoint)."""
+        return {
+            "sleep_s": sleep_s,
+            "steps": steps,
+            "needs_gpu": self.cfg.needs_gpu,
+            "report_steps": report_steps,
+        }
 
     async def start(self) -> None:
         env = service_environment(
@@ -210,7 +218,10 @@ class Ours:
         for _ in range(n):
             task_id = str(uuid.uuid4())
             await self.client.submit(
-                "probe", self.probe(CANCEL_TASK_SLEEP_S, steps), task_id=task_id
+                # Stepped, as Celery's cancel task is: a stop is seen between two steps.
+                "probe",
+                self.probe(CANCEL_TASK_SLEEP_S, steps, report_steps=True),
+                task_id=task_id,
             )
             pid = await self._running_pid(task_id)
             t0 = time.time()

@@ -23,7 +23,9 @@ def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
     Stops early if asked.
 
     Each finished step is checkpointed (``ctx.checkpoint_path`` holds the step count), so a probe
-    that is run again after its worker was lost resumes after the last finished step.
+    that is run again after its worker was lost resumes after the last finished step. With
+    ``config.report_steps`` off it sleeps ``sleep_s`` at once, without progress, checkpoint or
+    stop check: the no-op that ``bench.dispatch`` runs against Celery's, which does only that.
 
     Returns:
         ``{"metrics": {"slept_s", "steps", "resumed_from_step"}, "pid": child pid,
@@ -41,7 +43,12 @@ def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
         _print_lines(config, ctx)
     step_s = config.sleep_s / config.steps
     started = time.monotonic()
-    resumed = done = _load_step(ctx.checkpoint_path)
+    if not config.report_steps:
+        if config.sleep_s:
+            time.sleep(config.sleep_s)
+        resumed, done = 0, config.steps
+    else:
+        resumed = done = _load_step(ctx.checkpoint_path)
     while done < config.steps:
         if ctx.should_stop() and not config.ignore_sigterm:
             break
