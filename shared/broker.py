@@ -1,8 +1,9 @@
 """RabbitMQ access shared by every process: robust connection, confirmed persistent publishes.
 
 One ``Broker`` per process owns a robust connection (aio-pika reconnects and re-declares after a
-broker restart) and a publisher-confirms channel; consumers get their own channels so a consumer's
-prefetch never limits publishing.
+broker restart) and a publisher-confirms channel; task events (news: Redis holds the truth) go
+on a second channel without confirms; consumers get their own channels so a consumer's prefetch
+never limits publishing.
 """
 
 from __future__ import annotations
@@ -62,6 +63,9 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._declared: DeclaredTopology | None = None
+        #: Task events go out on a channel of their own without publisher confirms (news).
+        self._news_channel: AbstractChannel | None = None
+        self._news_exchange: aio_pika.abc.AbstractExchange | None = None
         #: Events being published in the background (``announce``), awaited by ``stop``.
         self._announcing: set[asyncio.Task[None]] = set()
 
@@ -81,6 +85,10 @@ class Broker:
             )
             self._channel = await self._connection.channel(publisher_confirms=True)
             self._declared = await declare(self._channel, self.topology)
+            self._news_channel = await self._connection.channel(publisher_confirms=False)
+            self._news_exchange = await self._news_channel.get_exchange(
+                self.topology.events_exchange, ensure=False
+            )
         except BROKER_FAILURES as e:
             await self.stop()
             raise BrokerError(s.connection_error("amqp", e)) from e
@@ -88,12 +96,13 @@ class Broker:
     async def stop(self, *, timeout_s: float = 10.0) -> None:
         """Close the connection (idempotent; bounded even when the broker is gone).
 
-        Events still being announced get up to ``timeout_s`` to be confirmed first.
+        Events still being announced get up to ``timeout_s`` to be sent first.
         """
         if self._announcing:
             await asyncio.wait(set(self._announcing), timeout=timeout_s)
         connection, self._connection = self._connection, None
         self._channel = self._declared = None
+        self._news_channel = self._news_exchange = None
         if connection is not None:
             try:
                 await asyncio.wait_for(connection.close(), timeout_s)
@@ -230,9 +239,19 @@ class Broker:
         )
 
     async def publish_event(self, event: TaskEvent) -> None:
-        """Publish a task event on the events exchange (confirmed, transient: news, not truth)."""
+        """Publish a task event on the events exchange: transient and unconfirmed (news).
+
+        Redis holds every task's truth, and a waiting client rereads it when no news comes
+        (``wait``'s recheck), so a task event is not worth a publisher confirm: it goes out on a
+        channel without them, once written to the socket. Events keep their order (one channel).
+
+        Raises:
+            BrokerError: the connection is down (the event is not sent).
+        """
+        if self._news_exchange is None:
+            raise NotConnectedError("broker used before start()")
         await self._publish(
-            self.declared.events,
+            self._news_exchange,
             event.routing_key,
             encode(event),
             persistent=False,
@@ -277,7 +296,7 @@ class Broker:
         )
 
     async def announce(self, event: TaskEvent) -> None:
-        """``publish_event`` as news, in the background: the caller never waits for the confirm.
+        """``publish_event`` as news, in the background: the caller never waits for the write.
 
         Redis holds the truth; the event only tells waiting clients to look now. Events are
         sent in the order announced (one channel, tasks started in order); a failure is logged,
@@ -328,7 +347,7 @@ class Broker:
         headers: dict[str, Any] | None = None,
         mandatory: bool = True,
     ) -> None:
-        """Publish and wait for the broker's confirm.
+        """Publish and wait for the broker's confirm (on a confirming channel; else the write).
 
         ``mandatory=False`` for news on the events exchange: with no follower bound, the broker
         drops it instead of returning it (a ``basic.return`` per unheard event costs both sides
