@@ -9,7 +9,8 @@ out-of-memory or leak dies with the child and the next task gets a fresh one. ``
 gives every task a fresh child (GPU jobs that want isolation: ``TP_WORKER_GPU_ISOLATE``).
 Between tasks a reused child gets back its environment variables and working directory.
 
-Parent -> child over a duplex pipe: a ``ChildJob`` to run, or None to exit. Child -> parent
+Parent -> child over a duplex pipe (a socket pair, read by the worker's event loop itself):
+a ``ChildJob`` to run, or None to exit. Child -> parent
 (picklable tuples, our own processes only), the last four ending a task:
     ("progress", fraction, message, metrics)
     ("checkpoint",)                    the task saved a checkpoint (worth syncing)
@@ -39,11 +40,13 @@ import importlib
 import multiprocessing
 import os
 import signal
+import struct
 import threading
 import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -386,11 +389,17 @@ def _configure_child_logging(job: ChildJob) -> None:
 _TASK_ENDS = frozenset({"result", "stopped", "error", "not_started"})
 
 
+#: Bytes taken from a child's socket per readiness callback (messages may span several).
+_READ_CHUNK = 1 << 16
+
+
 class WarmChild:
     """One task child process: started from the forkserver, reused for task after task.
 
-    A reader thread relays everything the child sends to the task it is running now
-    (``attach``); EOF (the child is gone) is relayed as None.
+    The event loop that started it reads what the child sends (``listen``: a reader callback on
+    the socket, no thread in between) and relays each message to the task it is running now
+    (``attach``); EOF (the child is gone) is relayed as None. Everything but ``start`` and
+    ``retire`` runs in that loop.
     """
 
     def __init__(self, first: ChildJob) -> None:
@@ -401,52 +410,106 @@ class WarmChild:
         self.key = first.pool_key
         self.tasks_run = 0
         self._sink: Callable[[tuple[Any, ...] | None], None] | None = None
-        self._lock = threading.Lock()
         self._gone = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox = bytearray()
 
     def start(self) -> None:
-        """Fork it (blocks until the forkserver did) and start relaying its messages."""
+        """Fork it (blocks until the forkserver did); then ``listen`` in the loop."""
         self.process.start()
         self._child_end.close()  # the child holds the only other end: EOF means it is gone
-        threading.Thread(target=self._pump, name=f"relay-{self.process.pid}", daemon=True).start()
+
+    def listen(self) -> None:
+        """Read the child's messages in the running loop (moving from another loop if needed)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is loop or self._gone:
+            return
+        self.unlisten()
+        self._loop = loop
+        loop.add_reader(self.conn.fileno(), self._on_readable)
+
+    def unlisten(self) -> None:
+        """Stop reading (before ``retire`` closes the socket, or the loop changes)."""
+        loop, self._loop = self._loop, None
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                loop.remove_reader(self.conn.fileno())
 
     @property
     def alive(self) -> bool:
-        """Not known to be gone (its pipe is open and it has not exited)."""
+        """Not known to be gone (its socket is open and it has not exited)."""
         return not self._gone and self.process.exitcode is None
 
     def attach(self, sink: Callable[[tuple[Any, ...] | None], None]) -> None:
-        """Send what the child says from now on to ``sink`` (thread-safe; None = it is gone)."""
-        with self._lock:
-            self._sink = sink
-            if self._gone:
-                sink(None)
+        """Send what the child says from now on to ``sink`` (None = it is gone)."""
+        self._sink = sink
+        if self._gone:
+            sink(None)
 
     def detach(self) -> None:
         """Stop relaying (the task ended); anything said meanwhile is dropped."""
-        with self._lock:
-            self._sink = None
+        self._sink = None
 
-    def _pump(self) -> None:  # blocking reads stay off the event loop
-        while True:
-            try:
-                item: tuple[Any, ...] | None = self.conn.recv()
-            except (EOFError, OSError):
-                item = None
-            with self._lock:
-                if item is None:
-                    self._gone = True
-                if self._sink is not None:
-                    self._sink(item)
-            if item is None:
+    def _on_readable(self) -> None:
+        """One read of what the socket holds (it cannot block: the loop saw it readable).
+
+        Messages are framed as ``multiprocessing.connection.Connection.send`` frames them: a
+        4-byte big-endian signed length (-1: an 8-byte unsigned length follows), then the
+        pickle. A message split across reads waits in ``_inbox`` for its rest.
+        """
+        try:
+            data = os.read(self.conn.fileno(), _READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._ended()
+            return
+        inbox = self._inbox
+        inbox += data
+        while len(inbox) >= 4:
+            size, start = struct.unpack_from("!i", inbox)[0], 4
+            if size == -1:
+                if len(inbox) < 12:
+                    return
+                size, start = struct.unpack_from("!Q", inbox, 4)[0], 12
+            if len(inbox) < start + size:
                 return
+            try:
+                item = ForkingPickler.loads(bytes(inbox[start : start + size]))
+            except Exception:  # not our framing: treat the child as lost, never guess
+                log.exception("child_message_unreadable", pid=self.process.pid)
+                if self.process.pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.process.pid, signal.SIGKILL)
+                self._ended()
+                return
+            del inbox[: start + size]
+            if self._sink is not None:
+                self._sink(item)
+
+    def _ended(self) -> None:
+        """EOF: the child is gone; tell the task it was running, stop reading."""
+        self._gone = True
+        self.unlisten()
+        if self._sink is not None:
+            self._sink(None)
 
     def run(self, job: ChildJob) -> None:
         """Hand it the next job (it is idle: its last task ended)."""
         self.conn.send(job)
 
+    async def retire_soon(self, timeout_s: float) -> int | None:
+        """``retire`` off the event loop, reading stopped first; the exit code."""
+        self.unlisten()
+        return await asyncio.to_thread(self.retire, timeout_s)
+
     def retire(self, timeout_s: float) -> int | None:
-        """Ask it to exit (SIGKILL after ``timeout_s``), reap it; its exit code (blocking)."""
+        """Ask it to exit (SIGKILL after ``timeout_s``), reap it; its exit code (blocking).
+
+        Call ``unlisten`` first, in the loop (``retire_soon`` does): this closes the socket.
+        """
         with contextlib.suppress(OSError, ValueError):
             self.conn.send(None)
         self.process.join(timeout_s)
@@ -475,7 +538,7 @@ async def close_idle() -> None:
     """Retire every idle child (the worker is stopping or restarting on new code)."""
     children = [child for pool in _idle.values() for child in pool]
     _idle.clear()
-    await asyncio.gather(*(asyncio.to_thread(c.retire, CHILD_EXIT_GRACE_S) for c in children))
+    await asyncio.gather(*(c.retire_soon(CHILD_EXIT_GRACE_S) for c in children))
 
 
 class ChildProcess:
@@ -531,21 +594,19 @@ class ChildProcess:
             OSError: the child could not make the task's folders (a file in their place, disk
                 full...); the task did not run and its child was retired.
         """
-        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
-
-        def relay(item: tuple[Any, ...] | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        relay = queue.put_nowait  # the child's messages are read in this loop (``listen``)
 
         # Attached before the job is handed over: a fast task may end before the next line.
         child = _take_idle(self.job) if self.job.max_tasks > 1 else None
         if child is not None:
+            child.listen()
             child.attach(relay)
             try:
                 child.run(self.job)
             except OSError:  # it died just now: a fresh one takes the job
                 child.detach()
-                await asyncio.to_thread(child.retire, 0)
+                await child.retire_soon(0)
                 child = None
         if child is None:
             child = WarmChild(self.job)
@@ -555,6 +616,7 @@ class ChildProcess:
             except Exception:
                 await self._make_folders()
                 raise
+            child.listen()
         child.tasks_run += 1
         self._process = child.process
         if self._pending_signal is not None:
@@ -578,7 +640,7 @@ class ChildProcess:
             return outcome
         # Retire it: a task that ended (even failed) lets it exit by itself; one that did not
         # (it died, or was killed on time-out) is reaped, with SIGKILL after the grace.
-        outcome.exitcode = await asyncio.to_thread(child.retire, CHILD_EXIT_GRACE_S)
+        outcome.exitcode = await child.retire_soon(CHILD_EXIT_GRACE_S)
         if self._not_started is not None:  # as when this loop made the folders: the caller's
             raise self._not_started
         if self._end_kind is None:  # died, or killed, maybe before it made the folders
