@@ -429,6 +429,55 @@ def test_reused_capture_sends_each_tasks_output_before_flush_returns(tmp_path: P
     assert b"task 2 err, not flushed, ***" in proc.stderr
 
 
+#: Three tasks of one capture: the first's output was all read before its end (no marker needed),
+#: the second ends on an unfinished line read long before (a marker must close it), the third
+#: ends right after 500 lines (whatever the readers got to, every line must be sent).
+QUIET_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    from services.gpu_worker.capture import OutputCapture
+
+    sent = []
+    capture = OutputCapture(0, sent.append)
+    capture.start()
+    tasks = []
+    for attempt, last in ((1, "line\\n"), (2, "no line end"), (3, None)):
+        capture.begin(attempt)
+        if last is None:
+            for i in range(500):
+                print(f"task 3 line {i}")
+        else:
+            os.write(1, f"task {attempt} {last}".encode())
+            time.sleep(0.3)  # the reader has long handled it when the task ends
+        before = capture._flushes
+        flushed = capture.flush()
+        tasks.append({"flushed": flushed, "markers": capture._flushes - before, "sent": len(sent)})
+    capture.stop()
+    with open(sys.argv[1], "w") as f:
+        json.dump({"tasks": tasks, "sent": [[l.as_dict() for l in b] for _k, b in sent]}, f)
+    """
+)
+
+
+def test_flush_skips_its_markers_only_when_nothing_can_be_left_behind(tmp_path: Path) -> None:
+    _proc, got = run_capture_script(QUIET_SCRIPT, tmp_path, "quiet.json")
+    first, second, third = got["tasks"]
+    assert first["flushed"] and second["flushed"] and third["flushed"]
+    assert first["markers"] == 0  # all read and queued: shipped at once
+    assert second["markers"] == 1  # an unfinished line was held: only a marker ends it
+    texts = [
+        [line["text"] for batch in got["sent"][start:end] for line in batch]
+        for start, end in (
+            (0, first["sent"]),
+            (first["sent"], second["sent"]),
+            (second["sent"], third["sent"]),
+        )
+    ]
+    assert texts[0] == ["task 1 line"]
+    assert texts[1] == ["task 2 no line end"]
+    assert texts[2] == [f"task 3 line {i}" for i in range(500)]
+
+
 def test_clean_text_replaces_bad_bytes_and_cuts_at_a_character() -> None:
     assert clean_text(b"ok \xff") == "ok \ufffd"
     assert clean_text("lone \udc80 surrogate") == "lone ? surrogate"

@@ -14,14 +14,16 @@ Per task, ``begin`` sets the attempt stamped on the lines and the secrets redact
 ``flush`` is the task's end barrier: it writes a marker (a random token and a sequence number)
 into each pipe behind everything the task wrote; each reader, on reaching it, queues all before
 it (an unfinished last line as a line) and says so; then the queue is shipped from the caller's
-thread. So every byte the task wrote to fds 1 and 2 before its end, and every record it logged,
-has been sent to the worker when ``flush`` returns, before the task's end is reported: the
-worker records the outcome right after the end, and a log follower stops there. The markers go
-nowhere (neither into the lines nor the copy to the worker's output). The wait is bounded
-(``STOP_WAIT_S``): a reader stuck copying to a blocked worker stdout cannot hang the child.
-What the task left running (a thread, a subprocess holding the pipe) writes after its end is
-not the task's any more: it lands in the log of the child's next task, stamped with that task's
-attempt, or is dropped by the worker while the child is idle.
+thread. Where nothing can be in between (each pipe empty, its reader waiting for more and holding
+no unfinished line: see ``_quiet``), the queue is shipped at once, without markers. So every
+byte the task wrote to fds 1 and 2 before its end, and every record it logged, has been sent to
+the worker when ``flush`` returns, before the task's end is reported: the worker records the
+outcome right after the end, and a log follower stops there. The markers go nowhere (neither
+into the lines nor the copy to the worker's output). The wait is bounded (``STOP_WAIT_S``): a
+reader stuck copying to a blocked worker stdout cannot hang the child. What the task left
+running (a thread, a subprocess holding the pipe) writes after its end is not the task's any
+more: it lands in the log of the child's next task, stamped with that task's attempt, or is
+dropped by the worker while the child is idle.
 
 Bounds: at most ``MAX_BATCH_LINES`` lines and ``MAX_BATCH_CHARS`` characters of text per
 message, so at most 10,000 lines (about 2.5 MB) a second per task reach the worker and Redis;
@@ -34,13 +36,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import logging
 import os
 import re
 import secrets as random_tokens
 import select
+import struct
 import sys
+import termios
 import threading
 import time
 from collections.abc import Callable, MutableMapping, Sequence
@@ -107,6 +112,11 @@ class LineSplitter:
             partial = partial[: self._max_bytes]
         self._partial = partial + (b"\r" if hold_cr else b"")
         return lines
+
+    @property
+    def holding(self) -> bool:
+        """Whether part of an unfinished line is held (``flush`` would return it)."""
+        return bool(self._partial) or self._overflow > 0
 
     def flush(self) -> list[tuple[bytes, int]]:
         """At the end of the output: the unfinished last line, if any."""
@@ -238,6 +248,13 @@ class OutputCapture:
         #: Per stream: the last flush its reader reached (``_ENDED`` once it stopped).
         self._reached = dict.fromkeys(_STREAMS.values(), 0)
         self._reached_changed = threading.Condition()
+        #: Per stream, under ``_state_lock``: the pipe's read end while its reader runs, whether
+        #: the reader is handling a chunk it read, and whether it holds bytes of an unfinished
+        #: line (``flush`` may skip its markers only when no stream is busy or holding).
+        self._state_lock = threading.Lock()
+        self._read_ends: dict[str, int] = {}
+        self._busy = dict.fromkeys(_STREAMS.values(), False)
+        self._holding = dict.fromkeys(_STREAMS.values(), False)
 
     def start(self) -> None:
         """Redirect fds 1 and 2, start the threads, and hook the task's log records.
@@ -258,6 +275,7 @@ class OutputCapture:
             os.dup2(write_end, fd)  # inheritable: subprocesses of the task write here too
             self._write_ends[fd] = write_end  # not inheritable (os.pipe): a spare, ours
             self._marker_fds[fd] = _marker_end(write_end)
+            self._read_ends[stream] = read_end
             reader = threading.Thread(
                 target=self._read, args=(read_end, stream), name=f"log-{stream}", daemon=True
             )
@@ -292,6 +310,9 @@ class OutputCapture:
         """
         deadline = time.monotonic() + timeout_s
         _flush_text_streams()
+        if self._quiet():
+            self._ship()
+            return True
         with self._reached_changed:
             self._flushes += 1
             seq = self._flushes
@@ -319,6 +340,21 @@ class OutputCapture:
             )
         self._ship()
         return done
+
+    def _quiet(self) -> bool:
+        """True when every byte written to the pipes so far is queued already (no marker needed).
+
+        Each live reader is waiting for more (not handling a chunk), holds no unfinished line,
+        and its pipe holds no unread byte. A reader marks itself busy *before* it reads, under
+        the same lock: a chunk it is about to read is still in the pipe, one it read is being
+        handled, and either way this is False. Bytes written after this check were written
+        after the task's end (``flush`` runs once the task returned).
+        """
+        with self._state_lock:
+            for stream, read_end in self._read_ends.items():
+                if self._busy[stream] or self._holding[stream] or _unread(read_end) != 0:
+                    return False
+        return True
 
     def stop(self) -> None:
         """Put fds 1 and 2 back, send the last lines, and stop the threads (bounded waits)."""
@@ -366,8 +402,16 @@ class OutputCapture:
         output = _Output(self, stream)
         token, marker_len = self._token, self._marker_len
         pending = b""  # read, not yet passed on: may end with the start of a marker
+        poller = select.poll()
+        poller.register(read_end, select.POLLIN)
         try:
             while True:
+                with self._state_lock:
+                    self._holding[stream] = bool(pending) or output.holding
+                    self._busy[stream] = False
+                poller.poll()  # data, EOF or an error: the read below says which
+                with self._state_lock:
+                    self._busy[stream] = True
                 try:
                     data = os.read(read_end, READ_CHUNK)
                 except OSError:
@@ -386,6 +430,8 @@ class OutputCapture:
             output.feed(pending)
             output.end()
         finally:  # no flush waits on a reader that is gone
+            with self._state_lock:
+                del self._read_ends[stream]
             self._reach(stream, _ENDED)
             os.close(read_end)
 
@@ -423,6 +469,11 @@ class _Output:
         self._splitter = LineSplitter()
         self._copy_to = capture._saved[1 if stream == "stdout" else 2]
         self._held = b""  # copied up to the last line end only, so no secret is split and missed
+
+    @property
+    def holding(self) -> bool:
+        """Whether bytes of an unfinished line wait here (``end`` would queue them)."""
+        return bool(self._held) or self._splitter.holding
 
     def feed(self, data: bytes) -> None:
         """Output read from the pipe (never part of a marker)."""
@@ -485,6 +536,15 @@ def _write_marker(fd: int, marker: bytes, deadline: float) -> bool:
         except OSError:  # the reader is gone
             return False
         return True
+
+
+def _unread(read_end: int) -> int:
+    """Bytes waiting in a pipe (``FIONREAD``); -1 where it cannot be told (never quiet then)."""
+    try:
+        (count,) = struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0\0\0\0"))
+    except OSError:
+        return -1
+    return int(count)
 
 
 def _marker_start(data: bytes, token: bytes, marker_len: int) -> int:
