@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,9 @@ class TaskExecution:
         self.stop_reason: StopReason | None = None
         #: Set once the child ended and the outcome is being recorded.
         self.finishing = False
+        #: Called once the outcome is recorded and announced (the lane frees the slot and acks
+        #: the delivery then, not after this run's last log line).
+        self.on_recorded: Callable[[], Awaitable[None]] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         s = env.settings
         self.retry = RetryPolicy(
@@ -306,6 +310,8 @@ class TaskExecution:
         await self.announce(
             verdict.state, error=verdict.error, metrics=metrics, record=moved.record
         )
+        if self.on_recorded is not None:
+            await self.on_recorded()
         log.info("task_" + verdict.state.value, reason=verdict.reason, exitcode=outcome.exitcode)
         return verdict.state
 

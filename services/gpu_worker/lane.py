@@ -264,24 +264,34 @@ class Lane:
     async def _execute(self, task_id: str) -> None:
         execution = self.running[task_id]
         structlog.contextvars.bind_contextvars(task_id=task_id)
+        execution.on_recorded = lambda: self._free(task_id)
         try:
             await execution.announce(TaskState.RUNNING)
             await execution.run()
         except Exception:
             log.exception("task_execution_crashed")
         finally:
-            del self.running[task_id]
-            timer = self._hold_timers.pop(task_id, None)
-            if timer is not None:
-                timer.cancel()
-            message = self._held.pop(task_id, None)
-            renew = task_id in self._uncounted and self._consumer_tag is not None
-            self._uncounted.discard(task_id)
-            if message is not None:
-                # Acked only now that its outcome is recorded: the broker's next push is the
-                # next task for this very slot (prefetch counted it).
-                await settle(message)
-            if renew:
-                await self._renew()  # the consumer's prefetch never counted this slot
-            else:
-                await self._resume()  # not consuming (paused while full): consume again
+            await self._free(task_id)
+
+    async def _free(self, task_id: str) -> None:
+        """The task's outcome is recorded (or it ended without one): its slot is free.
+
+        Acks its held delivery, so the broker pushes the next task for this slot, and consumes
+        again where needed. Runs once per task, whichever of the outcome or the end comes first.
+        """
+        if self.running.pop(task_id, None) is None:
+            return
+        timer = self._hold_timers.pop(task_id, None)
+        if timer is not None:
+            timer.cancel()
+        message = self._held.pop(task_id, None)
+        renew = task_id in self._uncounted and self._consumer_tag is not None
+        self._uncounted.discard(task_id)
+        if message is not None:
+            # Acked only now that its outcome is recorded: the broker's next push is the
+            # next task for this very slot (prefetch counted it).
+            await settle(message)
+        if renew:
+            await self._renew()  # the consumer's prefetch never counted this slot
+        else:
+            await self._resume()  # not consuming (paused while full): consume again

@@ -625,7 +625,8 @@ class ChildProcess:
         try:
             if on_started is not None and child.process.pid is not None:
                 await on_started(child.process.pid)
-            await asyncio.wait_for(self._relay(queue, outcome), timeout_s)
+            async with asyncio.timeout(timeout_s):  # no task of its own, as wait_for makes
+                await self._relay(queue, outcome)
         except TimeoutError:
             outcome.timed_out = True
             self.kill()
