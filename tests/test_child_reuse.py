@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from shared.client import DistributedClient
@@ -132,3 +133,55 @@ async def test_a_lane_never_runs_more_tasks_than_its_slots(
         running += change
         most = max(most, running)
     assert most == 2, most  # both slots used, never more
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below ``pid`` (by the parent links in /proc): pid -> state (``Z``: zombie)."""
+    links: dict[int, tuple[int, str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:  # gone meanwhile
+                continue
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            links[int(entry)] = (int(ppid), state)
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, state) in links.items():
+            if ppid == parent and child not in found:
+                found[child] = state
+                frontier.append(child)
+    return found
+
+
+async def test_a_retired_child_is_replaced_before_the_next_task_and_reaped(
+    platform: Platform, client: DistributedClient
+) -> None:
+    """A pool's child that ran its last task (or failed) has a spare forked behind it.
+
+    The next task then runs in a child that existed before it was submitted, and the retired
+    child is reaped (no zombie left behind).
+    """
+    await platform.start_all(TP_WORKER_CHILD_MAX_TASKS="2", TP_WORKER_GPU_SLOTS="0", **LIGHT_WORKER)
+    worker = platform.procs["gpu_worker"].proc.pid
+    _, child = await run_probe(client)
+    for ending in ({}, {"fail_with": "boom"}):  # its second task (the limit), then a failure
+        before = set(descendants(worker))  # the forkserver, its tracker, the child
+        assert child in before, before
+        state, pid = await run_probe(client, **ending)
+        assert state is (TaskState.FAILED if ending else TaskState.COMPLETED)
+        deadline = asyncio.get_running_loop().time() + WAIT_S
+        while True:  # the retired child reaped, a spare forked from the forkserver
+            below = descendants(worker)
+            spares = set(below) - before
+            if child not in below and spares:
+                break
+            assert asyncio.get_running_loop().time() < deadline, below
+            await asyncio.sleep(0.05)
+        assert "Z" not in below.values(), below
+        state, pid = await run_probe(client)
+        assert state is TaskState.COMPLETED and pid in spares, (pid, spares)
+        child = pid

@@ -105,6 +105,7 @@ class TaskExecution:
                     if env.settings.worker_gpu_isolate and route == ROUTE_GPU
                     else env.settings.worker_child_max_tasks
                 ),
+                gpu_lane=route == ROUTE_GPU,
             ),
             self.on_progress,
             self.on_checkpoint,

@@ -147,6 +147,10 @@ class ChildJob:
     stdout_to_stderr: bool = False
     #: Tasks a child may run before it is replaced (1: a fresh child for this task, none after).
     max_tasks: int = 1
+    #: The task may use the GPU: a child retired after it is reaped before the run's end is
+    #: reported, so its CUDA memory is free when the lane's next task starts. Otherwise a pooled
+    #: child retired after a success (its ``max_tasks`` run) exits in the background.
+    gpu_lane: bool = False
 
     @property
     def pool_key(self) -> tuple[Any, ...]:
@@ -197,14 +201,15 @@ def _remember_stop(_signum: int, _frame: object) -> None:
     _stop_requested.set()
 
 
-def serve_jobs(conn: Connection, first: ChildJob) -> None:
+def serve_jobs(conn: Connection, first: ChildJob, run_first: bool = True) -> None:
     """Body of a task child: set the process up once, then run jobs until told to exit.
 
-    ``first`` sets up the process (logging, secrets, stdout); later jobs come over ``conn``
-    and share that set-up (``ChildJob.pool_key``). None or EOF ends the child. The output
-    capture is started once, for the first job, and serves every job of the child (a new one per
-    job cost about 1 ms: pipes, dup2s, three threads); where it cannot be started, each job
-    tries again.
+    ``first`` sets up the process (logging, secrets, stdout) and is its first job, unless
+    ``run_first`` is False (a spare: set up, then it waits for a job); later jobs come over
+    ``conn`` and share that set-up (``ChildJob.pool_key``). None or EOF ends the child. The
+    output capture is started once (a spare starts it before its first job) and serves every job
+    of the child (a new one per job cost about 1 ms: pipes, dup2s, three threads); where it
+    cannot be started, each job tries again.
     """
     # First: the forkserver's children start with SIGTERM ignored, and a stop sent while this
     # child sets itself up (or between the parent's job and run_job) must not be lost.
@@ -222,6 +227,9 @@ def serve_jobs(conn: Connection, first: ChildJob) -> None:
     environ, cwd = dict(os.environ), os.getcwd()
     capture: OutputCapture | None = None
     job: ChildJob | None = first
+    if not run_first:
+        capture = _start_capture(first.attempt, report, _secrets(first))
+        job = _next_job(conn)
     while job is not None:
         if capture is None:
             capture = _start_capture(job.attempt, report, _secrets(job))
@@ -232,13 +240,19 @@ def serve_jobs(conn: Connection, first: ChildJob) -> None:
         os.environ.clear()
         os.environ.update(environ)
         os.chdir(cwd)
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            job = None
+        job = _next_job(conn)
     if capture is not None:
         capture.stop()
     conn.close()
+
+
+def _next_job(conn: Connection) -> ChildJob | None:
+    """The worker's next job for this child; None (told to exit, or the worker is gone)."""
+    try:
+        job: ChildJob | None = conn.recv()
+    except (EOFError, OSError):
+        return None
+    return job
 
 
 def run_job(
@@ -402,10 +416,12 @@ class WarmChild:
     ``retire`` runs in that loop.
     """
 
-    def __init__(self, first: ChildJob) -> None:
+    def __init__(self, first: ChildJob, *, run_first: bool = True) -> None:
         mp = forkserver()
         self.conn, child_end = mp.Pipe(duplex=True)
-        self.process = mp.Process(target=serve_jobs, args=(child_end, first), daemon=True)
+        self.process = mp.Process(
+            target=serve_jobs, args=(child_end, first, run_first), daemon=True
+        )
         self._child_end = child_end
         self.key = first.pool_key
         self.tasks_run = 0
@@ -534,8 +550,47 @@ def _take_idle(job: ChildJob) -> WarmChild | None:
     return None
 
 
+#: Background work on children (spares being forked, worn-out children exiting), in this loop.
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _in_background(coro: Awaitable[Any], name: str) -> None:
+    task = asyncio.ensure_future(coro)
+    task.set_name(name)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def _start_spare(job: ChildJob) -> None:
+    """Fork a child for ``job``'s pool in the background, unless one is idle or on its way.
+
+    A child retired after a task (its ``max_tasks`` run, a failure, a stop) is replaced before
+    the lane's next task needs it: that task finds it idle instead of waiting for a fork and the
+    child's set-up (~20-30 ms with torch preloaded).
+    """
+    if _idle.get(job.pool_key) or any(t.get_name() == "spare" for t in _background):
+        return
+
+    async def start() -> None:
+        child = WarmChild(job, run_first=False)
+        try:
+            await asyncio.to_thread(child.start)
+        except Exception as e:  # the next task forks its own (and says why if it fails too)
+            log.warning("spare_child_not_started", error=repr(e))
+            return
+        child.listen()
+        _idle.setdefault(child.key, []).append(child)
+
+    _in_background(start(), "spare")
+
+
 async def close_idle() -> None:
-    """Retire every idle child (the worker is stopping or restarting on new code)."""
+    """Retire every idle child (the worker is stopping or restarting on new code).
+
+    Spares still being forked are waited for first, and retired with the rest.
+    """
+    while _background:
+        await asyncio.gather(*list(_background), return_exceptions=True)
     children = [child for pool in _idle.values() for child in pool]
     _idle.clear()
     await asyncio.gather(*(c.retire_soon(CHILD_EXIT_GRACE_S) for c in children))
@@ -595,28 +650,7 @@ class ChildProcess:
                 full...); the task did not run and its child was retired.
         """
         queue: asyncio.Queue[tuple[Any, ...] | None] = asyncio.Queue()
-        relay = queue.put_nowait  # the child's messages are read in this loop (``listen``)
-
-        # Attached before the job is handed over: a fast task may end before the next line.
-        child = _take_idle(self.job) if self.job.max_tasks > 1 else None
-        if child is not None:
-            child.listen()
-            child.attach(relay)
-            try:
-                child.run(self.job)
-            except OSError:  # it died just now: a fresh one takes the job
-                child.detach()
-                await child.retire_soon(0)
-                child = None
-        if child is None:
-            child = WarmChild(self.job)
-            child.attach(relay)
-            try:
-                await asyncio.to_thread(child.start)  # blocks until the forkserver forked
-            except Exception:
-                await self._make_folders()
-                raise
-            child.listen()
+        child = await self._child_for_job(queue.put_nowait)
         child.tasks_run += 1
         self._process = child.process
         if self._pending_signal is not None:
@@ -633,12 +667,57 @@ class ChildProcess:
         finally:
             child.detach()
             self._ended = True
+        await self._after(child, outcome)
+        return outcome
+
+    async def _child_for_job(self, relay: Callable[[tuple[Any, ...] | None], None]) -> WarmChild:
+        """An idle child of the pool, or a new one, relaying to ``relay``, with the job in hand.
+
+        Raises:
+            Whatever starting a new child raised (the task's folders are made first).
+        """
+        # Attached before the job is handed over: a fast task may end before the next line.
+        child = _take_idle(self.job) if self.job.max_tasks > 1 else None
+        if child is not None:
+            child.listen()
+            child.attach(relay)
+            try:
+                child.run(self.job)
+            except OSError:  # it died just now: a fresh one takes the job
+                child.detach()
+                await child.retire_soon(0)
+            else:
+                return child
+        child = WarmChild(self.job)
+        child.attach(relay)
+        try:
+            await asyncio.to_thread(child.start)  # blocks until the forkserver forked
+        except Exception:
+            await self._make_folders()
+            raise
+        child.listen()
+        return child
+
+    async def _after(self, child: WarmChild, outcome: ChildOutcome) -> None:
+        """Pool the child, or retire it (and fork a spare for a pool); sets the exit code.
+
+        Raises:
+            OSError: the child could not make the task's folders (``run``'s ``Raises``).
+        """
         succeeded = outcome.result is not None and outcome.failure is None
         reusable = not self._signalled and child.tasks_run < self.job.max_tasks
+        pooled = self.job.max_tasks > 1
         if succeeded and reusable and child.alive:
             _idle.setdefault(child.key, []).append(child)
             outcome.exitcode = 0
-            return outcome
+            return
+        if pooled:
+            _start_spare(self.job)  # forked while this one exits
+        if pooled and succeeded and not self._signalled and child.alive and not self.job.gpu_lane:
+            # Worn out, its task done: it exits (reaped in the background), exit code 0.
+            _in_background(child.retire_soon(CHILD_EXIT_GRACE_S), "retire")
+            outcome.exitcode = 0
+            return
         # Retire it: a task that ended (even failed) lets it exit by itself; one that did not
         # (it died, or was killed on time-out) is reaped, with SIGKILL after the grace.
         outcome.exitcode = await child.retire_soon(CHILD_EXIT_GRACE_S)
@@ -646,7 +725,6 @@ class ChildProcess:
             raise self._not_started
         if self._end_kind is None:  # died, or killed, maybe before it made the folders
             await self._make_folders()
-        return outcome
 
     async def _make_folders(self) -> None:
         """Make the task's folders where its child may not have got to (rare: off the fast path).
