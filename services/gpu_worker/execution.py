@@ -114,6 +114,8 @@ class TaskExecution:
         self._last_checkpoint_sync = -CHECKPOINT_SYNC_EVERY_S
         #: The last lines still to go, in the outcome's round trip (``_record``'s first try).
         self._logs_pending = True
+        self._started_noted = False
+        self._timeout_s = 0.0
         #: The task's output on its way to its Redis stream (``tradectl task logs``).
         self.logs = LogStreamWriter(
             env.store.redis,
@@ -126,11 +128,11 @@ class TaskExecution:
     async def run(self) -> TaskState:
         """Run the child to its end; returns the terminal state recorded."""
         timeout = self.submission.timeout_s or self.env.settings.task_timeout_s
-        log.info("task_started", attempt=self.attempt, timeout_s=timeout)
-        self.logs.note(f"attempt {self.attempt} started on worker {self.env.name}")
+        self._timeout_s = timeout
         try:
             outcome = await self.child.run(timeout, on_started=self.on_child_started)
         except Exception as e:  # the child could not be started: disk full, unwritable folder...
+            self._note_started()
             log.exception("child_not_started")
             self.child.kill()
             outcome = ChildOutcome(
@@ -159,9 +161,22 @@ class TaskExecution:
         )
 
     async def on_child_started(self, pid: int) -> None:
-        """The child's pid is known: recorded with the run's next news write (``_post_news``)."""
+        """The child has the job: log the start, and record its pid with the next news write.
+
+        Logged after the hand-over, not before it (the child gets to work meanwhile), and before
+        any message of the child is read: the start note leads the task's lines. The pid goes
+        with the run's next news write (``_post_news``).
+        """
+        self._note_started()
         self._news["child_pid"] = pid
         self._schedule_news()
+
+    def _note_started(self) -> None:
+        if self._started_noted:
+            return
+        self._started_noted = True
+        log.info("task_started", attempt=self.attempt, timeout_s=self._timeout_s)
+        self.logs.note(f"attempt {self.attempt} started on worker {self.env.name}")
 
     async def on_progress(self, fraction: float, message: str, metrics: dict[str, float]) -> None:
         """Progress from the task: recorded and announced with the next news write.
