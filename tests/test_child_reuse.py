@@ -185,3 +185,24 @@ async def test_a_retired_child_is_replaced_before_the_next_task_and_reaped(
         state, pid = await run_probe(client)
         assert state is TaskState.COMPLETED and pid in spares, (pid, spares)
         child = pid
+
+
+async def test_a_child_prepared_for_a_refused_claim_runs_nothing_and_stays_in_the_pool(
+    platform: Platform, client: DistributedClient
+) -> None:
+    """A duplicate delivery of a finished task: the idle child it was handed is given back."""
+    await platform.start_all(TP_WORKER_GPU_SLOTS="0", **LIGHT_WORKER)
+    submission = await client.prepare("probe", {})
+    await client.submit_prepared(submission)
+    done = await client.wait(submission.task_id, timeout_s=WAIT_S)
+    assert done.state is TaskState.COMPLETED
+    pid = done.result["pid"]
+    await client.broker.publish_submission(submission, "cpu")  # its claim will be refused
+    log = platform.procs["gpu_worker"]
+    deadline = asyncio.get_running_loop().time() + WAIT_S
+    while "claim_refused" not in log.log_text():
+        assert asyncio.get_running_loop().time() < deadline, log.log_text()[-2000:]
+        await asyncio.sleep(0.05)
+    assert (await client.status(submission.task_id)).state is TaskState.COMPLETED
+    state, next_pid = await run_probe(client)
+    assert state is TaskState.COMPLETED and next_pid == pid  # the same child, idle again

@@ -35,10 +35,15 @@ async def test_wait_outlives_quiet_periods(platform: Platform, client: Distribut
     assert record.state is TaskState.COMPLETED
 
 
+@pytest.mark.parametrize("idle_child", [False, True], ids=["fresh-child", "prepared-child"])
 async def test_task_that_cannot_start_fails_instead_of_hanging(
-    platform: Platform, client: DistributedClient
+    platform: Platform, client: DistributedClient, idle_child: bool
 ):
+    """Its folders cannot be made: by a fresh child, or by an idle one during the claim."""
     await platform.start_all(**LIGHT_WORKER)
+    if idle_child:
+        warm = await client.submit_and_wait("probe", {}, timeout_s=WAIT_S)
+        assert warm.state is TaskState.COMPLETED
     task_dir = platform.settings.tasks_dir / "blocked-dir-1"
     task_dir.parent.mkdir(parents=True, exist_ok=True)
     task_dir.write_text("a file where the task folder should go")

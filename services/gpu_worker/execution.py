@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from services.gpu_worker.outcome import RetryPolicy, StopReason, Verdict, decide
-from services.gpu_worker.runner import ChildJob, ChildOutcome, ChildProcess
+from services.gpu_worker.runner import ChildJob, ChildOutcome, ChildProcess, WarmChild
 from shared.artifacts import ArtifactRequest, ArtifactState, ArtifactStatus
 from shared.broker import Broker
 from shared.constants import FINISHED_TASK_TTL_S, PROGRESS_MIN_INTERVAL_S, ROUTE_GPU
@@ -48,6 +48,31 @@ class WorkerEnv:
     code_commit: str | None = None
 
 
+def child_job(submission: TaskSubmission, attempt: int, env: WorkerEnv, *, route: str) -> ChildJob:
+    """What a child needs to run ``submission`` as ``attempt`` on ``route``'s lane."""
+    task_dir = env.settings.tasks_dir / submission.task_id
+    return ChildJob(
+        task_id=submission.task_id,
+        task_type=submission.task_type,
+        config=submission.config,
+        attempt=attempt,
+        artifact_dir=task_dir / "artifacts",
+        checkpoint_path=task_dir / "checkpoints" / "last.pt",
+        tracking_uri=env.settings.tracking_uri,
+        git_commit=env.code_commit,
+        artifact_location=artifact_location(env.settings, submission.task_id),
+        log_level=env.settings.log_level,
+        log_format=env.settings.log_format,
+        settings=env.settings,
+        max_tasks=(
+            1
+            if env.settings.worker_gpu_isolate and route == ROUTE_GPU
+            else env.settings.worker_child_max_tasks
+        ),
+        gpu_lane=route == ROUTE_GPU,
+    )
+
+
 class TaskExecution:
     """Runs a task the worker has claimed (state ``running``) and records how it ended.
 
@@ -55,10 +80,18 @@ class TaskExecution:
         submission: the task as dispatched.
         attempt: this run's attempt number (1 = first).
         env: the worker's settings and connections.
+        route: the lane it runs on (``gpu`` or ``cpu``).
+        prepared: an idle child already handed this task to prepare (``runner.prepare``).
     """
 
     def __init__(
-        self, submission: TaskSubmission, attempt: int, env: WorkerEnv, *, route: str
+        self,
+        submission: TaskSubmission,
+        attempt: int,
+        env: WorkerEnv,
+        *,
+        route: str,
+        prepared: WarmChild | None = None,
     ) -> None:
         self.submission = submission
         self.env = env
@@ -85,31 +118,12 @@ class TaskExecution:
         self._last_news = -PROGRESS_MIN_INTERVAL_S
         self._news_timer: asyncio.TimerHandle | None = None
         self._news_tasks: set[asyncio.Task[None]] = set()
-        task_dir = env.settings.tasks_dir / submission.task_id
         self.child = ChildProcess(
-            ChildJob(
-                task_id=submission.task_id,
-                task_type=submission.task_type,
-                config=submission.config,
-                attempt=attempt,
-                artifact_dir=task_dir / "artifacts",
-                checkpoint_path=task_dir / "checkpoints" / "last.pt",
-                tracking_uri=env.settings.tracking_uri,
-                git_commit=env.code_commit,
-                artifact_location=artifact_location(env.settings, submission.task_id),
-                log_level=env.settings.log_level,
-                log_format=env.settings.log_format,
-                settings=env.settings,
-                max_tasks=(
-                    1
-                    if env.settings.worker_gpu_isolate and route == ROUTE_GPU
-                    else env.settings.worker_child_max_tasks
-                ),
-                gpu_lane=route == ROUTE_GPU,
-            ),
+            child_job(submission, attempt, env, route=route),
             self.on_progress,
             self.on_checkpoint,
             self.on_logs,
+            prepared=prepared,
         )
         self._last_checkpoint_sync = -CHECKPOINT_SYNC_EVERY_S
         #: The last lines still to go, in the outcome's round trip (``_record``'s first try).

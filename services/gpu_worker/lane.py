@@ -9,7 +9,9 @@ next task at once. A task that runs past ``worker_ack_hold_s`` (far below Rabbit
 ``consumer_timeout``) has its delivery acked then: the consumer is cancelled *before* that ack,
 and the lane consumes again, with prefetch = free slots, when a slot frees. With
 ``worker_ack_hold_s = 0`` every delivery is acked right after its claim that way. A refused
-claim (task taken, cancelled, finished) acks and drops the delivery.
+claim (task taken, cancelled, finished) acks and drops the delivery. While the claim is in
+flight an idle child of the pool already makes the task's folders (``runner.prepare``); it runs
+the task only once the claim applied, and is idle again otherwise.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from typing import Any
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from services.gpu_worker import runner
 from services.gpu_worker.commits import CommitGate, Gate
-from services.gpu_worker.execution import TaskExecution, WorkerEnv
+from services.gpu_worker.execution import TaskExecution, WorkerEnv, child_job
 from shared.broker import BROKER_FAILURES
 from shared.consuming import handle_delivery, settle
 from shared.errors import DecodeError
@@ -168,15 +171,26 @@ class Lane:
         if not await self._commit_ready(submission):
             await settle(message)
             return
-        claim = await self.env.store.claim(
-            submission.task_id,
-            self.env.name,
-            lease_s=self.env.settings.lease_s,
-            code_commit=self.env.code_commit,
-        )
+        # An idle child makes the task's folders while the claim is in flight; it runs the task
+        # only if the claim applies.
+        prepared = runner.prepare(child_job(submission, 0, self.env, route=self.route))
+        try:
+            claim = await self.env.store.claim(
+                submission.task_id,
+                self.env.name,
+                lease_s=self.env.settings.lease_s,
+                code_commit=self.env.code_commit,
+            )
+        except BaseException:
+            if prepared is not None:
+                runner.release_prepared(prepared)
+            raise
         if claim.applied:
-            await self._start(message, submission, claim.attempts)
-        elif claim.previous is None:
+            await self._start(message, submission, claim.attempts, prepared)
+            return
+        if prepared is not None:
+            runner.release_prepared(prepared)
+        if claim.previous is None:
             await self.env.broker.dead_letter(
                 message, f"no task record for {submission.task_id!r}", source_queue=self.queue_name
             )
@@ -214,14 +228,21 @@ class Lane:
         return False
 
     async def _start(
-        self, message: AbstractIncomingMessage, submission: TaskSubmission, attempt: int
+        self,
+        message: AbstractIncomingMessage,
+        submission: TaskSubmission,
+        attempt: int,
+        prepared: runner.WarmChild | None = None,
     ) -> None:
         """Run a claimed task. From the claim on the task is ours: nothing here hands it back.
 
-        A lost ack only means a redelivery, whose claim is then refused.
+        A lost ack only means a redelivery, whose claim is then refused. ``prepared``: the idle
+        child already handed the task to prepare (``runner.prepare``), which runs it.
         """
         task_id = submission.task_id
-        self.running[task_id] = TaskExecution(submission, attempt, self.env, route=self.route)
+        self.running[task_id] = TaskExecution(
+            submission, attempt, self.env, route=self.route, prepared=prepared
+        )
         if message.consumer_tag is None or message.consumer_tag != self._consumer_tag:
             self._uncounted.add(task_id)  # delivered just before its consumer was cancelled
         hold_s = self.env.settings.worker_ack_hold_s

@@ -10,7 +10,9 @@ gives every task a fresh child (GPU jobs that want isolation: ``TP_WORKER_GPU_IS
 Between tasks a reused child gets back its environment variables and working directory.
 
 Parent -> child over a duplex pipe (a socket pair, read by the worker's event loop itself):
-a ``ChildJob`` to run, or None to exit. Child -> parent
+a ``ChildJob`` to run, or None to exit; or ``("prepare", ChildJob)`` (make its folders while the
+worker's claim is in flight) followed by ``("go", attempt)`` (run it as that attempt) or
+``("abort",)`` (the claim was refused: nothing runs). Child -> parent
 (picklable tuples, our own processes only), the last four ending a task:
     ("progress", fraction, message, metrics)
     ("checkpoint",)                    the task saved a checkpoint (worth syncing)
@@ -36,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import multiprocessing
 import os
@@ -227,38 +230,76 @@ def serve_jobs(conn: Connection, first: ChildJob, run_first: bool = True) -> Non
     environ, cwd = dict(os.environ), os.getcwd()
     capture: OutputCapture | None = None
     job: ChildJob | None = first
+    made: Folders | None = None  # None: its folders are not made yet
     if not run_first:
         capture = _start_capture(first.attempt, report, _secrets(first))
-        job = _next_job(conn)
+        job, made = _next_job(conn)
     while job is not None:
         if capture is None:
             capture = _start_capture(job.attempt, report, _secrets(job))
-        run_job(job, report, capture)
+        run_job(job, report, capture, made=made)
         # What a task changed in the process for itself is undone before the next one.
         _stop_requested.clear()
         signal.signal(signal.SIGTERM, _remember_stop)
         os.environ.clear()
         os.environ.update(environ)
         os.chdir(cwd)
-        job = _next_job(conn)
+        job, made = _next_job(conn)
     if capture is not None:
         capture.stop()
     conn.close()
 
 
-def _next_job(conn: Connection) -> ChildJob | None:
-    """The worker's next job for this child; None (told to exit, or the worker is gone)."""
+@dataclass(frozen=True)
+class Folders:
+    """How making a task's folders went: ``error`` is None when they were made."""
+
+    error: OSError | None = None
+
+
+def _next_job(conn: Connection) -> tuple[ChildJob | None, Folders | None]:
+    """The worker's next job for this child, and how making its folders went.
+
+    None when told to exit, or when the worker is gone. A job sent to prepare has its folders
+    made at once, then waits for its go (with the attempt number the worker's claim gave it) or
+    for an abort (the claim was refused: the next message is awaited). A job sent to run at once
+    has them made by ``run_job`` (None).
+    """
+    while True:
+        try:
+            message: Any = conn.recv()
+        except (EOFError, OSError):
+            return None, None
+        if not isinstance(message, tuple) or message[0] != "prepare":
+            return message, None
+        job: ChildJob = message[1]
+        made = _make_folders(job)
+        try:
+            follow: Any = conn.recv()
+        except (EOFError, OSError):
+            return None, None
+        if follow is None:
+            return None, None
+        if follow[0] == "go":
+            return dataclasses.replace(job, attempt=follow[1]), made
+
+
+def _make_folders(job: ChildJob) -> Folders:
+    """Make the task's folders (``Folders.error`` says why not)."""
     try:
-        job: ChildJob | None = conn.recv()
-    except (EOFError, OSError):
-        return None
-    return job
+        job.artifact_dir.mkdir(parents=True, exist_ok=True)
+        job.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return Folders(e)
+    return Folders()
 
 
 def run_job(
     job: ChildJob,
     report: Callable[[tuple[Any, ...]], None],
     capture: OutputCapture | None = None,
+    *,
+    made: Folders | None = None,
 ) -> None:
     """Run one task's entry point in this child; its end is the last message it reports.
 
@@ -267,12 +308,11 @@ def run_job(
     ``capture`` (None: the output is not captured) stamps the task's attempt on its lines from
     the start, and its ``flush`` sends everything the task wrote and logged before the end is
     reported: the worker records the outcome at the end, and a log follower stops there.
+    ``made`` tells how making the folders went when that was done already (``_next_job``).
     """
-    try:
-        job.artifact_dir.mkdir(parents=True, exist_ok=True)
-        job.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # the worker reports it as a task it could not start
-        report(("not_started", e))
+    folders = made or _make_folders(job)
+    if folders.error is not None:  # the worker reports it as a task it could not start
+        report(("not_started", folders.error))
         return
     ctx = TaskContext(
         task_id=job.task_id,
@@ -512,9 +552,13 @@ class WarmChild:
         if self._sink is not None:
             self._sink(None)
 
-    def run(self, job: ChildJob) -> None:
-        """Hand it the next job (it is idle: its last task ended)."""
-        self.conn.send(job)
+    def send(self, message: ChildJob | tuple[Any, ...]) -> None:
+        """Hand it a job, or a prepare, go or abort (it is idle: its last task ended).
+
+        Raises:
+            OSError: it is gone.
+        """
+        self.conn.send(message)
 
     async def retire_soon(self, timeout_s: float) -> int | None:
         """``retire`` off the event loop, reading stopped first; the exit code."""
@@ -584,6 +628,36 @@ def _start_spare(job: ChildJob) -> None:
     _in_background(start(), "spare")
 
 
+def prepare(job: ChildJob) -> WarmChild | None:
+    """Hand an idle child of the pool ``job`` to prepare (its folders) during the claim.
+
+    Returns the child, out of the pool until ``ChildProcess(prepared=...)`` runs the job on it
+    (``("go", attempt)``) or ``release_prepared`` gives it back; None when no child is idle (or
+    pooling is off: ``max_tasks`` 1).
+    """
+    if job.max_tasks <= 1:
+        return None
+    child = _take_idle(job)
+    if child is None:
+        return None
+    try:
+        child.send(("prepare", job))
+    except OSError:  # died just now
+        _in_background(child.retire_soon(0), "retire")
+        return None
+    return child
+
+
+def release_prepared(child: WarmChild) -> None:
+    """The claim was refused (or failed): the prepared child runs nothing and is idle again."""
+    try:
+        child.send(("abort",))
+    except OSError:
+        _in_background(child.retire_soon(0), "retire")
+        return
+    _idle.setdefault(child.key, []).append(child)
+
+
 async def close_idle() -> None:
     """Retire every idle child (the worker is stopping or restarting on new code).
 
@@ -606,6 +680,7 @@ class ChildProcess:
         on_checkpoint: called in the event loop when the task saved a checkpoint.
         on_logs: called in the event loop with each batch of the task's output lines; must
             return at once (it only queues them).
+        prepared: a child already handed the job to prepare (``prepare``): it runs there.
     """
 
     def __init__(
@@ -614,8 +689,11 @@ class ChildProcess:
         on_progress: Any,
         on_checkpoint: Any = None,
         on_logs: Callable[[list[LogLine]], None] | None = None,
+        *,
+        prepared: WarmChild | None = None,
     ) -> None:
         self.job = job
+        self._prepared = prepared
         self._on_progress = on_progress
         self._on_checkpoint = on_checkpoint
         self._on_logs = on_logs
@@ -677,12 +755,16 @@ class ChildProcess:
             Whatever starting a new child raised (the task's folders are made first).
         """
         # Attached before the job is handed over: a fast task may end before the next line.
-        child = _take_idle(self.job) if self.job.max_tasks > 1 else None
+        child, self._prepared = self._prepared, None
+        go: Any = ("go", self.job.attempt)  # a prepared child has the job: it only needs a go
+        if child is None:
+            child = _take_idle(self.job) if self.job.max_tasks > 1 else None
+            go = self.job
         if child is not None:
             child.listen()
             child.attach(relay)
             try:
-                child.run(self.job)
+                child.send(go)
             except OSError:  # it died just now: a fresh one takes the job
                 child.detach()
                 await child.retire_soon(0)
