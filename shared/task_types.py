@@ -78,7 +78,8 @@ class ProbeConfig(TaskConfig):
     ``ignore_sigterm`` makes it ignore SIGTERM and stop requests (to test forced cancels).
     Before its steps it prints ``print_lines`` lines to stdout, one every ``print_every_s``, each
     with the wall-clock time it was printed (``ts=<Unix s>``), then one line to stderr and one log
-    record (to test live logs).
+    record (to test live logs). ``fork_sleeper_s`` first forks a process that sleeps that long
+    (to test what a task leaves behind when its process dies).
     """
 
     sleep_s: float = Field(0.0, ge=0.0, le=24 * 3600)
@@ -93,6 +94,12 @@ class ProbeConfig(TaskConfig):
     print_every_s: float = Field(0.0, ge=0.0, le=3600)
     report_steps: bool = Field(
         True, description="Report progress and checkpoint after each step; false: sleep once."
+    )
+    fork_sleeper_s: float = Field(
+        0.0,
+        ge=0.0,
+        le=3600,
+        description="First fork a process of its own that sleeps this long (tests: leftovers).",
     )
 
 

@@ -206,3 +206,36 @@ async def test_a_child_prepared_for_a_refused_claim_runs_nothing_and_stays_in_th
     assert (await client.status(submission.task_id)).state is TaskState.COMPLETED
     state, next_pid = await run_probe(client)
     assert state is TaskState.COMPLETED and next_pid == pid  # the same child, idle again
+
+
+async def test_a_child_that_dies_ends_its_task_even_when_a_process_it_forked_lives_on(
+    platform: Platform, client: DistributedClient
+) -> None:
+    """The forked process holds the child's socket (no EOF), yet the child's exit is seen.
+
+    The task fails at once, not when the leftover ends, and the leftover is killed with the
+    child's process group.
+    """
+    await platform.start_all(TP_WORKER_GPU_SLOTS="0", **LIGHT_WORKER)
+    task = await client.submit("probe", {"fork_sleeper_s": 60, "sleep_s": 0.5, "crash": True})
+    record = await client.wait(task.task_id, timeout_s=20)
+    assert record.state is TaskState.FAILED, record
+    assert "killed by SIGKILL" in (record.error or ""), record.error
+    deadline = asyncio.get_running_loop().time() + 10
+    while group := in_group(record.child_pid):  # the sleeper: the child's group, reparented
+        assert asyncio.get_running_loop().time() < deadline, group
+        await asyncio.sleep(0.1)
+
+
+def in_group(pgid: int | None) -> list[int]:
+    """Live processes in process group ``pgid`` (by /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[2] == str(pgid) and fields[0] != "Z":
+                found.append(int(entry))
+    return found

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -67,11 +67,13 @@ class TaskContext:
     ) -> None:
         """Tell the worker how far the task is (0.0-1.0), with a short message and metrics.
 
-        The worker throttles what it forwards, so calling this every batch is fine.
+        The worker throttles what it forwards, so calling this every batch is fine. Metrics
+        go as Python floats (a one-element tensor or numpy number is converted with ``float``);
+        a value that is not a number is left out. The worker never gets a task's own objects.
         """
         if self._progress_sink is not None:
             fraction = min(max(fraction, 0.0), 1.0) if math.isfinite(fraction) else 0.0
-            self._progress_sink(fraction, str(message), dict(metrics or {}))
+            self._progress_sink(fraction, str(message), _float_metrics(metrics or {}))
 
     def checkpoint_saved(self) -> None:
         """Tell the worker a checkpoint was written (it asks artifact-sync to copy it)."""
@@ -85,3 +87,14 @@ class TaskContext:
     def should_stop(self) -> bool:
         """True once the worker asked the task to stop; a task checks it between steps."""
         return self._stop_requested
+
+
+def _float_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """``metrics`` with every value as a Python float; values that are not numbers left out."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        try:
+            out[str(name)] = float(value)
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of many values
+            continue
+    return out

@@ -40,13 +40,15 @@ import contextlib
 import ctypes
 import dataclasses
 import importlib
+import json
 import multiprocessing
 import os
+import select
 import signal
 import struct
 import threading
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
@@ -340,7 +342,7 @@ def run_job(
         config = validate_config(job.task_type, job.config)
         module_name, func_name = TASK_ENTRYPOINTS[job.task_type].split(":")
         run = getattr(importlib.import_module(module_name), func_name)
-        result = run(config, ctx)
+        result = plain_result(run(config, ctx))
         end = ("stopped" if ctx.should_stop() else "result", result)
     except BaseException as e:  # everything the task raises is reported; the child retires
         tb = redact_text(traceback.format_exc()[-TRACEBACK_SUMMARY_CHARS:], secrets)
@@ -350,6 +352,34 @@ def run_job(
         if capture is not None:
             capture.flush()  # its last lines go before the end: the end is the job's last message
     report(end)
+
+
+def plain_result(result: object) -> dict[str, Any]:
+    """A task's return value as the plain JSON data the worker records (a dict).
+
+    None counts as ``{}``. A numpy or torch number (or one-element array) becomes a Python number
+    (``item()``), an array a list (``tolist()``): the worker never gets, and never unpickles, a
+    task's own objects, and never meets one it cannot record.
+
+    Raises:
+        TypeError: not a dict, or it holds something JSON cannot carry (the task fails, naming it).
+    """
+    if result is None:
+        return {}
+    if not isinstance(result, Mapping):
+        raise TypeError(f"a task must return a dict (a JSON object), not {type(result).__name__}")
+    plain: dict[str, Any] = json.loads(json.dumps(dict(result), default=_as_json))
+    return plain
+
+
+def _as_json(value: Any) -> Any:
+    """``json.dumps``'s fallback: numbers and arrays of numpy and torch as plain data."""
+    for method in ("item", "tolist"):
+        convert = getattr(value, method, None)
+        if callable(convert):
+            with contextlib.suppress(TypeError, ValueError, RuntimeError):  # item(): many values
+                return convert()
+    raise TypeError(f"the result holds a {type(value).__name__}, which JSON cannot carry")
 
 
 def _secrets(job: ChildJob) -> list[str]:
@@ -445,6 +475,8 @@ _TASK_ENDS = frozenset({"result", "stopped", "error", "not_started"})
 
 #: Bytes taken from a child's socket per readiness callback (messages may span several).
 _READ_CHUNK = 1 << 16
+#: Reads of a child's socket at most once it exited (what it sent before, 4 MB at most).
+_EXIT_DRAIN_READS = 64
 
 
 class WarmChild:
@@ -452,8 +484,10 @@ class WarmChild:
 
     The event loop that started it reads what the child sends (``listen``: a reader callback on
     the socket, no thread in between) and relays each message to the task it is running now
-    (``attach``); EOF (the child is gone) is relayed as None. Everything but ``start`` and
-    ``retire`` runs in that loop.
+    (``attach``); the child's end is relayed as None: EOF on the socket, or its exit (a pidfd,
+    where Linux has them), whichever comes first, since a process the task forked may hold the
+    socket open long after the child died. Everything but ``start`` and ``retire`` runs in that
+    loop.
     """
 
     def __init__(self, first: ChildJob, *, run_first: bool = True) -> None:
@@ -469,11 +503,17 @@ class WarmChild:
         self._gone = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox = bytearray()
+        #: Readable once the child exited (``os.pidfd_open``); None where unavailable.
+        self._pidfd: int | None = None
 
     def start(self) -> None:
         """Fork it (blocks until the forkserver did); then ``listen`` in the loop."""
         self.process.start()
         self._child_end.close()  # the child holds the only other end: EOF means it is gone
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None and self.process.pid is not None:
+            with contextlib.suppress(OSError):  # an old kernel: EOF alone tells its end
+                self._pidfd = pidfd_open(self.process.pid)
 
     def listen(self) -> None:
         """Read the child's messages in the running loop (moving from another loop if needed)."""
@@ -483,6 +523,8 @@ class WarmChild:
         self.unlisten()
         self._loop = loop
         loop.add_reader(self.conn.fileno(), self._on_readable)
+        if self._pidfd is not None:
+            loop.add_reader(self._pidfd, self._on_exit)
 
     def unlisten(self) -> None:
         """Stop reading (before ``retire`` closes the socket, or the loop changes)."""
@@ -490,6 +532,15 @@ class WarmChild:
         if loop is not None and not loop.is_closed():
             with contextlib.suppress(OSError, ValueError, RuntimeError):
                 loop.remove_reader(self.conn.fileno())
+            if self._pidfd is not None:
+                with contextlib.suppress(OSError, ValueError, RuntimeError):
+                    loop.remove_reader(self._pidfd)
+
+    def _close_pidfd(self) -> None:
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(pidfd)
 
     @property
     def alive(self) -> bool:
@@ -522,6 +573,30 @@ class WarmChild:
         if not data:
             self._ended()
             return
+        self._feed(data)
+
+    def _on_exit(self) -> None:
+        """The child exited: take what it sent before (bounded), then it is gone.
+
+        Whatever is still in the socket was written before the exit, or by a process the task
+        forked (which may hold the socket for ever: hence the bound, and no wait for EOF).
+        """
+        poller = select.poll()
+        poller.register(self.conn.fileno(), select.POLLIN)
+        for _ in range(_EXIT_DRAIN_READS):
+            if self._gone or not poller.poll(0):
+                break
+            try:
+                data = os.read(self.conn.fileno(), _READ_CHUNK)
+            except OSError:
+                break
+            if not data:
+                break
+            self._feed(data)
+        self._ended()
+
+    def _feed(self, data: bytes) -> None:
+        """Frame ``data`` onto what was read before and relay each message now whole."""
         inbox = self._inbox
         inbox += data
         while len(inbox) >= 4:
@@ -536,7 +611,7 @@ class WarmChild:
                 item = ForkingPickler.loads(bytes(inbox[start : start + size]))
             except Exception:  # not our framing: treat the child as lost, never guess
                 log.exception("child_message_unreadable", pid=self.process.pid)
-                if self.process.pid is not None:
+                if self.process.pid is not None and self.process.exitcode is None:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.process.pid, signal.SIGKILL)
                 self._ended()
@@ -546,9 +621,12 @@ class WarmChild:
                 self._sink(item)
 
     def _ended(self) -> None:
-        """EOF: the child is gone; tell the task it was running, stop reading."""
+        """EOF or exit: the child is gone; tell the task it was running, stop reading."""
+        if self._gone:
+            return
         self._gone = True
         self.unlisten()
+        self._close_pidfd()
         if self._sink is not None:
             self._sink(None)
 
@@ -578,6 +656,7 @@ class WarmChild:
                 os.kill(self.process.pid or 0, signal.SIGKILL)
             self.process.join()
         self.conn.close()
+        self._close_pidfd()
         return self.process.exitcode
 
 
@@ -626,6 +705,17 @@ def _start_spare(job: ChildJob) -> None:
         _idle.setdefault(child.key, []).append(child)
 
     _in_background(start(), "spare")
+
+
+def _kill_group(pid: int | None) -> None:
+    """SIGKILL the process group a child leads (it called ``setsid``): what its task forked.
+
+    A process the task forked (a data loader's worker, a pool) outlives a child that died, with
+    the child's socket and maybe GPU memory; its group still bears the child's pid.
+    """
+    if pid:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 def prepare(job: ChildJob) -> WarmChild | None:
@@ -800,6 +890,8 @@ class ChildProcess:
             _in_background(child.retire_soon(CHILD_EXIT_GRACE_S), "retire")
             outcome.exitcode = 0
             return
+        if self._end_kind is None:  # it died, or was killed: what its task forked goes too
+            _kill_group(child.process.pid)
         # Retire it: a task that ended (even failed) lets it exit by itself; one that did not
         # (it died, or was killed on time-out) is reaped, with SIGKILL after the grace.
         outcome.exitcode = await child.retire_soon(CHILD_EXIT_GRACE_S)

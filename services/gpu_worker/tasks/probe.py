@@ -39,6 +39,9 @@ def run(config: ProbeConfig, ctx: TaskContext) -> dict[str, Any]:
     started_at = time.time()
     if config.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if config.fork_sleeper_s and os.fork() == 0:  # it holds all the child holds, then goes
+        time.sleep(config.fork_sleeper_s)
+        os._exit(0)
     if config.print_lines:
         _print_lines(config, ctx)
     step_s = config.sleep_s / config.steps
