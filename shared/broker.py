@@ -244,16 +244,21 @@ class Broker:
         Redis holds every task's truth, and a waiting client rereads it when no news comes
         (``wait``'s recheck), so a task event is not worth a publisher confirm: it goes out on a
         channel without them, once written to the socket. Events keep their order (one channel).
+        An event over ``max_message_bytes`` (a result with a huge metrics dict) goes without its
+        metrics and record: every reader would refuse it, and the record is in Redis anyway.
 
         Raises:
             BrokerError: the connection is down (the event is not sent).
         """
         if self._news_exchange is None:
             raise NotConnectedError("broker used before start()")
+        body = encode(event)
+        if len(body) > self.settings.max_message_bytes:
+            body = encode(event.model_copy(update={"metrics": {}, "record": None}))
         await self._publish(
             self._news_exchange,
             event.routing_key,
-            encode(event),
+            body,
             persistent=False,
             message_id=event.task_id,
             mandatory=False,

@@ -15,8 +15,9 @@ import pytest
 from shared.broker import REASON_HEADER
 from shared.client import DistributedClient
 from shared.errors import TaskNotFoundError
+from shared.events import state_event
 from shared.gitinfo import head_commit
-from shared.messages import TaskState
+from shared.messages import TaskEvent, TaskState, decode, encode
 from shared.topology import Topology
 from tests.conftest import LIGHT_WORKER, ROOT, Platform, service_env, tradectl
 
@@ -357,6 +358,23 @@ async def test_the_result_is_pushed_to_the_waiting_client_in_the_terminal_event(
     assert ended[0].record is not None, ended
     stored = await client.status(task_id)
     assert waited == stored and waited.result["metrics"]["steps"] == 2.0, (waited, stored)
+
+
+async def test_an_event_too_big_for_its_readers_goes_without_its_metrics_and_record(
+    client: DistributedClient,
+):
+    """Every reader refuses a message over ``max_message_bytes``: such an event is sent lean."""
+    limit = client.settings.max_message_bytes
+    metrics = {f"m{i}": float(i) for i in range(limit // 10)}
+    event = state_event(
+        "big-event-1", TaskState.COMPLETED, metrics=metrics, record={"task_id": "big-event-1"}
+    )
+    assert len(encode(event)) > limit
+    async with client.subscribed("big-event-1") as queue:
+        await client.broker.publish_event(event)
+        message = await queue.get(timeout=10, fail=True)
+    got = decode(message.body, TaskEvent, max_bytes=limit)
+    assert got.state is TaskState.COMPLETED and got.metrics == {} and got.record is None
 
 
 async def test_a_directly_dispatched_task_whose_publish_never_happened_runs_via_the_pump(
