@@ -883,18 +883,20 @@ class ChildProcess:
             _idle.setdefault(child.key, []).append(child)
             outcome.exitcode = 0
             return
-        if pooled:
-            _start_spare(self.job)  # forked while this one exits
-        if pooled and succeeded and not self._signalled and child.alive and not self.job.gpu_lane:
-            # Worn out, its task done: it exits (reaped in the background), exit code 0.
-            _in_background(child.retire_soon(CHILD_EXIT_GRACE_S), "retire")
-            outcome.exitcode = 0
-            return
+        worn_out = succeeded and not self._signalled and child.alive
+        if pooled and worn_out:
+            _start_spare(self.job)  # forked while this one exits: the next task is due now
+            if not self.job.gpu_lane:  # its task done, it exits in the background (code 0)
+                _in_background(child.retire_soon(CHILD_EXIT_GRACE_S), "retire")
+                outcome.exitcode = 0
+                return
         if self._end_kind is None:  # it died, or was killed: what its task forked goes too
             _kill_group(child.process.pid)
         # Retire it: a task that ended (even failed) lets it exit by itself; one that did not
         # (it died, or was killed on time-out) is reaped, with SIGKILL after the grace.
         outcome.exitcode = await child.retire_soon(CHILD_EXIT_GRACE_S)
+        if pooled and not worn_out:  # after a failure or a stop: once it is gone (a cancel's
+            _start_spare(self.job)  # end waits for that exit, not for a fork beside it)
         if self._not_started is not None:  # as when this loop made the folders: the caller's
             raise self._not_started
         if self._end_kind is None:  # died, or killed, maybe before it made the folders
