@@ -280,8 +280,8 @@ def _next_job(conn: Connection) -> tuple[ChildJob | None, Folders | None]:
             follow: Any = conn.recv()
         except (EOFError, OSError):
             return None, None
-        if follow is None:
-            return None, None
+        if not isinstance(follow, tuple):  # a job or None: the prepared one will not run
+            return follow, None
         if follow[0] == "go":
             return dataclasses.replace(job, attempt=follow[1]), made
 
@@ -564,16 +564,20 @@ class WarmChild:
         4-byte big-endian signed length (-1: an 8-byte unsigned length follows), then the
         pickle. A message split across reads waits in ``_inbox`` for its rest.
         """
+        if not self._read_once():
+            self._ended()
+
+    def _read_once(self) -> bool:
+        """Read what the socket holds, relay the messages it completes; False at EOF."""
         try:
             data = os.read(self.conn.fileno(), _READ_CHUNK)
         except BlockingIOError:
-            return
+            return True
         except OSError:
-            data = b""
-        if not data:
-            self._ended()
-            return
-        self._feed(data)
+            return False
+        if data:
+            self._feed(data)
+        return bool(data)
 
     def _on_exit(self) -> None:
         """The child exited: take what it sent before (bounded), then it is gone.
@@ -584,15 +588,8 @@ class WarmChild:
         poller = select.poll()
         poller.register(self.conn.fileno(), select.POLLIN)
         for _ in range(_EXIT_DRAIN_READS):
-            if self._gone or not poller.poll(0):
+            if self._gone or not poller.poll(0) or not self._read_once():
                 break
-            try:
-                data = os.read(self.conn.fileno(), _READ_CHUNK)
-            except OSError:
-                break
-            if not data:
-                break
-            self._feed(data)
         self._ended()
 
     def _feed(self, data: bytes) -> None:
