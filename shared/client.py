@@ -695,7 +695,8 @@ class DistributedClient(ScheduleOps, DesktopOps, LogOps):
         recheck_s = every
         while not record.state.is_terminal:
             try:
-                message = await asyncio.wait_for(inbox.get(), recheck_s)
+                async with asyncio.timeout(recheck_s):  # no task per get, as wait_for makes
+                    message = await inbox.get()
             except TimeoutError:
                 record, fresh = await self._recheck(task_id, record)
                 recheck_s = every if fresh else min(1.0, every)
