@@ -129,7 +129,8 @@ class TaskExecution:
         #: The last lines still to go, in the outcome's round trip (``_record``'s first try).
         self._logs_pending = True
         self._started_noted = False
-        self._timeout_s = 0.0
+        #: The run's time limit (s): the submission's, else the worker's default.
+        self.timeout_s = submission.timeout_s or env.settings.task_timeout_s
         #: The task's output on its way to its Redis stream (``tradectl task logs``).
         self.logs = LogStreamWriter(
             env.store.redis,
@@ -141,8 +142,7 @@ class TaskExecution:
 
     async def run(self) -> TaskState:
         """Run the child to its end; returns the terminal state recorded."""
-        timeout = self.submission.timeout_s or self.env.settings.task_timeout_s
-        self._timeout_s = timeout
+        timeout = self.timeout_s
         try:
             outcome = await self.child.run(timeout, on_started=self.on_child_started)
         except Exception as e:  # the child could not be started: disk full, unwritable folder...
@@ -189,7 +189,7 @@ class TaskExecution:
         if self._started_noted:
             return
         self._started_noted = True
-        log.info("task_started", attempt=self.attempt, timeout_s=self._timeout_s)
+        log.info("task_started", attempt=self.attempt, timeout_s=self.timeout_s)
         self.logs.note(f"attempt {self.attempt} started on worker {self.env.name}")
 
     async def on_progress(self, fraction: float, message: str, metrics: dict[str, float]) -> None:

@@ -666,7 +666,9 @@ def _take_idle(job: ChildJob) -> WarmChild | None:
         child = pool.pop()
         if child.alive:
             return child
-        child.process.join(0)  # died while idle (killed from outside): reap, try the next
+        child.unlisten()  # died while idle (killed from outside): reap, try the next
+        child._close_pidfd()
+        child.process.join(0)
     return None
 
 
