@@ -234,11 +234,17 @@ def fake_objective(trial: optuna.Trial, pause_s: float = 0.0) -> tuple[float, di
 def test_claims_under_the_lock_never_overshoot(settings: Settings) -> None:
     config = HyperoptConfig.model_validate(study_config(n_trials=15, parallel=3))
     ran: list[int] = []
+    # All three claim from the same moment: a runner still opening the study on a loaded
+    # machine must not find the other two done with all 15 trials.
+    ready = threading.Barrier(3, timeout=30)
 
     def runner(n: int) -> None:
         handle = open_study(settings, "study-1", config, seed=n)
         who = RunnerIdentity.new(f"task-{n}", 1, f"w{n}", n)
-        objective = lambda trial: fake_objective(trial, pause_s=0.02)  # noqa: E731
+        # Trials long enough (15 x 0.1 s over 3 runners) that each runner claims one even
+        # when a loaded machine starts one of them late.
+        objective = lambda trial: fake_objective(trial, pause_s=0.1)  # noqa: E731
+        ready.wait()
         ran.append(TrialRunner(handle, config, who, objective).run())
         handle.close()
 
