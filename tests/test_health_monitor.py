@@ -221,9 +221,12 @@ async def test_metrics_parse_and_count_the_tasks_that_ran(
         await wait_state(client, task.task_id, TaskState.COMPLETED, timeout=60)
     await wait_state(client, bad.task_id, TaskState.FAILED, timeout=60)
 
-    async def counted() -> bool:
+    async def counted() -> bool:  # both: a pass may have run between the last two ends
         m = await monitor.metrics()
-        return m.get(("tradeplat_tasks_total", (("state", "completed"), ("task", "probe")))) == 3
+        return (
+            m.get(("tradeplat_tasks_total", (("state", "completed"), ("task", "probe")))) == 3
+            and ("tradeplat_tasks_total", (("state", "failed"), ("task", "probe"))) in m
+        )
 
     await until(counted, 10)
     m = await monitor.metrics()
