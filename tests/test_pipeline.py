@@ -11,6 +11,7 @@ import sys
 
 import aio_pika
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from shared.broker import REASON_HEADER
 from shared.client import DistributedClient
@@ -371,8 +372,13 @@ async def test_an_event_too_big_for_its_readers_goes_without_its_metrics_and_rec
     )
     assert len(encode(event)) > limit
     async with client.subscribed("big-event-1") as queue:
+        # Events go without publisher confirms, so the publish returns before the broker has
+        # routed it: wait for the delivery (a basic.get right away can find the queue empty).
+        inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        await queue.consume(inbox.put, no_ack=True)
         await client.broker.publish_event(event)
-        message = await queue.get(timeout=10, fail=True)
+        async with asyncio.timeout(10):
+            message = await inbox.get()
     got = decode(message.body, TaskEvent, max_bytes=limit)
     assert got.state is TaskState.COMPLETED and got.metrics == {} and got.record is None
 
